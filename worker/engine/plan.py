@@ -1,0 +1,61 @@
+"""The per-layer precision plan: one serialisable object shared by search, quantizer, report and artifact.
+
+Like torchao's `FqnToConfig`, it is plain data mapping fully qualified module names to a precision;
+`quantize.apply_plan` is the one verb that applies it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PLAN_FORMAT = "mixq.plan/1"
+FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
+LOW_PRECISIONS = ("int8", "fp8")
+
+
+@dataclass
+class Plan:
+    """Precision per quantizable layer, plus what is needed to rebuild the quantized model."""
+
+    layers: dict[str, str]
+    baseline_precision: str = "fp32"
+    device: str = "cpu"
+    backend: str = ""  # filled by apply_plan: which kernel path realised the plan
+    source: str = ""
+    revision: str = ""
+    calibration: dict = field(default_factory=dict)  # how activation ranges were calibrated
+
+    def __post_init__(self) -> None:
+        allowed = FLOAT_PRECISIONS + LOW_PRECISIONS
+        bad = {name: p for name, p in self.layers.items() if p not in allowed}
+        if bad:
+            raise ValueError(f"unknown precision(s) {bad}; allowed: {', '.join(allowed)}")
+
+    @classmethod
+    def from_ordering(cls, ordering: list[str], k: int, low: str, **kwargs) -> "Plan":
+        """The first k layers of `ordering` (least sensitive first) in `low` precision, the rest float."""
+        baseline = kwargs.get("baseline_precision", "fp32")
+        return cls(layers={name: (low if i < k else baseline) for i, name in enumerate(ordering)}, **kwargs)
+
+    @property
+    def low_precision_layers(self) -> list[str]:
+        return [name for name, p in self.layers.items() if p in LOW_PRECISIONS]
+
+    def to_dict(self) -> dict:
+        return {"format": PLAN_FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        if data.get("format") != PLAN_FORMAT:
+            raise ValueError(f"not a mixq plan (expected format {PLAN_FORMAT!r})")
+        fields = {k: v for k, v in data.items() if k != "format"}
+        return cls(**fields)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "Plan":
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,162 @@
+"""Model sources: one SOURCE string everywhere (CLI, API, registry).
+
+- `hf:<repo_id>[@revision]`: transformers Auto classes chosen by the config's architecture;
+  remote code is never trusted and only safetensors weights are loaded.
+- `local:<path>` (or a plain path): a directory in HF format under the allowed root.
+- `builtin:<name>`: offline models built by the project (see builtins.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import builtins
+from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION
+from .data import DataOptions, Dataset, load_dataset_for
+from .errors import InputError
+from .paths import resolve_under_root
+
+# Hub naming rules: [namespace/]name from letters, digits, '-', '_', '.', never '..' or a leading '.'/'-'.
+HF_REPO_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?")
+HF_REVISION = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_./-]{0,99}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str  # hf | local | builtin
+    id: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.id}" + (f"@{self.revision}" if self.revision else "")
+
+
+def parse_source(source: str) -> ModelSpec:
+    """Validate the syntax of a SOURCE string; filesystem checks happen in `load_model`."""
+    if not isinstance(source, str) or not source.strip():
+        raise InputError("model SOURCE is empty")
+    source = source.strip()
+    scheme, sep, rest = source.partition(":")
+    if not sep:
+        scheme, rest = "local", source
+    if scheme == "builtin":
+        if rest not in builtins.BUILTINS:
+            raise InputError(f"unknown builtin model {rest!r}; available: {', '.join(sorted(builtins.BUILTINS))}")
+        return ModelSpec("builtin", rest)
+    if scheme == "hf":
+        repo_id, _, revision = rest.partition("@")
+        if not HF_REPO_ID.fullmatch(repo_id):
+            raise InputError(f"invalid Hugging Face model ID {repo_id!r}: expected [namespace/]name")
+        if revision and not HF_REVISION.fullmatch(revision):
+            raise InputError(f"invalid revision {revision!r}")
+        return ModelSpec("hf", repo_id, revision or None)
+    if scheme == "local":
+        if not rest:
+            raise InputError("local: needs a directory path under the model root")
+        return ModelSpec("local", rest)
+    raise InputError(f"unknown model source {scheme!r}: use hf:<repo_id>[@revision], local:<dir> or builtin:<name>")
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: torch.nn.Module
+    task: str
+    revision: str
+    data: Dataset
+
+
+TASK_BY_ARCHITECTURE_SUFFIX = {
+    "ForImageClassification": IMAGE_CLASSIFICATION,
+    "ForSequenceClassification": SEQUENCE_CLASSIFICATION,
+}
+
+
+def task_for_config(config) -> str:
+    for architecture in getattr(config, "architectures", None) or []:
+        for suffix, task in TASK_BY_ARCHITECTURE_SUFFIX.items():
+            if architecture.endswith(suffix):
+                return task
+    return FEATURE_EXTRACTION
+
+
+def hf_load_kwargs(spec: ModelSpec) -> dict:
+    """Arguments for every transformers `from_pretrained` call on a user-supplied source."""
+    kwargs = {"trust_remote_code": False}
+    if spec.kind == "hf" and spec.revision:
+        kwargs["revision"] = spec.revision
+    if spec.kind == "local":
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
+def load_model(spec: ModelSpec, data_options: DataOptions, model_root: Path | None, cache_dir: Path) -> LoadedModel:
+    if spec.kind == "builtin":
+        built = builtins.load_builtin(spec.id, data_options, cache_dir)
+        if data_options.spec or data_options.synthetic:
+            built.data = load_dataset_for(built.task, data_options, model_root, tokenizer=built.tokenizer,
+                                          image_shape=_image_shape(built.data))
+        return LoadedModel(spec, built.model, built.task, built.version, built.data)
+    location = str(resolve_under_root(spec.id, model_root, what="model")) if spec.kind == "local" else spec.id
+    return _load_transformers(spec, location, data_options, model_root)
+
+
+def _load_transformers(spec: ModelSpec, location: str, data_options: DataOptions, model_root: Path | None):
+    from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification,
+                              AutoModelForSequenceClassification, AutoTokenizer)
+
+    kwargs = hf_load_kwargs(spec)
+    try:
+        config = AutoConfig.from_pretrained(location, **kwargs)
+    except Exception as exc:  # unreachable hub, missing repo, not an HF folder
+        raise InputError(f"cannot load model config for {spec}: {exc}") from None
+    task = task_for_config(config)
+    auto = {IMAGE_CLASSIFICATION: AutoModelForImageClassification,
+            SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification}.get(task, AutoModel)
+    try:
+        # Safetensors only: pickled .bin weights can execute code on load.
+        model = auto.from_pretrained(location, use_safetensors=True, **kwargs).eval()
+    except Exception as exc:
+        raise InputError(f"cannot load model weights for {spec} (safetensors required): {exc}") from None
+    tokenizer = image_processor = None
+    if task == IMAGE_CLASSIFICATION:
+        image_processor = AutoImageProcessor.from_pretrained(location, **kwargs)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    data = load_dataset_for(task, data_options, model_root, tokenizer=tokenizer, image_processor=image_processor,
+                            image_shape=_config_image_shape(config))
+    return LoadedModel(spec, model, task, _revision(spec, location, model), data)
+
+
+def _image_shape(data: Dataset) -> tuple[int, ...] | None:
+    pixels = data.calibration[0].get("pixel_values")
+    return None if pixels is None else tuple(pixels.shape[1:])
+
+
+def _config_image_shape(config) -> tuple[int, ...]:
+    size = getattr(config, "image_size", 224)
+    return (getattr(config, "num_channels", 3), size, size)
+
+
+def _revision(spec: ModelSpec, location: str, model: torch.nn.Module) -> str:
+    if spec.kind == "local":
+        return directory_revision(Path(location))
+    commit = getattr(model.config, "_commit_hash", None)
+    return commit or spec.revision or "main"
+
+
+def directory_revision(path: Path) -> str:
+    """Content hash of a local model's weight and config files: changes exactly when they do."""
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*")):
+        if file.is_file() and file.suffix in {".safetensors", ".json"}:
+            digest.update(str(file.relative_to(path)).encode())
+            with file.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return "sha256:" + digest.hexdigest()[:16]
