@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -220,7 +221,10 @@ def load_artifact(adapter: ModelAdapter, directory: Path, example: tuple[torch.T
 
     with safe_open(directory / ARTIFACT_WEIGHTS, framework="pt") as handle:
         layout = json.loads(handle.metadata()["layout"])
-    model.load_state_dict(_unflatten(load_file(directory / ARTIFACT_WEIGHTS), layout))
+    state = OrderedDict(_unflatten(load_file(directory / ARTIFACT_WEIGHTS), layout))
+    # Module versions steer how quantized modules read their keys; the rebuilt model has the same ones.
+    state._metadata = getattr(model.state_dict(), "_metadata", None)
+    model.load_state_dict(state)
     return model
 
 

@@ -1,0 +1,50 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# Builtins are trained once and cached; keep the cache between runs (it is gitignored).
+CACHE = Path(os.environ.get("MIXQ_CACHE_DIR", ROOT / "var" / "cache"))
+os.environ["MIXQ_CACHE_DIR"] = str(CACHE)
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    return CACHE
+
+
+def tiny_bert(num_labels: int | None = None):
+    """A 2-layer random BERT: every code path of the transformer models, in milliseconds."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=num_labels or 2)
+    model = BertForSequenceClassification(config) if num_labels else BertModel(config, add_pooling_layer=False)
+    return model.eval()
+
+
+def tiny_resnet():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                          layer_type="basic", num_labels=4)
+    model = ResNetForImageClassification(config)
+    model.train()
+    with torch.no_grad():  # settle BatchNorm statistics so activations have a sane range
+        for _ in range(3):
+            model(pixel_values=torch.randn(16, 1, 16, 16))
+    return model.eval()
+
+
+def token_batch(n: int = 8, seq: int = 12, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 200, (n, seq), generator=g)
+    mask = torch.ones(n, seq, dtype=torch.long)
+    mask[: n // 2, seq // 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}

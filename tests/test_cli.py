@@ -1,0 +1,93 @@
+"""End to end through the real `mixq` console script."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from worker.engine import load_artifact
+from worker.engine.adapters import adapt
+from worker.engine.builtins import load_builtin
+from worker.engine.data import DataOptions
+
+MIXQ = [sys.executable, "-m", "app.cli"]
+REPORT_KEYS = {"source", "revision", "environment", "baseline", "final", "latency_reduction", "layers", "search",
+               "phases"}
+LAYER_KEYS = {"name", "kind", "params", "hessian_trace", "trace_stderr", "interlayer", "score", "rank", "precision"}
+
+
+def run(*args, env=None):
+    return subprocess.run([*MIXQ, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("digits")
+    result = run("compress", "builtin:digits-resnet", "--budget", "0.01", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_compress_digits_resnet_within_budget_with_measured_latency(digits_run):
+    out, result = digits_run
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= report.keys()
+    assert {"torch", "device"} <= report["environment"].keys()
+    for side in ("baseline", "final"):
+        assert {"metric", "latency_ms", "size_bytes"} <= report[side].keys()
+        assert report[side]["latency_ms"]["median"] > 0
+        assert report[side]["latency_ms"]["p90"] >= report[side]["latency_ms"]["median"]
+    assert report["baseline"]["metric"] >= 0.95  # the builtin is a real classifier on held-out digits
+    assert report["final"]["drop"] <= 0.01
+    assert report["final"]["latency_ms"]["median"] <= report["baseline"]["latency_ms"]["median"]
+    assert report["latency_reduction"] == pytest.approx(
+        1 - report["final"]["latency_ms"]["median"] / report["baseline"]["latency_ms"]["median"])
+    assert len(report["layers"]) == 13 and all(LAYER_KEYS <= layer.keys() for layer in report["layers"])
+    assert sorted(layer["rank"] for layer in report["layers"]) == list(range(13))
+    search = report["search"]
+    assert {"ordering", "evaluations", "steps"} <= search.keys()
+    assert search["evaluations"] == len(search["steps"]) <= search["max_evaluations"]
+    assert all({"k", "metric", "latency_ms", "accepted"} <= step.keys() for step in search["steps"])
+    assert set(report["phases"]) == {"load", "baseline", "sensitivity", "search", "latency", "export"}
+    assert "top1_accuracy" in result.stdout and "latency reduction" in result.stdout
+
+
+def test_artifact_reapplies_to_the_original_model(digits_run, cache_dir):
+    out, _ = digits_run
+    report = json.loads((out / "report.json").read_text())
+    builtin = load_builtin("digits-resnet", DataOptions(), cache_dir)
+    adapter = adapt(builtin.model, builtin.task)
+    x = builtin.data.evaluation[0]["pixel_values"]
+    model = load_artifact(adapter, out / "artifact", (x,))
+    with torch.inference_mode():
+        accuracy = torch.cat([model(b["pixel_values"]).argmax(-1) == b["labels"] for b in builtin.data.evaluation])
+    assert float(accuracy.float().mean()) == pytest.approx(report["final"]["metric"])
+    int8 = [layer["name"] for layer in report["layers"] if layer["precision"] == "int8"]
+    assert len(int8) == report["final"]["low_precision_layers"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compress", "builtin:nope", "--budget", "0.01"], "unknown builtin model"),
+    (["compress", "hf:../../etc", "--budget", "0.01"], "invalid Hugging Face model ID"),
+    (["compress", "builtin:digits-resnet", "--budget", "1.5"], "budget must be in (0, 1)"),
+    (["compress", "builtin:digits-resnet", "--budget", "0"], "budget must be in (0, 1)"),
+    (["compress", "builtin:digits-resnet", "--budget", "abc"], "is not a number"),
+    (["compress", "builtin:digits-resnet"], "--budget"),
+])
+def test_bad_input_exits_2_with_a_clear_message(args, message):
+    result = run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_path_escaping_the_root_exits_2(tmp_path):
+    (tmp_path / "root").mkdir()
+    result = run("compress", "local:../", "--budget", "0.01", env={"MIXQ_MODEL_ROOT": str(tmp_path / "root")})
+    assert result.returncode == 2
+    assert "outside the allowed root" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import torch
+
+from worker.engine.adapters import IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION
+from worker.engine.data import DataOptions, load_dataset_for, parse_hf_dataset_id, split_batches
+from worker.engine.errors import InputError
+
+
+def test_calibration_and_evaluation_are_disjoint_and_sized():
+    x = torch.arange(100).float()[:, None]
+    data = split_batches({"x": x}, torch.zeros(100, dtype=torch.long),
+                         DataOptions(calibration_samples=30, eval_samples=50, batch_size=8), "ids")
+    calib = torch.cat([b["x"] for b in data.calibration]).flatten().tolist()
+    evaluation = torch.cat([b["x"] for b in data.evaluation]).flatten().tolist()
+    assert len(calib) == 30 and len(evaluation) == 50
+    assert not set(calib) & set(evaluation)
+    assert data.labelled
+
+
+def test_small_data_shrinks_splits_instead_of_overlapping():
+    data = split_batches({"x": torch.arange(10).float()[:, None]}, None,
+                         DataOptions(calibration_samples=20, eval_samples=20), "ids")
+    assert data.sizes["calibration"] + data.sizes["evaluation"] == 10
+    assert data.sizes["calibration"] >= 1 and data.sizes["evaluation"] >= 1
+
+
+def test_npz_and_image_folder(tmp_path):
+    from PIL import Image
+
+    np.savez(tmp_path / "d.npz", pixel_values=np.random.rand(12, 1, 8, 8).astype("float32"),
+             labels=np.arange(12) % 3)
+    data = load_dataset_for(IMAGE_CLASSIFICATION, DataOptions(spec="d.npz", calibration_samples=4, eval_samples=8),
+                            tmp_path)
+    assert data.labelled and data.calibration[0]["pixel_values"].shape[1:] == (1, 8, 8)
+
+    for label in ("cat", "dog"):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (10, 10), (i * 40, 0, 0)).save(tmp_path / "imgs" / label / f"{i}.png")
+
+    class Processor:
+        def __call__(self, images, return_tensors):
+            return {"pixel_values": torch.stack([torch.tensor(np.asarray(im), dtype=torch.float32).permute(2, 0, 1)
+                                                 for im in images])}
+
+    data = load_dataset_for(IMAGE_CLASSIFICATION, DataOptions(spec="imgs", calibration_samples=2, eval_samples=4),
+                            tmp_path, image_processor=Processor())
+    labels = torch.cat([b["labels"] for b in data.calibration + data.evaluation])
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def test_csv_needs_its_text_column(tmp_path):
+    (tmp_path / "d.csv").write_text("sentence,label\nhello,1\nworld,0\n")
+    with pytest.raises(InputError, match="no column 'text'"):
+        load_dataset_for(SEQUENCE_CLASSIFICATION, DataOptions(spec="d.csv"), tmp_path, tokenizer=object())
+
+
+def test_unsupported_files_and_ids_are_clear_errors(tmp_path):
+    (tmp_path / "d.parquet").write_text("x")
+    with pytest.raises(InputError, match="unsupported data file"):
+        load_dataset_for(SEQUENCE_CLASSIFICATION, DataOptions(spec="d.parquet"), tmp_path)
+    assert parse_hf_dataset_id("hf:glue@sst2") == ("glue", "sst2")
+    with pytest.raises(InputError, match="invalid HF dataset ID"):
+        parse_hf_dataset_id("hf:../x")

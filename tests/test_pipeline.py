@@ -1,0 +1,53 @@
+"""The pipeline on the real all-MiniLM-L6-v2 weights, small sizes: a search that actually bisects."""
+
+import pytest
+
+from worker.engine import Budget, CompressOptions, DataOptions, LatencyOptions, SensitivityOptions, compress
+from worker.engine.errors import Cancelled
+
+
+def options(cache_dir, **overrides):
+    return CompressOptions(
+        budget=Budget(0.01),
+        sensitivity=SensitivityOptions(hutchinson_max_samples=4, hessian_batches=1, interlayer_batches=1),
+        data=DataOptions(calibration_samples=16, eval_samples=48, seq_len=32, batch_size=8),
+        latency=LatencyOptions(warmup=2, repeats=5),
+        cache_dir=cache_dir,
+        **overrides,
+    )
+
+
+def test_minilm_search_bisects_within_budget(cache_dir, tmp_path):
+    events = []
+    report = compress("builtin:minilm", options(cache_dir, out_dir=tmp_path), progress=events.append)
+    search = report["search"]
+    assert report["metric"]["name"] == "cosine_fidelity" and report["baseline"]["metric"] == pytest.approx(1.0)
+    assert len(report["layers"]) == 37
+    assert search["evaluations"] <= search["max_evaluations"] == 8
+    assert report["final"]["drop"] <= 0.01
+    accepted = [s for s in search["steps"] if s["accepted"]]
+    assert all(s["latency_ms"] is not None for s in accepted)
+    assert all(s["latency_ms"] is None for s in search["steps"] if not s["accepted"])
+    if report["status"] == "compressed":
+        assert report["final"]["latency_ms"]["median"] < report["baseline"]["latency_ms"]["median"]
+        assert report["latency_reduction"] > 0
+        chosen = [s for s in search["steps"] if s["chosen"]]
+        assert len(chosen) == 1 and chosen[0]["k"] == report["final"]["k"]
+    else:
+        assert report["final"]["k"] == 0 and report["latency_reduction"] == 0
+    int8 = {l["name"] for l in report["layers"] if l["precision"] == "int8"}
+    ranks = {l["name"]: l["rank"] for l in report["layers"]}
+    assert int8 == {n for n, r in ranks.items() if r < report["final"]["k"]}  # a prefix of the ordering
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert {e.phase for e in events} == {"load", "baseline", "sensitivity", "search", "latency", "export"}
+    assert (tmp_path / "report.json").exists() and (tmp_path / "artifact" / "plan.json").exists()
+
+
+def test_progress_callback_can_cancel_at_a_step_boundary(cache_dir):
+    def cancel_in_search(event):
+        if event.phase == "search" and event.step:
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        compress("builtin:digits-resnet", options(cache_dir), progress=cancel_in_search)
