@@ -91,48 +91,82 @@ def _environment(device: str, backend: str) -> dict:
     }
 
 
-def compress(source: str, options: CompressOptions, progress: Callable[[Progress], None] | None = None) -> dict:
-    """Run the whole pipeline and return the report (also written to `options.out_dir` if set)."""
+@dataclass
+class Workbench:
+    """A loaded model with its float baseline, evaluator, kernel backend and calibration inputs."""
+
+    source: str
+    revision: str
+    task: str
+    adapter: torch.nn.Module
+    evaluator: Evaluator
+    backend: str
+    backend_note: str
+    candidates: list[str]
+    calibration: list[tuple[torch.Tensor, ...]]
+    plan_fields: dict
+
+    @property
+    def example(self) -> tuple[torch.Tensor, ...]:
+        return self.calibration[0]
+
+    def plan(self, ordering: list[str], k: int, low_precision: str) -> Plan:
+        return Plan.from_ordering(ordering, k, low_precision, **self.plan_fields)
+
+    def build(self, plan: Plan) -> torch.nn.Module:
+        return apply_plan(self.adapter, plan, self.calibration)
+
+
+def prepare(source: str, options: CompressOptions) -> Workbench:
+    """Load the model and its data, put it in the baseline precision and pick the kernel backend."""
     spec = parse_source(source)
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("device cuda requested but no GPU is available")
+    loaded = load_model(spec, options.data, options.model_root, options.cache_dir)
+    baseline_precision = "fp32" if options.device == "cpu" else "fp16"
+    adapter = float_model(adapt(loaded.model, loaded.task),
+                          Plan(layers={}, baseline_precision=baseline_precision, device=options.device))
+    data = _to_device(loaded.data, options.device, next(adapter.parameters()).dtype)
+    evaluator = Evaluator(adapter, data, loaded.task)
+    calibration = [evaluator.inputs(b) for b in data.calibration]
+    backend, note, candidates = choose_backend(adapter, calibration[0], options.device)
+    if not candidates:
+        raise InputError(f"{source} has no layers the {backend} backend can quantize")
+    plan_fields = dict(baseline_precision=baseline_precision, device=options.device, backend=backend,
+                       source=str(spec), revision=loaded.revision,
+                       calibration={"batches": len(calibration), "data": data.description})
+    return Workbench(str(spec), loaded.revision, loaded.task, adapter, evaluator, backend, note, candidates,
+                     calibration, plan_fields)
+
+
+def compress(source: str, options: CompressOptions, progress: Callable[[Progress], None] | None = None) -> dict:
+    """Run the whole pipeline and return the report (also written to `options.out_dir` if set)."""
     if options.threads:
         torch.set_num_threads(options.threads)
     torch.manual_seed(0)
     track = _Tracker(progress)
 
     with track.phase("load"):
-        loaded = load_model(spec, options.data, options.model_root, options.cache_dir)
-        adapter = adapt(loaded.model, loaded.task)
+        bench = prepare(source, options)
+        adapter, evaluator, example = bench.adapter, bench.evaluator, bench.example
+        data = evaluator.data
 
     with track.phase("baseline"):
-        baseline_precision = "fp32" if options.device == "cpu" else "fp16"
-        adapter = float_model(adapter, Plan(layers={}, baseline_precision=baseline_precision, device=options.device))
-        data = _to_device(loaded.data, options.device, next(adapter.parameters()).dtype)
-        evaluator = Evaluator(adapter, data, loaded.task)
-        example = evaluator.inputs(data.calibration[0])
-        backend, backend_note, candidates = choose_backend(adapter, example, options.device)
-        if not candidates:
-            raise InputError(f"{source} has no layers the {backend} backend can quantize")
-        calibration = [evaluator.inputs(b) for b in data.calibration]
-        plan_fields = dict(baseline_precision=baseline_precision, device=options.device, backend=backend,
-                           source=str(spec), revision=loaded.revision,
-                           calibration={"batches": len(calibration), "data": data.description})
         baseline_metric = evaluator.metric(adapter)
         baseline_latency = measure(adapter, example, options.latency)
         baseline_size = model_size_bytes(adapter)
 
     with track.phase("sensitivity"):
-        analysis = sens.analyse(adapter, evaluator, candidates, options.sensitivity,
+        analysis = sens.analyse(adapter, evaluator, bench.candidates, options.sensitivity,
                                 progress=lambda f, m: track.report(f, m))
 
     models: dict[int, torch.nn.Module] = {}
 
     def plan_for(k: int) -> Plan:
-        return Plan.from_ordering(analysis.ordering, k, options.low_precision, **plan_fields)
+        return bench.plan(analysis.ordering, k, options.low_precision)
 
     def evaluate(k: int) -> float:
-        models[k] = apply_plan(adapter, plan_for(k), calibration)
+        models[k] = bench.build(plan_for(k))
         return evaluator.metric(models[k])
 
     latencies = {}
@@ -150,7 +184,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
                      step=evaluated, steps=cap)
 
     with track.phase("search"):
-        result = bisect_layers(len(candidates), evaluate, baseline_metric, options.budget, on_step=on_step)
+        result = bisect_layers(len(bench.candidates), evaluate, baseline_metric, options.budget, on_step=on_step)
 
     with track.phase("latency"):
         chosen_k = min(latencies, key=lambda k: latencies[k].median) if latencies else 0
@@ -169,19 +203,19 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
 
     report = {
         "format": REPORT_FORMAT,
-        "source": str(spec),
-        "revision": loaded.revision,
-        "task": loaded.task,
+        "source": bench.source,
+        "revision": bench.revision,
+        "task": bench.task,
         "status": status,
         "message": STATUS_MESSAGES[status],
-        "environment": _environment(options.device, backend),
-        "backend": {"name": backend, "note": backend_note, "low_precision": options.low_precision},
+        "environment": _environment(options.device, bench.backend),
+        "backend": {"name": bench.backend, "note": bench.backend_note, "low_precision": options.low_precision},
         "data": {"description": data.description, "synthetic": data.synthetic, **data.sizes,
                  "batch_size": options.data.batch_size, "seq_len": options.data.seq_len},
         "metric": {"name": evaluator.metric_name, "labelled": evaluator.labelled},
         "budget": asdict(options.budget),
         "baseline": {"metric": baseline_metric, "latency_ms": baseline_latency.to_dict(), "size_bytes": baseline_size,
-                     "precision": baseline_precision},
+                     "precision": bench.plan_fields["baseline_precision"]},
         "final": {"metric": final_metric, "latency_ms": final_latency.to_dict(), "size_bytes": final_size,
                   "drop": options.budget.drop(baseline_metric, final_metric), "k": final_k,
                   "low_precision_layers": final_k},
@@ -191,7 +225,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
             "ordering": options.sensitivity.ordering,
             "method": analysis.method,
             "evaluations": result.evaluations,
-            "max_evaluations": max_evaluations(len(candidates)),
+            "max_evaluations": max_evaluations(len(bench.candidates)),
             "best_k": result.best_k,
             "search_status": result.status,
             "steps": [{**asdict(s), "chosen": s.k == final_k > 0} for s in result.steps],

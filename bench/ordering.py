@@ -1,0 +1,106 @@
+"""Augmented vs Hessian-only vs random ordering: accuracy-latency frontier per builtin model.
+
+For each model and ordering it runs the real pipeline (`compress`) on the same data, then scores each
+ordering at fixed k (a quarter, half and three quarters of the layers in int8) so the orderings are
+compared at equal compression. Writes bench/results/ordering.{json,md}.
+
+    .venv/bin/python bench/ordering.py                       # the small builtins (minutes)
+    .venv/bin/python bench/ordering.py --models resnet50,mobilenetv2,bert-base --quick   # full size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.cli import quiet_library_noise  # noqa: E402
+
+quiet_library_noise()
+
+from worker.engine import (Budget, CompressOptions, DataOptions, LatencyOptions, SensitivityOptions,  # noqa: E402
+                           compress)
+from worker.engine.pipeline import prepare  # noqa: E402
+
+ORDERINGS = ("augmented", "hessian", "random")
+FRACTIONS = (0.25, 0.5, 0.75)
+
+
+def options_for(model: str, ordering: str, quick: bool, cache_dir: Path) -> CompressOptions:
+    big = model in ("resnet50", "mobilenetv2", "bert-base")
+    return CompressOptions(
+        budget=Budget(0.01),
+        sensitivity=SensitivityOptions(ordering=ordering, hutchinson_max_samples=4 if quick else 16,
+                                       hessian_batches=1 if big else 2, interlayer_batches=1 if big else 4),
+        data=DataOptions(calibration_samples=32 if big else 128, eval_samples=64 if big else 600, batch_size=8,
+                         seq_len=128),
+        latency=LatencyOptions(warmup=2 if big else 3, repeats=5 if big else 15),
+        cache_dir=cache_dir,
+    )
+
+
+def run_model(model: str, quick: bool, cache_dir: Path) -> dict:
+    source = f"builtin:{model}"
+    reports = {}
+    for ordering in ORDERINGS:
+        started = time.perf_counter()
+        reports[ordering] = compress(source, options_for(model, ordering, quick, cache_dir))
+        reports[ordering]["wall_seconds"] = round(time.perf_counter() - started, 1)
+        print(f"  {model} {ordering}: {reports[ordering]['status']}, k={reports[ordering]['final']['k']}, "
+              f"reduction {reports[ordering]['latency_reduction']:.1%}, {reports[ordering]['wall_seconds']}s",
+              flush=True)
+    bench = prepare(source, options_for(model, "augmented", quick, cache_dir))
+    layers = len(bench.candidates)
+    grid = {}
+    for ordering, report in reports.items():
+        order = [layer["name"] for layer in sorted(report["layers"], key=lambda l: l["rank"])]
+        grid[ordering] = {}
+        for fraction in FRACTIONS:
+            k = max(1, round(fraction * layers))
+            grid[ordering][k] = bench.evaluator.metric(bench.build(bench.plan(order, k, "int8")))
+    return {"model": model, "layers": layers, "reports": reports, "grid": grid}
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [
+        "| model | ordering | metric at k = 25% / 50% / 75% of layers | search: evaluations | chosen k | final metric "
+        "| latency ms (base → final) | reduction | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        for ordering, report in result["reports"].items():
+            grid = " / ".join(f"{m:.4f} (k={k})" for k, m in result["grid"][ordering].items())
+            lines.append(
+                f"| {result['model']} ({result['layers']} layers, {report['metric']['name']}) | {ordering} | {grid} "
+                f"| {report['search']['evaluations']} | {report['final']['k']} | {report['final']['metric']:.4f} "
+                f"| {report['baseline']['latency_ms']['median']:.1f} → {report['final']['latency_ms']['median']:.1f} "
+                f"| {report['latency_reduction']:.1%} | {report['wall_seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="digits-resnet,digits-mobilenetv2,minilm")
+    parser.add_argument("--quick", action="store_true", help="4 Hutchinson samples (full-size models on a CPU)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--name", default="ordering")
+    args = parser.parse_args()
+    cache_dir = ROOT / "var" / "cache"
+    results = []
+    for model in args.models.split(","):
+        print(f"{model}:", flush=True)
+        results.append(run_model(model, args.quick, cache_dir))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=2, default=str))
+    table = markdown(results)
+    (args.out / f"{args.name}.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
