@@ -13,12 +13,11 @@ from pathlib import Path
 from .settings import get_settings
 
 
-def _fraction(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    return value
 
 
 def _positive_int(text: str) -> int:
@@ -37,18 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = commands.add_parser("compress", help="compress one model and write report.json and the artifact")
     c.add_argument("source", help="hf:<repo_id>[@revision], local:<dir under MIXQ_MODEL_ROOT> or builtin:<name>")
-    c.add_argument("--budget", type=_fraction, required=True,
+    c.add_argument("--budget", type=_number, required=True,
                    help="largest allowed metric drop, in (0, 1): 0.01 = 1%% of the baseline (relative)")
-    c.add_argument("--min-drop", type=_fraction, default=0.0,
+    c.add_argument("--min-drop", type=_number, default=0.0,
                    help="lower edge of the degradation range: stop searching once a drop lands in [min, budget]")
     c.add_argument("--absolute", action="store_true", help="budget in absolute metric points, not relative")
     c.add_argument("--ordering", choices=["augmented", "hessian", "random"], default="augmented")
     c.add_argument("--interlayer", choices=["conditional", "pairwise"], default="conditional",
                    help="which measured inter-layer dependency term augments the Hessian")
-    c.add_argument("--interlayer-weight", type=_fraction, default=0.5,
+    c.add_argument("--interlayer-weight", type=_number, default=0.5,
                    help="share of the dependency term in the combined score, in [0, 1]")
-    c.add_argument("--hutchinson-samples", type=_positive_int, default=16, help="cap on Hutchinson samples")
-    c.add_argument("--hutchinson-tol", type=_fraction, default=0.1, help="stop when stderr <= tol * |trace|")
+    c.add_argument("--hutchinson-samples", type=_positive_int, default=16, help="cap on Hutchinson samples (at least 2)")
+    c.add_argument("--hutchinson-tol", type=_number, default=0.1, help="stop when stderr <= tol * |trace|")
     c.add_argument("--data", help="HF dataset ID (hf:name[@config]) or a file/folder under MIXQ_MODEL_ROOT")
     c.add_argument("--split", default="train", help="dataset split (HF datasets)")
     c.add_argument("--text-column", default="text")
@@ -75,8 +74,8 @@ def _options(args):
         budget=Budget(max_drop=args.budget, min_drop=args.min_drop, relative=not args.absolute),
         sensitivity=SensitivityOptions(ordering=args.ordering, interlayer=args.interlayer,
                                        interlayer_weight=args.interlayer_weight,
-                                       hutchinson_max_samples=max(args.hutchinson_samples, 4),
-                                       hutchinson_min_samples=min(4, args.hutchinson_samples),
+                                       hutchinson_max_samples=max(2, args.hutchinson_samples),
+                                       hutchinson_min_samples=min(4, max(2, args.hutchinson_samples)),
                                        hutchinson_tol=args.hutchinson_tol),
         data=DataOptions(spec=args.data, split=args.split, text_column=args.text_column,
                          label_column=args.label_column or None, image_column=args.image_column,
@@ -92,23 +91,28 @@ def _options(args):
 
 
 class ProgressPrinter:
-    """One line per phase change or search step; an updating line on a terminal."""
+    """On a terminal, one updating line per phase; elsewhere (logs), phase boundaries and search steps."""
 
     def __init__(self, stream=sys.stderr):
         self.stream = stream
         self.tty = stream.isatty()
-        self.last = None
+        self.phase = None
 
     def __call__(self, event) -> None:
         bar = "#" * int(event.fraction * 20)
         line = f"[{bar:<20}] {event.fraction * 100:5.1f}%  {event.phase}: {event.message}"
         if self.tty:
-            self.stream.write("\r\033[K" + line)
-            if event.message.endswith("s") and "done" in event.message:
+            if self.phase not in (None, event.phase):
                 self.stream.write("\n")
-        elif event.step is not None or "started" in event.message or "done" in event.message:
+            self.stream.write("\r\033[K" + line)
+        elif event.step is not None or event.message.startswith(f"{event.phase} "):
             self.stream.write(line + "\n")
+        self.phase = event.phase
         self.stream.flush()
+
+    def finish(self) -> None:
+        if self.tty and self.phase:
+            self.stream.write("\n")
 
 
 def compress(args) -> int:
@@ -116,10 +120,12 @@ def compress(args) -> int:
 
     try:
         options = _options(args)
-        report = run(args.source, options, progress=ProgressPrinter())
+        printer = ProgressPrinter()
+        report = run(args.source, options, progress=printer)
     except (InputError, ValueError) as exc:
-        print(f"mixq: error: {exc}", file=sys.stderr)
+        print(f"\nmixq: error: {exc}", file=sys.stderr)
         return 2
+    printer.finish()
     print(json.dumps(report, indent=2) if args.json else render(report))
     if args.out:
         print(f"\nwrote {args.out / 'report.json'} and {args.out / 'artifact'}/", file=sys.stderr)

@@ -68,8 +68,8 @@ def run_model(model: str, quick: bool, cache_dir: Path) -> dict:
 
 def markdown(results: list[dict]) -> str:
     lines = [
-        "| model | ordering | metric at k = 25% / 50% / 75% of layers | search: evaluations | chosen k | final metric "
-        "| latency ms (base → final) | reduction | wall s |",
+        "| model | ordering | metric at k = 25% / 50% / 75% of layers | search: evaluations | chosen k "
+        "| metric (base → final) | latency ms (base → final) | reduction | wall s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
@@ -77,7 +77,8 @@ def markdown(results: list[dict]) -> str:
             grid = " / ".join(f"{m:.4f} (k={k})" for k, m in result["grid"][ordering].items())
             lines.append(
                 f"| {result['model']} ({result['layers']} layers, {report['metric']['name']}) | {ordering} | {grid} "
-                f"| {report['search']['evaluations']} | {report['final']['k']} | {report['final']['metric']:.4f} "
+                f"| {report['search']['evaluations']} | {report['final']['k']} "
+                f"| {report['baseline']['metric']:.4f} → {report['final']['metric']:.4f} "
                 f"| {report['baseline']['latency_ms']['median']:.1f} → {report['final']['latency_ms']['median']:.1f} "
                 f"| {report['latency_reduction']:.1%} | {report['wall_seconds']} |")
     return "\n".join(lines) + "\n"

@@ -68,7 +68,7 @@ def test_artifact_reapplies_to_the_original_model(digits_run, cache_dir):
         accuracy = torch.cat([model(b["pixel_values"]).argmax(-1) == b["labels"] for b in builtin.data.evaluation])
     assert float(accuracy.float().mean()) == pytest.approx(report["final"]["metric"])
     int8 = [layer["name"] for layer in report["layers"] if layer["precision"] == "int8"]
-    assert len(int8) == report["final"]["low_precision_layers"]
+    assert len(int8) == report["final"]["k"]
 
 
 @pytest.mark.parametrize("args, message", [

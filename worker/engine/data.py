@@ -17,7 +17,7 @@ import torch
 
 from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION
 from .errors import InputError
-from .paths import resolve_under_root
+from .paths import HF_REPO_ID, resolve_under_root
 
 Batch = dict[str, torch.Tensor]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -184,8 +184,6 @@ def _read_rows(path: Path, suffix: str) -> list[dict]:
 
 def parse_hf_dataset_id(spec: str) -> tuple[str, str | None]:
     """`hf:name[@config]` -> (name, config)."""
-    from .sources import HF_REPO_ID
-
     body = spec.removeprefix("hf:")
     name, _, config = body.partition("@")
     if not HF_REPO_ID.fullmatch(name):

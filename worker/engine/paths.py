@@ -1,10 +1,15 @@
-"""Confining user-supplied paths to the operator's allowed root."""
+"""Confining user-supplied names: paths to the operator's allowed root, Hub IDs to the Hub's naming rules."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .errors import InputError
+
+# Hub naming rules: [namespace/]name from letters, digits, '-', '_', '.', never '..' or a leading '.'/'-'.
+HF_REPO_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?")
+HF_REVISION = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_./-]{0,99}")
 
 
 def resolve_under_root(value: str, root: Path | None, what: str) -> Path:

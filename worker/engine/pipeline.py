@@ -217,8 +217,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         "baseline": {"metric": baseline_metric, "latency_ms": baseline_latency.to_dict(), "size_bytes": baseline_size,
                      "precision": bench.plan_fields["baseline_precision"]},
         "final": {"metric": final_metric, "latency_ms": final_latency.to_dict(), "size_bytes": final_size,
-                  "drop": options.budget.drop(baseline_metric, final_metric), "k": final_k,
-                  "low_precision_layers": final_k},
+                  "drop": options.budget.drop(baseline_metric, final_metric), "k": final_k},
         "latency_reduction": 1 - final_latency.median / baseline_latency.median,
         "layers": [{**layer.to_dict(), "precision": final_plan.layers[layer.name]} for layer in analysis.layers],
         "search": {

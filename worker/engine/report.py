@@ -43,7 +43,7 @@ def render(report: dict) -> str:
         "",
         f"latency reduction {report['latency_reduction'] * 100:.1f}%, drop {final['drop']:.4f} "
         f"(budget {report['budget']['max_drop']}{' relative' if report['budget']['relative'] else ' absolute'}), "
-        f"{final['low_precision_layers']}/{len(report['layers'])} layers low precision",
+        f"{final['k']}/{len(report['layers'])} layers low precision",
         "",
         f"search ({search['ordering']}): {search['evaluations']} evaluations (max {search['max_evaluations']})",
         f"{'k':>5}{metric:>18}{'drop':>10}{'latency ms':>12}  accepted",

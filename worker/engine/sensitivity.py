@@ -81,15 +81,16 @@ def _normalised(values: list[float]) -> list[float]:
 def hessian_traces(adapter: nn.Module, evaluator: Evaluator, names: list[str], options: SensitivityOptions):
     layers = quantizable_layers(adapter)
     weights = {n: layers[n].weight for n in names}
-    frozen = [p for p in adapter.parameters() if not any(p is w for w in weights.values())]
-    for p in frozen:
-        p.requires_grad_(False)
+    wanted = {id(w) for w in weights.values()}
+    flags = {p: p.requires_grad for p in adapter.parameters()}
+    for p in flags:  # differentiate only through the candidate weights: cheaper double backward
+        p.requires_grad_(id(p) in wanted)
     try:
         estimator = HessianTrace(lambda: evaluator.loss(adapter, options.hessian_batches), weights, seed=options.seed)
         return estimator.trace(options.hutchinson_max_samples, options.hutchinson_min_samples, options.hutchinson_tol)
     finally:
-        for p in frozen:
-            p.requires_grad_(True)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 class LossProbe:

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +18,7 @@ from . import builtins
 from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION
 from .data import DataOptions, Dataset, load_dataset_for
 from .errors import InputError
-from .paths import resolve_under_root
-
-# Hub naming rules: [namespace/]name from letters, digits, '-', '_', '.', never '..' or a leading '.'/'-'.
-HF_REPO_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?")
-HF_REVISION = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_./-]{0,99}")
+from .paths import HF_REPO_ID, HF_REVISION, resolve_under_root
 
 
 @dataclass(frozen=True)
