@@ -28,8 +28,9 @@ def test_weight_quantizer_is_int8_per_channel():
 def test_dynamic_int8_linear_matches_float_within_int8_tolerance():
     adapter = adapt(tiny_bert(), FEATURE_EXTRACTION)
     inputs = adapter.inputs(token_batch())
-    backend, _, names = choose_backend(adapter, inputs, "cpu")
-    assert backend == DYNAMIC
+    chosen = choose_backend(adapter, "cpu")
+    backend, names = chosen.name, chosen.candidates
+    assert backend == DYNAMIC and chosen.baseline is adapter
     name = names[3]
     plan = Plan(layers={n: "int8" if n == name else "fp32" for n in names}, backend=backend)
     quantized = apply_plan(adapter, plan, [inputs])
@@ -44,8 +45,11 @@ def test_dynamic_int8_linear_matches_float_within_int8_tolerance():
 def test_fx_static_int8_conv_net_matches_float_and_skips_float_layers():
     adapter = adapt(tiny_resnet(), IMAGE_CLASSIFICATION)
     x = torch.randn(8, 1, 16, 16)
-    backend, _, names = choose_backend(adapter, (x,), "cpu")
+    chosen = choose_backend(adapter, "cpu")
+    backend, names = chosen.name, chosen.candidates
     assert backend == FX_STATIC and len(names) == len(quantizable_layers(adapter))
+    with torch.inference_mode():  # the baseline is the same network with BatchNorm folded, in fp32
+        assert torch.allclose(chosen.baseline(x), adapter(x), atol=1e-5)
     keep_float = names[1]
     plan = Plan(layers={n: "fp32" if n == keep_float else "int8" for n in names}, backend=backend)
     calibration = [(torch.randn(8, 1, 16, 16),) for _ in range(4)] + [(x,)]
@@ -68,7 +72,8 @@ def test_plan_reapplied_from_artifact_reproduces_outputs(tmp_path, kind):
         adapter = adapt(tiny_bert(num_labels=3), "sequence-classification")
         example = adapter.inputs(token_batch())
         calibration = [example]
-    backend, _, names = choose_backend(adapter, example, "cpu")
+    chosen = choose_backend(adapter, "cpu")
+    backend, names = chosen.name, chosen.candidates
     plan = Plan.from_ordering(names, len(names) // 2 + 1, "int8", backend=backend)
     quantized = apply_plan(adapter, plan, calibration)
     save_artifact(quantized, plan, tmp_path)

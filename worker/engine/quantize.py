@@ -2,8 +2,11 @@
 
 Kernel paths (chosen once per model by `choose_backend`):
 - `fx-static-int8` (CPU, conv nets): FX graph-mode static int8 on the oneDNN engine, which has fast
-  depthwise kernels (the x86 engine is ~7x slower on MobileNetV2). Float layers are skipped by name,
-  so mixed plans pay real quantize/dequantize transitions.
+  depthwise kernels (the x86 engine is ~7x slower on MobileNetV2). The plan picks which Conv/Linear
+  layers run int8; element-wise ops (adds, activations, pooling) run int8 in every quantized plan,
+  because FX mis-handles per-layer configs on residual paths (a quantized tensor reaches a float add
+  through an identity shortcut). The baseline is the same FX graph in fp32 with BatchNorm folded, so
+  the comparison is graph against graph, not int8 against unfused eager.
 - `dynamic-int8` (CPU, Linear-only models such as BERT): per-channel dynamic int8 Linear kernels.
 - `torchao-int8` / `torchao-fp8` (CUDA): torchao `quantize_` with a per-module filter over a 16-bit baseline.
 
@@ -18,6 +21,7 @@ import contextlib
 import copy
 import json
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,21 +74,32 @@ def simulated(adapter: nn.Module, names, layers: dict[str, nn.Module] | None = N
             layers[name].weight.data = weight
 
 
-def choose_backend(adapter: ModelAdapter, example: tuple[torch.Tensor, ...], device: str) -> tuple[str, str, list[str]]:
-    """Returns (backend, note, candidate layer names in network order)."""
+@dataclass
+class Backend:
+    name: str
+    note: str
+    candidates: list[str]  # layer names in network order
+    baseline: nn.Module  # the float model plans are timed against, in the same execution mode
+
+
+def choose_backend(adapter: ModelAdapter, device: str) -> Backend:
     layers = quantizable_layers(adapter)
     linear = [n for n, m in layers.items() if isinstance(m, nn.Linear)]
     if device.startswith("cuda"):
         fp8 = torch.cuda.get_device_capability() >= (8, 9)
-        return (TORCHAO_FP8 if fp8 else TORCHAO_INT8), "torchao per-module quantization of Linear layers", linear
+        return Backend(TORCHAO_FP8 if fp8 else TORCHAO_INT8, "torchao per-module quantization of Linear layers",
+                       linear, adapter)
     if not any(isinstance(m, nn.Conv2d) for m in layers.values()):
-        return DYNAMIC, "dynamic int8 Linear kernels", linear
+        return Backend(DYNAMIC, "dynamic int8 Linear kernels", linear, adapter)
+    from torch.ao.quantization.quantize_fx import fuse_fx
+
     try:
-        _fx_quantize(adapter, [], [example])
+        fused = fuse_fx(copy.deepcopy(adapter).eval())
     except Exception as exc:  # FX cannot trace every architecture; Linear layers still quantize dynamically
         note = f"convolutions stay fp32: the model is not FX-traceable ({type(exc).__name__}: {str(exc)[:160]})"
-        return DYNAMIC, note, linear
-    return FX_STATIC, "FX static int8 (oneDNN) for Conv2d and Linear", list(layers)
+        return Backend(DYNAMIC, note, linear, adapter)
+    return Backend(FX_STATIC, "FX static int8 (oneDNN) for Conv2d and Linear; baseline: same graph, fp32, "
+                   "BatchNorm folded", list(layers), fused)
 
 
 def _fx_quantize(adapter: nn.Module, float_layers: list[str], calibration: list[tuple[torch.Tensor, ...]]):
@@ -137,8 +152,7 @@ def apply_plan(adapter: ModelAdapter, plan: Plan, calibration: list[tuple[torch.
     if not low:
         return adapter
     if plan.backend == FX_STATIC:
-        float_layers = [n for n, p in plan.layers.items() if n not in set(low)]
-        return _fx_quantize(adapter, float_layers, calibration)
+        return _fx_quantize(adapter, [n for n in plan.layers if n not in set(low)], calibration)
     if plan.backend == DYNAMIC:
         return _dynamic_quantize(adapter, low)
     if plan.backend in (TORCHAO_INT8, TORCHAO_FP8):
