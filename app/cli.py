@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
-import warnings
 from pathlib import Path
 
+from .logs import quiet_library_noise
 from .settings import get_settings
 
 
@@ -63,6 +61,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=_positive_int, default=None)
     c.add_argument("--out", type=Path, default=None, help="folder for report.json and artifact/")
     c.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+    s = commands.add_parser("serve", help="API + dashboard + one worker in one command (embedded default)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=_positive_int, default=8000)
+    s.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
+
+    w = commands.add_parser("worker", help="a Celery worker for compression jobs")
+    w.add_argument("--concurrency", type=_positive_int, default=1)
+    w.add_argument("--beat", action="store_true", help="also run the scheduler in this process")
+    commands.add_parser("beat", help="the Celery beat scheduler (stale-job requeue)")
+
+    db = commands.add_parser("db", help="database migrations")
+    db.add_argument("action", choices=["upgrade"])
+
+    k = commands.add_parser("keys", help="API keys")
+    k.add_argument("action", choices=["create"])
+    k.add_argument("--tenant", required=True, help="tenant the key acts for (created if new)")
+
+    sub = commands.add_parser("submit", help="submit a job to a running server")
+    sub.add_argument("source")
+    sub.add_argument("--budget", type=_number, required=True)
+    sub.add_argument("--min-drop", type=_number, default=0.0)
+    sub.add_argument("--absolute", action="store_true")
+    sub.add_argument("--ordering", choices=["augmented", "hessian", "random"], default="augmented")
+    sub.add_argument("--wait", action="store_true", help="show progress until the job ends")
+    for name in ("status", "wait"):
+        p = commands.add_parser(name, help=f"{name} of a job on a running server")
+        p.add_argument("job_id")
     return parser
 
 
@@ -132,23 +158,15 @@ def compress(args) -> int:
     return 0
 
 
-def quiet_library_noise() -> None:
-    """Known-harmless start-up noise: torchao's GPU-only extensions on CPU, torch.ao deprecation notices."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao\..*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao\..*")
-    warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-
-
 def main(argv: list[str] | None = None) -> int:
     quiet_library_noise()
     args = build_parser().parse_args(argv)
-    if args.command == "compress":
-        return compress(args)
-    return 2
+    from . import service_cli
+
+    handlers = {"compress": compress, "serve": service_cli.serve, "worker": service_cli.worker,
+                "beat": service_cli.beat, "db": service_cli.db, "keys": service_cli.keys,
+                "submit": service_cli.submit, "status": service_cli.status, "wait": service_cli.wait}
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":

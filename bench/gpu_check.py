@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.cli import quiet_library_noise  # noqa: E402
+from app.logs import quiet_library_noise  # noqa: E402
 
 quiet_library_noise()
 

@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # Builtins are trained once and cached; keep the cache between runs (it is gitignored).
 CACHE = Path(os.environ.get("MIXQ_CACHE_DIR", ROOT / "var" / "cache"))
 os.environ["MIXQ_CACHE_DIR"] = str(CACHE)
+# The in-process service tests get their own SQLite database and embedded broker; set before any
+# mixq module reads the settings (the Celery app reads them at import).
+STATE = Path(tempfile.mkdtemp(prefix="mixq-test-"))
+os.environ["MIXQ_DATA_DIR"] = str(STATE)
+os.environ.setdefault("MIXQ_HEARTBEAT_SECONDS", "0.2")
+for name in ("MIXQ_DATABASE_URL", "MIXQ_BROKER_URL", "MIXQ_AUTH_DISABLED", "MIXQ_MODEL_ROOT"):
+    os.environ.pop(name, None)
 torch.set_num_threads(2)
 
 

@@ -37,6 +37,7 @@ class Progress:
     message: str = ""
     step: int | None = None
     steps: int | None = None
+    phases: dict = field(default_factory=dict)  # seconds of each phase finished so far
 
 
 # Share of the job's progress bar each phase takes (sensitivity and search dominate the time).
@@ -68,7 +69,8 @@ class _Tracker:
         return min(1.0, done + PHASE_WEIGHTS[phase] * max(0.0, min(1.0, within)))
 
     def report(self, within: float, message: str = "", step: int | None = None, steps: int | None = None):
-        self.callback(Progress(self.current, self.fraction(self.current, within), message, step, steps))
+        self.callback(Progress(self.current, self.fraction(self.current, within), message, step, steps,
+                               dict(self.phases)))
 
     @contextmanager
     def phase(self, name: str):

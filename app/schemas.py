@@ -1,0 +1,128 @@
+"""Request and response bodies of the jobs API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from worker.engine.errors import InputError
+from worker.engine.sources import parse_source
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BudgetIn(Strict):
+    max_drop: float = Field(gt=0, lt=1, description="largest allowed metric drop, in (0, 1)")
+    min_drop: float = Field(0.0, ge=0, lt=1, description="lower edge of the range: stop once a drop reaches it")
+    mode: Literal["relative", "absolute"] = "relative"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "BudgetIn":
+        if self.min_drop > self.max_drop:
+            raise ValueError(f"min_drop ({self.min_drop}) must not exceed max_drop ({self.max_drop})")
+        return self
+
+
+class DataIn(Strict):
+    spec: str | None = Field(None, description="HF dataset ID (hf:name[@config]) or a file under the model root")
+    split: str = "train"
+    text_column: str = "text"
+    label_column: str | None = "label"
+    image_column: str = "image"
+    synthetic: bool = False
+
+
+class JobCreate(Strict):
+    model: str = Field(description="hf:<repo_id>[@revision], local:<dir> or builtin:<name>", max_length=300)
+    budget: BudgetIn
+    ordering: Literal["augmented", "hessian", "random"] = "augmented"
+    interlayer: Literal["conditional", "pairwise"] = "conditional"
+    batch_size: int = Field(8, ge=1, le=512)
+    seq_len: int = Field(128, ge=1, le=8192)
+    calibration_samples: int = Field(128, ge=1, le=100_000)
+    eval_samples: int = Field(256, ge=1, le=100_000)
+    hutchinson_samples: int = Field(16, ge=2, le=1000)
+    precisions: list[Literal["int8", "fp8"]] = Field(default_factory=lambda: ["int8"], min_length=1)
+    priority: int = Field(5, ge=0, le=9)
+    data: DataIn | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_remote_code(cls, values):
+        if isinstance(values, dict) and "trust_remote_code" in values:
+            raise ValueError("trust_remote_code is not accepted: mixq never runs code shipped with a model")
+        return values
+
+    @field_validator("model")
+    @classmethod
+    def _valid_source(cls, value: str) -> str:
+        try:
+            return str(parse_source(value))
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("precisions")
+    @classmethod
+    def _one_low_precision(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != 1:
+            raise ValueError("one low precision per job for now: ['int8'] on CPU, ['int8'] or ['fp8'] on GPU")
+        return value
+
+
+class JobOut(BaseModel):
+    id: str
+    model: str
+    status: str
+    phase: str | None
+    progress: float
+    step: int | None
+    steps: int | None
+    message: str | None
+    error: str | None
+    request: dict
+    phases: dict
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result_status: str | None
+    baseline_metric: float | None
+    final_metric: float | None
+    latency_reduction: float | None
+    cancel_requested: bool
+    links: dict[str, str]
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None
+
+
+class LayerOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    position: int
+    name: str
+    kind: str
+    params: int
+    hessian_trace: float | None
+    trace_stderr: float | None
+    hessian_term: float | None
+    interlayer: float | None
+    score: float | None
+    rank: int
+    precision: str
+
+
+class StepOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    position: int
+    k: int
+    metric: float
+    drop: float
+    latency_ms: float | None
+    accepted: bool
+    chosen: bool
