@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench vendor clean
 
 $(STAMP): pyproject.toml
 	python3.11 -m venv $(VENV)
@@ -14,14 +14,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# API + dashboard + one worker on SQLite and an embedded broker, on http://127.0.0.1:8000
 run: $(STAMP)
-	$(VENV)/bin/mixq compress builtin:digits-resnet --budget 0.01 --out var/runs/digits-resnet
+	$(VENV)/bin/mixq serve
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/ordering.py
+	$(PY) bench/load.py
+
+# Re-fetch the dashboard's charting library from npm (committed under app/static/vendor).
+CHARTJS_VERSION := 4.6.1
+vendor:
+	cd $$(mktemp -d) && npm pack chart.js@$(CHARTJS_VERSION) --silent && tar xzf chart.js-*.tgz && \
+	cp package/dist/chart.umd.min.js $(CURDIR)/app/static/vendor/chart.umd.min.js && \
+	cp package/LICENSE.md $(CURDIR)/app/static/vendor/chart.js.LICENSE.md
 
 clean:
 	rm -rf $(VENV) var

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from pathlib import Path
 
-from app.api.routes import health, jobs
+from fastapi import FastAPI
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from app.api.routes import health, jobs, models
 from app.settings import get_settings
+
+STATIC = Path(__file__).parent / "static"
 
 
 class BodyLimit:
@@ -46,6 +51,13 @@ def create_app(auth_disabled: bool | None = None) -> FastAPI:
     app = FastAPI(title="mixq", version="1", description="Fastest mixed-precision model within an accuracy budget")
     app.state.auth_disabled = settings.auth_disabled if auth_disabled is None else auth_disabled
     app.include_router(jobs.router)
+    app.include_router(models.router)
     app.include_router(health.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

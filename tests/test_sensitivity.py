@@ -60,6 +60,7 @@ def test_ordering_is_ascending_score_and_ranks_match(setup):
     assert sorted(result.ordering) == sorted(names)
     for layer in result.layers:  # Omega = Tr(H)/n * ||Q(W) - W||^2
         assert layer.hessian_term == pytest.approx(layer.hessian_trace / layer.params * layer.quant_error)
+        assert layer.score == pytest.approx(layer.hessian_part + layer.interlayer_part)
         assert layer.trace_stderr > 0
 
 

@@ -195,5 +195,15 @@ BUILTINS: dict[str, Callable[[DataOptions, Path], Builtin]] = {
 }
 
 
+BUILTIN_DESCRIPTIONS = {
+    "digits-resnet": "small ResNet trained on scikit-learn digits (top-1 accuracy)",
+    "digits-mobilenetv2": "small MobileNetV2 trained on scikit-learn digits (top-1 accuracy)",
+    "minilm": "real all-MiniLM-L6-v2 sentence embeddings (cosine fidelity)",
+    "resnet50": "full-size ResNet-50, random weights (latency work)",
+    "mobilenetv2": "full-size MobileNetV2, random weights (latency work)",
+    "bert-base": "full-size BERT-base, random weights (latency work)",
+}
+
+
 def load_builtin(name: str, options: DataOptions, cache_dir: Path) -> Builtin:
     return BUILTINS[name](options, cache_dir)

@@ -60,6 +60,8 @@ class LayerSensitivity:
     hessian_term: float | None = None
     interlayer: float | None = None
     score: float | None = None
+    hessian_part: float | None = None  # the two weighted shares that add up to `score`
+    interlayer_part: float | None = None
     rank: int = 0  # 0 = least sensitive = first to go to low precision
 
     def to_dict(self) -> dict:
@@ -170,7 +172,7 @@ def analyse(adapter: nn.Module, evaluator: Evaluator, names: list[str], options:
 
     hessian_share = _normalised([layer.hessian_term for layer in layers])
     if options.ordering == "hessian":
-        scores = hessian_share
+        parts = [(h, 0.0) for h in hessian_share]
     else:
         measure = conditional_terms if options.interlayer == "conditional" else pairwise_terms
         terms = measure(probe, names, lambda f, m: progress(0.5 + 0.5 * f, m))
@@ -178,10 +180,11 @@ def analyse(adapter: nn.Module, evaluator: Evaluator, names: list[str], options:
             layer.interlayer = term
         method.update(interlayer=options.interlayer, interlayer_weight=options.interlayer_weight)
         w = options.interlayer_weight
-        scores = [(1 - w) * h + w * d for h, d in zip(hessian_share, _normalised(terms))]
+        parts = [((1 - w) * h, w * d) for h, d in zip(hessian_share, _normalised(terms))]
     method["loss_evaluations"] = len(probe.cache)
-    for layer, score in zip(layers, scores):
-        layer.score = score
+    for layer, (hessian_part, interlayer_part) in zip(layers, parts):
+        layer.hessian_part, layer.interlayer_part = hessian_part, interlayer_part
+        layer.score = hessian_part + interlayer_part
     order = [layer.name for layer in sorted(layers, key=lambda l: l.score)]
     return _ranked(layers, order, method)
 

@@ -1,0 +1,306 @@
+// mixq dashboard: a thin client of the public jobs API (/v1), nothing else.
+"use strict";
+
+const PHASE_COLOURS = { load: "#6b7a99", baseline: "#8f6bd6", sensitivity: "#2f6fde", search: "#1a8f4c",
+                        latency: "#b7791f", export: "#5b6478" };
+const FINISHED = ["succeeded", "failed", "cancelled"];
+const view = document.getElementById("view");
+let refreshTimer = null;
+const charts = {};
+
+// ---- API ----
+function apiKey() { return sessionStorage.getItem("mixq-key") || ""; }
+
+async function api(path, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  if (apiKey()) headers.Authorization = `Bearer ${apiKey()}`;
+  if (options.body) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, { ...options, headers });
+  const banner = document.getElementById("banner");
+  if (response.status === 401) {
+    banner.textContent = "This server needs an API key: enter it above (mixq keys create --tenant NAME).";
+    banner.hidden = false;
+  } else if (response.ok) {
+    banner.hidden = true;
+  }
+  return response;
+}
+
+async function download(path, filename) {
+  const response = await api(path);
+  if (!response.ok) { alert((await response.json()).detail); return; }
+  const url = URL.createObjectURL(await response.blob());
+  const link = Object.assign(document.createElement("a"), { href: url, download: filename });
+  document.body.append(link); link.click(); link.remove();
+  URL.revokeObjectURL(url);
+}
+
+// ---- helpers ----
+const el = (tag, attrs = {}, ...children) => {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (value !== undefined && value !== null && value !== false) node.setAttribute(key, value === true ? "" : value);
+  }
+  node.append(...children.flat().filter((c) => c !== null && c !== undefined));
+  return node;
+};
+const show = (...nodes) => view.replaceChildren(...nodes.filter((n) => n !== null && n !== undefined));
+const pct = (x) => (x === null || x === undefined ? "–" : `${(x * 100).toFixed(1)}%`);
+const num = (x, digits = 4) => (x === null || x === undefined ? "–" : Number(x).toFixed(digits));
+const when = (t) => (t ? new Date(t).toLocaleString() : "–");
+const budgetText = (b) => `${b.mode === "absolute" ? b.max_drop : pct(b.max_drop)} ${b.mode}`;
+
+function progressBar(job) {
+  return el("span", {},
+    el("span", { class: "progress", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": 100,
+                 "aria-valuenow": Math.round(job.progress * 100), "aria-label": `progress of ${job.model}` },
+       el("span", { style: `width:${(job.progress * 100).toFixed(0)}%` })),
+    el("span", { class: "phase" }, job.status === "running" ? `${job.phase || ""}${job.step ? ` ${job.step}/${job.steps}` : ""}` : ""));
+}
+
+function stopRefresh() { clearTimeout(refreshTimer); refreshTimer = null; }
+function destroyCharts() { for (const key of Object.keys(charts)) { charts[key].destroy(); delete charts[key]; } }
+
+// ---- jobs list + new job form ----
+async function renderHome() {
+  const models = await (await api("/v1/models")).json().catch(() => ({ builtin: [] }));
+  const filter = el("select", { id: "status-filter", onchange: () => refreshList() },
+    el("option", { value: "" }, "all"), ...["queued", "running", "succeeded", "failed", "cancelled"].map((s) => el("option", { value: s }, s)));
+  show(
+    el("h1", {}, "Compression jobs"),
+    newJobForm(models.builtin || []),
+    el("div", { class: "actions" }, el("div", {}, el("label", { for: "status-filter" }, "Filter by status"), filter)),
+    el("div", { class: "table-wrap" }, el("table", { id: "jobs-table" },
+      el("caption", { class: "muted", style: "text-align:left" }, "Refreshes every 2 seconds"),
+      el("thead", {}, el("tr", {}, ...["Model", "Budget", "Status", "Progress", "Reduction", "Final metric", "Created", "Finished"].map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", { id: "jobs-body" }))));
+  await refreshList();
+}
+
+async function refreshList() {
+  stopRefresh();
+  const status = document.getElementById("status-filter")?.value;
+  const response = await api(`/v1/jobs?limit=50${status ? `&status=${status}` : ""}`);
+  const body = document.getElementById("jobs-body");
+  if (!body) return;
+  const jobs = response.ok ? (await response.json()).jobs : [];
+  body.replaceChildren(...jobs.map((job) => {
+    const open = () => { location.hash = `#/jobs/${job.id}`; };
+    return el("tr", { class: "job-row", "data-job": job.id, "data-status": job.status, tabindex: 0, onclick: open,
+                      onkeydown: (e) => { if (e.key === "Enter") open(); } },
+      el("td", {}, el("a", { href: `#/jobs/${job.id}` }, job.model)),
+      el("td", {}, budgetText(job.request.budget)),
+      el("td", {}, el("span", { class: `status ${job.status}` }, job.status)),
+      el("td", {}, progressBar(job)),
+      el("td", {}, pct(job.latency_reduction)),
+      el("td", {}, num(job.final_metric)),
+      el("td", {}, when(job.created_at)),
+      el("td", {}, when(job.finished_at)));
+  }));
+  if (!jobs.length) body.append(el("tr", {}, el("td", { colspan: 8, class: "muted" }, "No jobs yet: submit one above.")));
+  refreshTimer = setTimeout(refreshList, 2000);
+}
+
+const FIELDS = [
+  // [name, label, type, default, advanced]
+  ["min_drop", "Min drop (stop once reached)", "number", "0", true],
+  ["interlayer", "Inter-layer term", ["conditional", "pairwise"], "conditional", true],
+  ["batch_size", "Batch size", "number", "8", true],
+  ["seq_len", "Sequence length", "number", "128", true],
+  ["calibration_samples", "Calibration samples", "number", "128", true],
+  ["eval_samples", "Evaluation samples", "number", "256", true],
+  ["hutchinson_samples", "Hutchinson samples (max)", "number", "16", true],
+  ["priority", "Priority (0–9, higher first)", "number", "5", true],
+];
+
+function field(name, labelText, type, value) {
+  const id = `f-${name}`;
+  const input = Array.isArray(type)
+    ? el("select", { id, name }, ...type.map((o) => el("option", { value: o, selected: o === value }, o)))
+    : el("input", { id, name, type, value, step: type === "number" ? "any" : undefined, "aria-describedby": `${id}-error` });
+  return el("div", {}, el("label", { for: id }, labelText), input, el("div", { class: "field-error", id: `${id}-error`, "data-for": name }));
+}
+
+function newJobForm(builtins) {
+  const datalist = el("datalist", { id: "builtin-models" }, ...builtins.map((b) => el("option", { value: `builtin:${b.name}` }, b.description)));
+  const form = el("form", { id: "new-job", class: "panel", novalidate: true, onsubmit: submitJob },
+    el("h2", { style: "margin-top:0" }, "New job"),
+    el("div", { class: "grid" },
+      el("div", {}, el("label", { for: "f-model" }, "Model"),
+        el("input", { id: "f-model", name: "model", list: "builtin-models", value: builtins.length ? `builtin:${builtins[0].name}` : "", required: true, "aria-describedby": "f-model-error" }),
+        el("div", { class: "field-error", id: "f-model-error", "data-for": "model" })),
+      datalist,
+      field("max_drop", "Budget: max drop", "number", "0.01"),
+      field("mode", "Budget mode", ["relative", "absolute"], "relative"),
+      field("ordering", "Ordering", ["augmented", "hessian", "random"], "augmented")),
+    el("details", {}, el("summary", {}, "Advanced options"),
+      el("div", { class: "grid", style: "margin-top:.6rem" }, ...FIELDS.map(([n, l, t, v]) => field(n, l, t, v)))),
+    el("div", { class: "actions" }, el("button", { type: "submit" }, "Submit job")),
+    el("div", { class: "form-error", id: "form-error", role: "alert" }));
+  return form;
+}
+
+async function submitJob(event) {
+  event.preventDefault();
+  const form = event.target;
+  const value = (name) => form.elements[name].value.trim();
+  const number = (name) => (value(name) === "" ? undefined : Number(value(name)));
+  const body = {
+    model: value("model"),
+    budget: { max_drop: number("max_drop"), min_drop: number("min_drop"), mode: value("mode") },
+    ordering: value("ordering"), interlayer: value("interlayer"),
+  };
+  for (const name of ["batch_size", "seq_len", "calibration_samples", "eval_samples", "hutchinson_samples", "priority"]) body[name] = number(name);
+  form.querySelectorAll(".field-error").forEach((e) => { e.textContent = ""; });
+  document.getElementById("form-error").textContent = "";
+  const response = await api("/v1/jobs", { method: "POST", body: JSON.stringify(body) });
+  if (response.ok) { refreshList(); return; }
+  const detail = (await response.json()).detail;
+  const problems = Array.isArray(detail) ? detail : [{ loc: ["body", "model"], msg: detail }];
+  for (const problem of problems) {
+    const name = [...problem.loc].reverse().find((part) => form.querySelector(`.field-error[data-for="${part}"]`));
+    const target = name ? form.querySelector(`.field-error[data-for="${name}"]`) : document.getElementById("form-error");
+    target.textContent = problem.msg.replace(/^Value error, /, "");
+  }
+}
+
+// ---- job detail ----
+async function renderJob(id) {
+  const response = await api(`/v1/jobs/${id}`);
+  if (!response.ok) { show(el("p", {}, (await response.json()).detail), el("a", { href: "#/" }, "Back to jobs")); return; }
+  const job = await response.json();
+  const report = job.status === "succeeded" ? await (await api(`/v1/jobs/${id}/report`)).json() : null;
+  destroyCharts();
+  show(
+    el("p", {}, el("a", { href: "#/" }, "← all jobs")),
+    el("h1", {}, `${job.model} `, el("span", { class: `status ${job.status}`, id: "job-status" }, job.status)),
+    el("div", { class: "panel" },
+      el("div", {}, progressBar(job), el("span", { class: "muted" }, `  ${job.message || ""}`)),
+      el("h2", {}, "Phases"), timeline(job.phases),
+      el("div", { class: "actions" },
+        FINISHED.includes(job.status) ? null : el("button", { class: "danger", id: "cancel-job", onclick: () => cancelJob(id) }, "Cancel job"),
+        report ? el("button", { class: "secondary", onclick: () => download(`/v1/jobs/${id}/report`, `mixq-report-${id}.json`) }, "Download report") : null,
+        report ? el("button", { class: "secondary", onclick: () => download(`/v1/jobs/${id}/artifact`, `mixq-${id}.zip`) }, "Download artifact") : null)),
+    job.status === "failed" ? el("div", { class: "panel error-panel", role: "alert", id: "error-panel" }, el("h2", { style: "margin-top:0" }, "Job failed"), el("p", {}, job.error || "no reason recorded")) : null,
+    report ? summary(report) : null,
+    report ? el("div", { class: "charts" },
+      el("div", { class: "panel" }, el("h2", { style: "margin-top:0" }, "Search: metric at each evaluated k"), el("div", { class: "chart-box" }, el("canvas", { id: "search-chart", role: "img", "aria-label": "metric versus number of int8 layers for every evaluated point" }))),
+      el("div", { class: "panel" }, el("h2", { style: "margin-top:0" }, "Sensitivity per layer (network order)"), el("div", { class: "chart-box" }, el("canvas", { id: "layer-chart", role: "img", "aria-label": "sensitivity score per layer split into Hessian and inter-layer parts, coloured by precision" })))) : null,
+    report ? layerTable(report) : null);
+  if (report) { searchChart(report); layerChart(report); }
+  if (!FINISHED.includes(job.status)) refreshTimer = setTimeout(() => renderJob(id), 2000);
+}
+
+function timeline(phases) {
+  const entries = Object.entries(phases || {});
+  const total = entries.reduce((sum, [, s]) => sum + s, 0) || 1;
+  if (!entries.length) return el("p", { class: "muted" }, "No phase finished yet.");
+  return el("div", { class: "timeline", id: "timeline" }, ...entries.map(([name, seconds]) =>
+    el("div", { style: `width:${Math.max(4, (seconds / total) * 100)}%;background:${PHASE_COLOURS[name] || "#888"}`, title: `${name}: ${seconds.toFixed(1)} s` }, `${name} ${seconds.toFixed(1)}s`)));
+}
+
+function summary(report) {
+  const card = (label, value, sub) => el("div", { class: "card" }, el("div", { class: "label" }, label), el("div", { class: "value" }, value), el("div", { class: "sub" }, sub));
+  const b = report.baseline, f = report.final;
+  return el("div", { class: "cards", id: "summary" },
+    card(`Metric (${report.metric.name})`, `${num(b.metric)} → ${num(f.metric)}`, `drop ${num(f.drop)} of budget ${report.budget.max_drop}`),
+    card("Latency median", `${b.latency_ms.median.toFixed(2)} → ${f.latency_ms.median.toFixed(2)} ms`, `p90 ${b.latency_ms.p90.toFixed(2)} → ${f.latency_ms.p90.toFixed(2)} ms`),
+    card("Latency reduction", pct(report.latency_reduction), report.message),
+    card("Size", `${(b.size_bytes / 1e6).toFixed(1)} → ${(f.size_bytes / 1e6).toFixed(1)} MB`, `${f.k}/${report.layers.length} layers ${report.backend.low_precision}`),
+    card("Search", `${report.search.evaluations} evaluations`, `max ${report.search.max_evaluations}, ordering ${report.search.ordering}`));
+}
+
+function searchChart(report) {
+  const steps = report.search.steps;
+  const base = report.baseline.metric;
+  const limit = report.budget.relative ? base * (1 - report.budget.max_drop) : base - report.budget.max_drop;
+  const ks = steps.map((s) => s.k);
+  const span = [0, Math.max(...ks, report.layers.length)];
+  const values = [base, limit, ...steps.map((s) => s.metric)];
+  const margin = (Math.max(...values) - Math.min(...values)) * 0.15 || 0.01;
+  // chosen point: gold diamond; within budget: green; over budget: red
+  const colours = steps.map((s) => (s.chosen ? "#f0b429" : s.accepted ? "#1a8f4c" : "#c33b3b"));
+  charts.search = new Chart(document.getElementById("search-chart"), {
+    type: "scatter",
+    data: { datasets: [
+      { label: "evaluated point", data: steps.map((s) => ({ x: s.k, y: s.metric, latency: s.latency_ms, accepted: s.accepted })),
+        pointRadius: steps.map((s) => (s.chosen ? 10 : 6)), pointStyle: steps.map((s) => (s.chosen ? "rectRot" : "circle")),
+        backgroundColor: colours, borderColor: colours, borderWidth: 2 },
+      { label: "baseline", type: "line", data: span.map((x) => ({ x, y: base })), borderColor: "#5b6478", borderDash: [4, 4], pointRadius: 0 },
+      { label: "budget limit", type: "line", data: span.map((x) => ({ x, y: limit })), borderColor: "#c33b3b", pointRadius: 0 },
+    ] },
+    options: { maintainAspectRatio: false, animation: false,
+      scales: { x: { title: { display: true, text: "k: layers in low precision" }, min: 0, max: span[1] + 1 },
+                y: { title: { display: true, text: report.metric.name }, min: Math.min(...values) - margin, max: Math.max(...values) + margin } },
+      plugins: { tooltip: { callbacks: { label: (c) => c.dataset.label === "evaluated point"
+        ? `k=${c.raw.x}: ${c.raw.y.toFixed(4)}${c.raw.latency ? `, ${c.raw.latency.toFixed(2)} ms` : ""}${c.raw.accepted ? "" : " (over budget)"}` : c.dataset.label } } } },
+  });
+}
+
+function layerChart(report) {
+  const layers = report.layers;
+  const int8 = (l) => l.precision !== report.baseline.precision;
+  charts.layers = new Chart(document.getElementById("layer-chart"), {
+    type: "bar",
+    data: { labels: layers.map((l, i) => String(i)), datasets: [
+      { label: "Hessian part", data: layers.map((l) => l.hessian_part ?? 0), stack: "score",
+        backgroundColor: layers.map((l) => (int8(l) ? "#2f6fde" : "#8a93a6")) },
+      { label: "inter-layer part", data: layers.map((l) => l.interlayer_part ?? 0), stack: "score",
+        backgroundColor: layers.map((l) => (int8(l) ? "#9dbdf3" : "#cfd4de")) },
+    ] },
+    options: { maintainAspectRatio: false, animation: false,
+      scales: { x: { stacked: true, title: { display: true, text: "layer (network order)" } },
+                y: { stacked: true, title: { display: true, text: "score (share)" } } },
+      plugins: { legend: { labels: { generateLabels: () => [
+        { text: "int8: Hessian / inter-layer", fillStyle: "#2f6fde" }, { text: "", fillStyle: "#9dbdf3" },
+        { text: `${report.baseline.precision}: Hessian / inter-layer`, fillStyle: "#8a93a6" }, { text: "", fillStyle: "#cfd4de" }] } },
+        tooltip: { callbacks: { title: (items) => layers[items[0].dataIndex].name.replace(/^model\./, ""), afterLabel: (c) => `precision ${layers[c.dataIndex].precision}, rank ${layers[c.dataIndex].rank}` } } } },
+  });
+}
+
+const LAYER_COLUMNS = [["name", "Layer"], ["kind", "Kind"], ["params", "Params"], ["hessian_trace", "Tr(H)"], ["trace_stderr", "± stderr"],
+                       ["interlayer", "Inter-layer"], ["score", "Score"], ["rank", "Rank"], ["precision", "Precision"]];
+
+function layerTable(report) {
+  let rows = report.layers.map((l, i) => ({ ...l, position: i }));
+  let sortKey = "position", ascending = true;
+  const body = el("tbody", {});
+  const fill = () => {
+    rows.sort((a, b) => { const x = a[sortKey] ?? -Infinity, y = b[sortKey] ?? -Infinity; return (x > y ? 1 : x < y ? -1 : 0) * (ascending ? 1 : -1); });
+    body.replaceChildren(...rows.map((l) => el("tr", {}, ...LAYER_COLUMNS.map(([key]) =>
+      el("td", {}, typeof l[key] === "number" && !Number.isInteger(l[key]) ? Number(l[key]).toPrecision(3) : String(l[key] ?? "–"))))));
+  };
+  const header = el("tr", {}, ...LAYER_COLUMNS.map(([key, label]) => {
+    const sort = () => { ascending = sortKey === key ? !ascending : true; sortKey = key; fill();
+      header.querySelectorAll("th").forEach((th) => th.setAttribute("aria-sort", th.dataset.key === key ? (ascending ? "ascending" : "descending") : "none")); };
+    return el("th", { scope: "col", class: "sortable", tabindex: 0, "data-key": key, "aria-sort": "none", onclick: sort, onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sort(); } } }, label);
+  }));
+  fill();
+  return el("div", { class: "panel" }, el("h2", { style: "margin-top:0" }, "Layers (click a column to sort)"),
+    el("div", { class: "table-wrap" }, el("table", { id: "layer-table" }, el("thead", {}, header), body)));
+}
+
+async function cancelJob(id) {
+  const response = await api(`/v1/jobs/${id}/cancel`, { method: "POST" });
+  if (!response.ok) alert((await response.json()).detail);
+  stopRefresh();
+  renderJob(id);
+}
+
+// ---- routing ----
+function route() {
+  stopRefresh();
+  destroyCharts();
+  const match = location.hash.match(/^#\/jobs\/([\w-]+)/);
+  (match ? renderJob(match[1]) : renderHome()).catch((error) => { show(el("p", { role: "alert" }, `Error: ${error.message}`)); });
+}
+
+document.getElementById("api-key").value = apiKey();
+document.getElementById("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem("mixq-key", document.getElementById("api-key").value.trim());
+  route();
+});
+window.addEventListener("hashchange", route);
+route();

@@ -1,0 +1,135 @@
+"""The dashboard in a real browser (Debian's headless Chromium, driven by Playwright) against `mixq serve`.
+
+Saves the README's screenshots under docs/screenshots/.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "docs" / "screenshots"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: .ci/run must install it")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = tmp_path_factory.mktemp("dashboard")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIXQ_") or k == "MIXQ_CACHE_DIR"}
+    env.update(MIXQ_DATA_DIR=str(data), MIXQ_HEARTBEAT_SECONDS="0.5")
+    log = open(data / "serve.log", "wb")
+    process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env, cwd=ROOT,
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        pytest.fail("mixq serve did not start: " + (data / "serve.log").read_text()[-2000:])
+    yield url
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=40)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server)
+        yield page
+        browser.close()
+
+
+def submit(page, model: str, **advanced):
+    page.fill("#f-model", model)
+    if advanced:
+        page.click("details summary")
+        for name, value in advanced.items():
+            page.fill(f"#f-{name}", str(value))
+    page.click("#new-job button[type=submit]")
+
+
+def test_submit_watch_and_inspect_a_job(page, server):
+    submit(page, "builtin:digits-resnet", calibration_samples=32, eval_samples=64, hutchinson_samples=2)
+    row = page.wait_for_selector('tr.job-row[data-status="succeeded"]', timeout=300_000)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "jobs.png"), full_page=True)
+    job_id = row.get_attribute("data-job")
+    row.click()
+    page.wait_for_selector("#layer-chart")
+    page.wait_for_function("() => window.Chart && Chart.getChart('layer-chart') && Chart.getChart('search-chart')")
+    report = httpx.get(f"{server}/v1/jobs/{job_id}/report").json()
+    points = page.evaluate("() => Chart.getChart('search-chart').data.datasets[0].data.length")
+    bars = page.evaluate("() => Chart.getChart('layer-chart').data.datasets.map(d => d.data.length)")
+    assert points == len(report["search"]["steps"]) >= 1
+    assert bars == [len(report["layers"])] * 2 == [13, 13]  # one mark per layer, Hessian and inter-layer parts
+    assert page.locator("#layer-table tbody tr").count() == 13
+    assert page.locator("#timeline div").count() == 6
+    assert "Latency reduction" in page.inner_text("#summary")
+    page.click('#layer-table th[data-key="rank"]')  # sortable: by rank, ascending
+    first_rank = page.inner_text("#layer-table tbody tr:first-child td:nth-child(8)")
+    assert first_rank == "0"
+    page.screenshot(path=str(SHOTS / "job-detail.png"), full_page=True)
+    with page.expect_download() as download:
+        page.click("text=Download report")
+    assert json.loads(Path(download.value.path()).read_text())["source"] == "builtin:digits-resnet"
+
+
+def test_bad_budget_shows_the_api_message_next_to_the_field(page, server):
+    page.goto(server)
+    page.fill("#f-max_drop", "1.5")
+    submit(page, "builtin:minilm")
+    page.wait_for_function("() => document.getElementById('f-max_drop-error').textContent.length > 0")
+    assert "less than 1" in page.inner_text("#f-max_drop-error")
+    page.fill("#f-max_drop", "0.01")
+    page.fill("#f-model", "hf:../../etc/passwd")
+    page.click("#new-job button[type=submit]")
+    page.wait_for_function("() => document.getElementById('f-model-error').textContent.length > 0")
+    assert "invalid Hugging Face model ID" in page.inner_text("#f-model-error")
+
+
+def test_cancel_from_the_detail_page(page, server):
+    page.goto(server)
+    page.fill("#f-max_drop", "0.01")
+    submit(page, "builtin:minilm")
+    row = page.wait_for_selector('tr.job-row[data-status="queued"], tr.job-row[data-status="running"]')
+    row.click()
+    page.click("#cancel-job")
+    page.wait_for_function("() => document.getElementById('job-status').textContent === 'cancelled'",
+                           timeout=120_000)
+
+
+def test_phone_width_has_no_horizontal_scroll(page, server):
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto(server)
+    page.wait_for_selector("tr.job-row")
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 391
+    page.screenshot(path=str(SHOTS / "jobs-phone.png"), full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 900})
