@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from app.api.routes import health, jobs, models
+from app.api.routes import health, jobs, models, registry
 from app.settings import get_settings
 
 STATIC = Path(__file__).parent / "static"
@@ -52,6 +52,7 @@ def create_app(auth_disabled: bool | None = None) -> FastAPI:
     app.state.auth_disabled = settings.auth_disabled if auth_disabled is None else auth_disabled
     app.include_router(jobs.router)
     app.include_router(models.router)
+    app.include_router(registry.router)
     app.include_router(health.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

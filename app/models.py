@@ -51,6 +51,12 @@ class Job(Base):
     model: Mapped[str] = mapped_column(String(300), index=True)
     request: Mapped[dict] = mapped_column(JSONType)  # the validated job request, as submitted
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    registry_entry_id: Mapped[str | None] = mapped_column(ForeignKey("registry_entries.id", ondelete="SET NULL"),
+                                                         index=True)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    revision: Mapped[str | None] = mapped_column(String(200))  # resolved when the job starts
+    # Same model revision, data and sensitivity options -> same analysis: the warm-start lookup key.
+    sensitivity_key: Mapped[str | None] = mapped_column(String(64), index=True)
     priority: Mapped[int] = mapped_column(Integer, default=5)
 
     status: Mapped[str] = mapped_column(String(16), index=True, default=QUEUED)
@@ -123,3 +129,37 @@ class Artifact(Base):
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
+
+
+class RegistryEntry(Base):
+    """A model watched for new revisions and re-compressed on a schedule."""
+
+    __tablename__ = "registry_entries"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=lambda: str(uuid.uuid4()))
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    model: Mapped[str] = mapped_column(String(300))
+    request: Mapped[dict] = mapped_column(JSONType)  # the job request each firing submits
+    schedule: Mapped[dict] = mapped_column(JSONType)  # {"cron": "0 3 * * *"} or {"interval_seconds": 3600}
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    next_run_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    regression_threshold: Mapped[float] = mapped_column(Float, default=0.01)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    runs: Mapped[list["RegistryRun"]] = relationship(cascade="all, delete-orphan", order_by="RegistryRun.id")
+
+
+class RegistryRun(Base):
+    """One firing of a registry entry: a job enqueued, or a skip with its reason."""
+
+    __tablename__ = "registry_runs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    entry_id: Mapped[str] = mapped_column(ForeignKey("registry_entries.id", ondelete="CASCADE"), index=True)
+    fired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    trigger: Mapped[str] = mapped_column(String(16))  # schedule | manual
+    revision: Mapped[str | None] = mapped_column(String(200))
+    options_hash: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(16))  # enqueued | skipped | error
+    reason: Mapped[str | None] = mapped_column(Text)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    job: Mapped[Job | None] = relationship()

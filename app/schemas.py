@@ -49,6 +49,7 @@ class JobCreate(Strict):
     precisions: list[Literal["int8", "fp8"]] = Field(default_factory=lambda: ["int8"], min_length=1)
     priority: int = Field(5, ge=0, le=9)
     data: DataIn | None = None
+    webhook_url: str | None = Field(None, max_length=2000, description="notified (HMAC-signed) when the job ends")
 
     @model_validator(mode="before")
     @classmethod
@@ -64,6 +65,13 @@ class JobCreate(Strict):
             return str(parse_source(value))
         except InputError as exc:
             raise ValueError(str(exc)) from None
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _allowed_webhook(cls, value: str | None) -> str | None:
+        from app.webhooks import check_target
+
+        return None if value is None else check_target(value)
 
     @field_validator("precisions")
     @classmethod
@@ -126,3 +134,86 @@ class StepOut(BaseModel):
     latency_ms: float | None
     accepted: bool
     chosen: bool
+
+
+class ScheduleIn(Strict):
+    cron: str | None = Field(None, description="5-field cron expression, UTC", max_length=100)
+    interval_seconds: int | None = Field(None, ge=10, le=366 * 86400)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ScheduleIn":
+        from croniter import croniter
+
+        if (self.cron is None) == (self.interval_seconds is None):
+            raise ValueError("give exactly one of cron or interval_seconds")
+        if self.cron is not None and not croniter.is_valid(self.cron):
+            raise ValueError(f"invalid cron expression {self.cron!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return {"cron": self.cron} if self.cron else {"interval_seconds": self.interval_seconds}
+
+
+class RegistryCreate(JobCreate):
+    """A job request plus when to re-run it and when to raise a regression."""
+
+    schedule: ScheduleIn
+    regression_threshold: float = Field(0.01, gt=0, lt=1, description="reduction or relative metric drop that flags")
+    paused: bool = False
+
+    def job_request(self) -> dict:
+        return self.model_dump(mode="json", exclude={"schedule", "regression_threshold", "paused", "webhook_url"})
+
+
+class RegistryPatch(Strict):
+    budget: BudgetIn | None = None
+    ordering: Literal["augmented", "hessian", "random"] | None = None
+    interlayer: Literal["conditional", "pairwise"] | None = None
+    batch_size: int | None = Field(None, ge=1, le=512)
+    seq_len: int | None = Field(None, ge=1, le=8192)
+    calibration_samples: int | None = Field(None, ge=1, le=100_000)
+    eval_samples: int | None = Field(None, ge=1, le=100_000)
+    hutchinson_samples: int | None = Field(None, ge=2, le=1000)
+    priority: int | None = Field(None, ge=0, le=9)
+    schedule: ScheduleIn | None = None
+    regression_threshold: float | None = Field(None, gt=0, lt=1)
+    webhook_url: str | None = Field(None, max_length=2000)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _allowed_webhook(cls, value: str | None) -> str | None:
+        from app.webhooks import check_target
+
+        return None if value is None else check_target(value)
+
+
+class RegistryOut(BaseModel):
+    id: str
+    model: str
+    request: dict
+    schedule: dict
+    paused: bool
+    next_run_at: datetime
+    webhook_url: str | None
+    regression_threshold: float
+    last_revision: str | None
+    last_run_at: datetime | None
+    created_at: datetime
+    links: dict[str, str]
+
+
+class RunOut(BaseModel):
+    run_id: int
+    fired_at: datetime
+    trigger: str
+    revision: str | None
+    outcome: str
+    reason: str | None
+    job_id: str | None
+    job_status: str | None
+    final_metric: float | None
+    latency_ms: float | None
+    latency_reduction: float | None
+    delta_metric: float | None
+    delta_reduction: float | None
+    regression: bool

@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     auth_disabled: bool = False  # honoured only when the server binds to a loopback address
     max_body_bytes: int = 64 * 1024
 
+    # Webhooks: targets must match the operator's allow-list (comma-separated host or host:port);
+    # payloads are signed with HMAC-SHA256 of this secret.
+    webhook_allowlist: str = ""
+    webhook_secret: str | None = None
+    scheduler_tick_seconds: float = 15.0
+
     @model_validator(mode="after")
     def _defaults_under_data_dir(self) -> "Settings":
         self.database_url = self.database_url or f"sqlite:///{self.data_dir / 'mixq.db'}"

@@ -133,3 +133,20 @@ def test_phone_width_has_no_horizontal_scroll(page, server):
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 391
     page.screenshot(path=str(SHOTS / "jobs-phone.png"), full_page=True)
     page.set_viewport_size({"width": 1280, "height": 900})
+
+
+def test_registry_page_lists_entries_with_history(page, server):
+    entry = httpx.post(f"{server}/v1/registry", json={
+        "model": "builtin:digits-resnet", "budget": {"max_drop": 0.01}, "schedule": {"cron": "0 3 * * *"},
+        "calibration_samples": 32, "eval_samples": 64, "hutchinson_samples": 2}).json()
+    httpx.post(f"{server}/v1/registry/{entry['id']}/run")
+    deadline = time.time() + 300
+    while httpx.get(f"{server}/v1/registry/{entry['id']}/history").json()[0]["job_status"] != "succeeded":
+        assert time.time() < deadline
+        time.sleep(1)
+    page.goto(f"{server}/#/registry")
+    row = page.wait_for_selector(f'tr[data-entry="{entry["id"]}"]')
+    assert "cron 0 3 * * *" in row.inner_text() and "digits-resnet-v1" in row.inner_text()
+    page.wait_for_function(f"() => Chart.getChart('spark-{entry['id']}')")
+    assert page.evaluate(f"() => Chart.getChart('spark-{entry['id']}').data.datasets[0].data.length") == 1
+    page.screenshot(path=str(SHOTS / "registry.png"), full_page=True)

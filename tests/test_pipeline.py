@@ -51,3 +51,14 @@ def test_progress_callback_can_cancel_at_a_step_boundary(cache_dir):
 
     with pytest.raises(Cancelled):
         compress("builtin:digits-resnet", options(cache_dir), progress=cancel_in_search)
+
+
+def test_warm_start_reuses_the_stored_analysis(cache_dir):
+    from worker.engine.sensitivity import Sensitivity
+
+    first = compress("builtin:digits-resnet", options(cache_dir))
+    warm = compress("builtin:digits-resnet", options(cache_dir, budget=Budget(0.02),
+                                                     reuse_sensitivity=Sensitivity.from_report(first)))
+    assert warm["search"]["method"]["reused"] is True
+    assert [l["rank"] for l in warm["layers"]] == [l["rank"] for l in first["layers"]]
+    assert warm["phases"]["sensitivity"] < first["phases"]["sensitivity"] / 5

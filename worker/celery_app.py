@@ -30,7 +30,9 @@ def make_celery() -> Celery:
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        beat_schedule={"requeue-stale-jobs": {"task": "mixq.requeue_stale", "schedule": 30.0}},
+        # Static entries only drive database-backed work: registry schedules live in registry_entries.
+        beat_schedule={"requeue-stale-jobs": {"task": "mixq.requeue_stale", "schedule": 30.0},
+                       "registry-tick": {"task": "mixq.registry_tick", "schedule": settings.scheduler_tick_seconds}},
     )
     return app
 

@@ -11,6 +11,7 @@ Exactly-once results without trusting the broker:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import threading
@@ -22,12 +23,15 @@ from pathlib import Path
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import delete, or_, select, update
 
+from app import registry
 from app.db import session_scope
 from app.models import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Artifact, Job, LayerResult, SearchStep, utcnow
 from app.settings import Settings, get_settings
 from worker.engine import (Budget, Cancelled, CompressOptions, DataOptions, InputError, LatencyOptions,
                            SensitivityOptions, compress)
 from worker.engine.pipeline import Progress
+from worker.engine.sensitivity import Sensitivity
+from worker.engine.sources import parse_source, resolve_revision
 
 log = logging.getLogger("mixq.runner")
 
@@ -54,6 +58,34 @@ def options_for(request: dict, settings: Settings, out_dir: Path) -> CompressOpt
         cache_dir=settings.cache_dir,
         out_dir=out_dir,
     )
+
+
+# The request fields the sensitivity analysis depends on (the budget is not one of them).
+SENSITIVITY_FIELDS = ("ordering", "interlayer", "hutchinson_samples", "calibration_samples", "batch_size", "seq_len",
+                      "data")
+
+
+def sensitivity_key(request: dict, revision: str) -> str:
+    identity = [request["model"], revision, {k: request.get(k) for k in SENSITIVITY_FIELDS}]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def warm_start(job_id: str, request: dict, settings: Settings) -> tuple[Sensitivity | None, Job | None]:
+    """Record the job's revision and find an earlier analysis of the same revision and data to reuse."""
+    try:
+        revision = resolve_revision(parse_source(request["model"]), settings.model_root)
+    except InputError:
+        return None, None  # the pipeline reports the real problem when it loads the model
+    key = sensitivity_key(request, revision)
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        job.revision, job.sensitivity_key = revision, key
+        donor = session.scalar(select(Job).where(Job.sensitivity_key == key, Job.status == SUCCEEDED,
+                                                 Job.tenant_id == job.tenant_id, Job.id != job_id)
+                               .order_by(Job.finished_at.desc()))
+        if donor is None or donor.request.get("ordering") == "random":
+            return None, None
+        return Sensitivity.from_report(donor.report), donor
 
 
 def claim(job_id: str, worker: str, settings: Settings) -> Job | None:
@@ -132,8 +164,13 @@ def run(job_id: str, worker: str, settings: Settings | None = None) -> str | Non
     heartbeat = Heartbeat(job_id, worker, settings.heartbeat_seconds)
     heartbeat.start()
     try:
-        report = compress(job.model, options_for(job.request, settings, out_dir),
-                          progress=ProgressWriter(job_id, worker, heartbeat))
+        reused, donor = warm_start(job_id, job.request, settings)
+        options = options_for(job.request, settings, out_dir)
+        options.reuse_sensitivity = reused
+        report = compress(job.model, options, progress=ProgressWriter(job_id, worker, heartbeat))
+        if donor is not None and report["search"]["method"].get("reused"):
+            report["warm_start"] = {"reused_from_job": donor.id, "saved_seconds": round(
+                donor.phases.get("sensitivity", 0.0) - report["phases"]["sensitivity"], 3)}
     except Cancelled as exc:
         return _finish(job_id, worker, CANCELLED, message=str(exc))
     except InputError as exc:
@@ -149,8 +186,16 @@ def run(job_id: str, worker: str, settings: Settings | None = None) -> str | Non
 
 
 def _finish(job_id: str, worker: str, status: str, message: str | None = None, error: str | None = None) -> str:
-    _update_if_mine(job_id, worker, status=status, finished_at=utcnow(), message=message or status, error=error)
+    if _update_if_mine(job_id, worker, status=status, finished_at=utcnow(), message=message or status, error=error):
+        _notify(job_id)
     return status
+
+
+def _notify(job_id: str) -> None:
+    try:
+        registry.after_job(job_id)
+    except Exception:  # a notification problem never changes the job's outcome
+        log.exception("notifications for job %s failed", job_id)
 
 
 def _bundle(out_dir: Path) -> Path:
@@ -194,6 +239,7 @@ def store_results(job_id: str, worker: str, report: dict, out_dir: Path) -> str 
         job.report, job.phases, job.result_status = report, report["phases"], report["status"]
         job.baseline_metric, job.final_metric = report["baseline"]["metric"], report["final"]["metric"]
         job.latency_reduction = report["latency_reduction"]
+    _notify(job_id)
     return SUCCEEDED
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import httpx
 from sqlalchemy.exc import OperationalError
 
+from app import registry, webhooks
 from app.settings import get_settings
 from worker import runner
 from worker.celery_app import app
@@ -24,3 +26,14 @@ def requeue_stale() -> None:
 def enqueue(job_id: str, priority: int = 5) -> None:
     # API priority: higher runs first. Celery's (on Redis): 0 is served first.
     run_job.apply_async(args=[job_id], queue=get_settings().queue, priority=9 - priority)
+
+
+@app.task(name="mixq.deliver_webhook", autoretry_for=(httpx.HTTPError,), retry_backoff=5, retry_backoff_max=600,
+          retry_jitter=True, max_retries=8)
+def deliver_webhook(url: str, event: str, payload: dict, delivery_id: str) -> None:
+    webhooks.post(url, event, payload, delivery_id)
+
+
+@app.task(name="mixq.registry_tick")
+def registry_tick() -> None:
+    registry.tick()

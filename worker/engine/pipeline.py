@@ -56,6 +56,8 @@ class CompressOptions:
     model_root: Path | None = None
     cache_dir: Path = Path("var/cache")
     out_dir: Path | None = None
+    # Warm start: an earlier analysis of the same revision and data (see Sensitivity.from_report).
+    reuse_sensitivity: sens.Sensitivity | None = None
 
 
 class _Tracker:
@@ -161,8 +163,13 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         baseline_size = model_size_bytes(baseline)
 
     with track.phase("sensitivity"):
-        analysis = sens.analyse(adapter, evaluator, bench.candidates, options.sensitivity,
-                                progress=lambda f, m: track.report(f, m))
+        reused = options.reuse_sensitivity
+        if reused is not None and sorted(reused.ordering) == sorted(bench.candidates):
+            analysis = reused
+            track.report(1.0, "reused the stored sensitivity analysis")
+        else:
+            analysis = sens.analyse(adapter, evaluator, bench.candidates, options.sensitivity,
+                                    progress=lambda f, m: track.report(f, m))
 
     models: dict[int, torch.nn.Module] = {}
 

@@ -74,6 +74,14 @@ class Sensitivity:
     ordering: list[str]  # least sensitive first
     method: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_report(cls, report: dict) -> "Sensitivity":
+        """The analysis stored in a report, for a warm start on the same model revision and data."""
+        names = {f for f in LayerSensitivity.__dataclass_fields__}
+        layers = [LayerSensitivity(**{k: v for k, v in layer.items() if k in names}) for layer in report["layers"]]
+        ordering = [layer.name for layer in sorted(layers, key=lambda l: l.rank)]
+        return cls(layers=layers, ordering=ordering, method={**report["search"]["method"], "reused": True})
+
 
 def _normalised(values: list[float]) -> list[float]:
     total = sum(abs(v) for v in values)

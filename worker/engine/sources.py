@@ -155,3 +155,17 @@ def directory_revision(path: Path) -> str:
                 for chunk in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(chunk)
     return "sha256:" + digest.hexdigest()[:16]
+
+
+def resolve_revision(spec: ModelSpec, model_root: Path | None) -> str:
+    """The model's current revision, without loading it: what the registry compares between firings."""
+    if spec.kind == "builtin":
+        return builtins.builtin_version(spec.id)
+    if spec.kind == "local":
+        return directory_revision(resolve_under_root(spec.id, model_root, what="model"))
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().model_info(spec.id, revision=spec.revision).sha
+    except Exception as exc:  # offline, private or missing repo
+        raise InputError(f"cannot resolve the revision of {spec}: {exc}") from None

@@ -38,7 +38,7 @@ def owned_job(job_id: str, session: Session, tenant: Tenant) -> Job:
     return job
 
 
-def _check_local_paths(body: JobCreate) -> None:
+def check_local_paths(body: JobCreate) -> None:
     """Refuse, at submission, model or data paths that escape the allowed root (not later in a worker)."""
     root = get_settings().model_root
     try:
@@ -60,7 +60,7 @@ def _accepted(response: Response, job: Job) -> JobOut:
 def submit_job(body: JobCreate, response: Response, session: Session = Depends(get_session),
                tenant: Tenant = Depends(current_tenant),
                idempotency_key: str | None = Header(None, max_length=200)) -> JobOut:
-    _check_local_paths(body)
+    check_local_paths(body)
     request = body.model_dump(mode="json")
     if idempotency_key:
         existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
@@ -69,7 +69,7 @@ def submit_job(body: JobCreate, response: Response, session: Session = Depends(g
                 raise HTTPException(409, "Idempotency-Key was already used with a different request")
             return _accepted(response, existing)
     job = Job(tenant_id=tenant.id, model=body.model, request=request, idempotency_key=idempotency_key,
-              priority=body.priority, status=QUEUED, phases={}, message="queued")
+              priority=body.priority, webhook_url=body.webhook_url, status=QUEUED, phases={}, message="queued")
     session.add(job)
     try:
         session.commit()
