@@ -23,3 +23,16 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
 
 def downgrade(url: str | None = None, revision: str = "base") -> None:
     command.downgrade(alembic_config(url), revision)
+
+
+def reset(url: str) -> None:
+    """Drop every mixq table and the migration record (test and benchmark databases only)."""
+    from sqlalchemy import text
+
+    from app.db import get_engine
+    from app.models import Base
+
+    engine = get_engine(url)
+    Base.metadata.drop_all(engine)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE IF EXISTS alembic_version"))

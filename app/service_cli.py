@@ -78,17 +78,26 @@ def serve(args) -> int:
           file=sys.stderr)
     worker_process = None
     if not args.no_worker:
-        worker_process = subprocess.Popen(worker_command(beat=True), start_new_session=True)
+        worker_process = subprocess.Popen(worker_command(beat=True), preexec_fn=_die_with_parent)
     try:
         uvicorn.run(create_app(auth_disabled=auth_disabled), host=args.host, port=args.port, log_level="info")
     finally:
         if worker_process is not None:
-            os.killpg(worker_process.pid, signal.SIGTERM)
+            worker_process.terminate()
             try:
                 worker_process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(worker_process.pid, signal.SIGKILL)
+                worker_process.kill()
     return 0
+
+
+def _die_with_parent() -> None:
+    """The embedded worker gets SIGTERM when `mixq serve` dies, however it dies (uvicorn re-raises
+    SIGTERM after its own shutdown, so serve's cleanup does not always run)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _client():

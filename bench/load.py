@@ -104,12 +104,12 @@ def main() -> None:
                             args.requests, args.concurrency))
         if args.postgres_redis:
             import redis
-            from sqlalchemy import create_engine, text
+
+            sys.path.insert(0, str(ROOT))
+            from app.migrate import reset
 
             pg = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-            with create_engine(pg).begin() as connection:
-                connection.execute(text("DROP TABLE IF EXISTS layer_results, search_steps, artifacts, jobs, "
-                                        "api_keys, tenants, alembic_version CASCADE"))
+            reset(pg)
             redis.Redis.from_url("redis://127.0.0.1:6379/14").flushdb()
             runs.append(measure("PostgreSQL + Redis", {**base, "MIXQ_DATA_DIR": tmp, "MIXQ_DATABASE_URL": pg,
                                                        "MIXQ_BROKER_URL": "redis://127.0.0.1:6379/14",

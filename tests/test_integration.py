@@ -39,12 +39,11 @@ def servers():
         pytest.skip(message)
     import redis
 
+    from app.migrate import reset
+
     redis.Redis.from_url(REDIS_URL).flushdb()
-    engine = create_engine(PG_URL)
-    with engine.begin() as connection:  # a clean schema for this run
-        connection.execute(text("DROP TABLE IF EXISTS layer_results, search_steps, artifacts, jobs, api_keys, "
-                                "tenants, alembic_version CASCADE"))
-    return engine
+    reset(PG_URL)  # a clean schema for this run
+    return create_engine(PG_URL)
 
 
 def _free_port() -> int:

@@ -7,14 +7,14 @@ from worker.engine.errors import Cancelled
 
 
 def options(cache_dir, **overrides):
-    return CompressOptions(
-        budget=Budget(0.01),
-        sensitivity=SensitivityOptions(hutchinson_max_samples=4, hessian_batches=1, interlayer_batches=1),
-        data=DataOptions(calibration_samples=16, eval_samples=48, seq_len=32, batch_size=8),
-        latency=LatencyOptions(warmup=2, repeats=5),
-        cache_dir=cache_dir,
+    return CompressOptions(**{
+        "budget": Budget(0.01),
+        "sensitivity": SensitivityOptions(hutchinson_max_samples=4, hessian_batches=1, interlayer_batches=1),
+        "data": DataOptions(calibration_samples=16, eval_samples=48, seq_len=32, batch_size=8),
+        "latency": LatencyOptions(warmup=2, repeats=5),
+        "cache_dir": cache_dir,
         **overrides,
-    )
+    })
 
 
 def test_minilm_search_bisects_within_budget(cache_dir, tmp_path):

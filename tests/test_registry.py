@@ -278,9 +278,9 @@ def test_two_schedulers_on_one_postgres_enqueue_one_job_per_slot(tmp_path):
         pytest.skip("PostgreSQL/Redis not reachable")
     from sqlalchemy import create_engine, text
 
-    with create_engine(PG_URL).begin() as connection:
-        connection.execute(text("DROP TABLE IF EXISTS registry_runs, registry_entries, layer_results, search_steps, "
-                                "artifacts, jobs, api_keys, tenants, alembic_version CASCADE"))
+    from app.migrate import reset
+
+    reset(PG_URL)
     env = {**os.environ, "MIXQ_DATABASE_URL": PG_URL, "MIXQ_BROKER_URL": "redis://127.0.0.1:6379/13",
            "MIXQ_DATA_DIR": str(tmp_path), "MIXQ_QUEUE": "registry-test"}
     upgrade(PG_URL)
