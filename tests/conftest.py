@@ -56,3 +56,33 @@ def token_batch(n: int = 8, seq: int = 12, seed: int = 0) -> dict:
     mask = torch.ones(n, seq, dtype=torch.long)
     mask[: n // 2, seq // 2:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+# The service's API in-process, with authentication on: two tenants per test module.
+SMALL_JOB = {"calibration_samples": 32, "eval_samples": 64, "hutchinson_samples": 2}
+
+
+@pytest.fixture(scope="module")
+def keys(request):
+    from app.auth import create_key
+    from app.db import session_scope
+    from app.migrate import upgrade
+
+    upgrade()
+    prefix = request.module.__name__.rsplit(".", 1)[-1]
+    with session_scope() as session:
+        return {"a": create_key(session, f"{prefix}-a"), "b": create_key(session, f"{prefix}-b")}
+
+
+@pytest.fixture(scope="module")
+def client():
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(auth_disabled=False)) as test_client:
+        yield test_client
+
+
+def auth(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}

@@ -12,35 +12,17 @@ import zipfile
 import pytest
 from fastapi.testclient import TestClient
 
-from app.auth import create_key
 from app.db import session_scope
 from app.main import create_app
-from app.migrate import upgrade
 from app.models import Job, LayerResult, SearchStep
+from conftest import SMALL_JOB, auth
 from worker import runner
 
-SMALL = {"calibration_samples": 32, "eval_samples": 64, "hutchinson_samples": 2}
 
-
-@pytest.fixture(scope="module")
-def keys():
-    upgrade()
-    with session_scope() as session:
-        return {"a": create_key(session, "tenant-a"), "b": create_key(session, "tenant-b")}
-
-
-@pytest.fixture(scope="module")
-def client():
-    with TestClient(create_app(auth_disabled=False)) as test_client:
-        yield test_client
-
-
-def auth(key):
-    return {"Authorization": f"Bearer {key}"}
 
 
 def submit(client, key, **overrides):
-    body = {"model": "builtin:digits-resnet", "budget": {"max_drop": 0.01}, **SMALL, **overrides}
+    body = {"model": "builtin:digits-resnet", "budget": {"max_drop": 0.01}, **SMALL_JOB, **overrides}
     return client.post("/v1/jobs", json=body, headers=auth(key))
 
 

@@ -12,43 +12,22 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from app import registry
-from app.auth import create_key
 from app.db import session_scope
-from app.main import create_app
 from app.migrate import upgrade
 from app.models import Job, RegistryEntry, RegistryRun
 from app.settings import get_settings
-from conftest import tiny_bert
+from conftest import SMALL_JOB, auth, tiny_bert
 from worker import runner
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = {"calibration_samples": 32, "eval_samples": 64, "hutchinson_samples": 2}
-
-
-@pytest.fixture(scope="module")
-def keys():
-    upgrade()
-    with session_scope() as session:
-        return {"a": create_key(session, "registry-a"), "b": create_key(session, "registry-b")}
-
-
-@pytest.fixture(scope="module")
-def client():
-    with TestClient(create_app(auth_disabled=False)) as test_client:
-        yield test_client
-
-
-def auth(key):
-    return {"Authorization": f"Bearer {key}"}
 
 
 def register(client, key, **overrides):
     body = {"model": "builtin:digits-resnet", "budget": {"max_drop": 0.01}, "schedule": {"interval_seconds": 3600},
-            **SMALL, **overrides}
+            **SMALL_JOB, **overrides}
     response = client.post("/v1/registry", json=body, headers=auth(key))
     assert response.status_code == 201, response.text
     return response.json()

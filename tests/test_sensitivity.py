@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from conftest import tiny_bert, token_batch
 from worker.engine.adapters import FEATURE_EXTRACTION, adapt, quantizable_layers
