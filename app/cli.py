@@ -111,7 +111,7 @@ def _options(args):
         device=args.device or settings.device,
         threads=args.threads or settings.threads,
         model_root=settings.model_root,
-        cache_dir=settings.resolved_cache_dir,
+        cache_dir=settings.cache_dir,
         out_dir=args.out,
     )
 

@@ -52,10 +52,6 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def resolved_cache_dir(self) -> Path:
-        return self.cache_dir
-
-    @property
     def embedded_broker(self) -> bool:
         return self.broker_url.startswith("sqla+")
 

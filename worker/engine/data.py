@@ -47,9 +47,6 @@ class Dataset:
     synthetic: bool = False
     sizes: dict = field(default_factory=dict)
 
-    def example(self) -> Batch:
-        return {k: v for k, v in self.calibration[0].items() if k != "labels"}
-
 
 def split_batches(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None, options: DataOptions,
                   description: str, synthetic: bool = False) -> Dataset:

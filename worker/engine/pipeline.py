@@ -130,8 +130,7 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
         raise InputError("device cuda requested but no GPU is available")
     loaded = load_model(spec, options.data, options.model_root, options.cache_dir)
     baseline_precision = "fp32" if options.device == "cpu" else "fp16"
-    adapter = float_model(adapt(loaded.model, loaded.task),
-                          Plan(layers={}, baseline_precision=baseline_precision, device=options.device))
+    adapter = float_model(adapt(loaded.model, loaded.task), baseline_precision, options.device)
     data = _to_device(loaded.data, options.device, next(adapter.parameters()).dtype)
     evaluator = Evaluator(adapter, data, loaded.task)
     calibration = [evaluator.inputs(b) for b in data.calibration]

@@ -137,10 +137,12 @@ def _torchao_quantize(adapter: nn.Module, low_layers: list[str], backend: str, d
     return model
 
 
-def float_model(adapter: nn.Module, plan: Plan) -> nn.Module:
-    """The baseline the plan is compared against: fp32 on CPU, 16-bit on GPU."""
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[plan.baseline_precision]
-    return adapter.to(device=plan.device, dtype=dtype).eval()
+FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def float_model(adapter: nn.Module, precision: str, device: str) -> nn.Module:
+    """The model in the baseline precision plans are compared against: fp32 on CPU, 16-bit on GPU."""
+    return adapter.to(device=device, dtype=FLOAT_DTYPES[precision]).eval()
 
 
 def apply_plan(adapter: ModelAdapter, plan: Plan, calibration: list[tuple[torch.Tensor, ...]]) -> nn.Module:
@@ -156,8 +158,7 @@ def apply_plan(adapter: ModelAdapter, plan: Plan, calibration: list[tuple[torch.
     if plan.backend == DYNAMIC:
         return _dynamic_quantize(adapter, low)
     if plan.backend in (TORCHAO_INT8, TORCHAO_FP8):
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(plan.baseline_precision, torch.float32)
-        return _torchao_quantize(adapter, low, plan.backend, plan.device, dtype)
+        return _torchao_quantize(adapter, low, plan.backend, plan.device, FLOAT_DTYPES[plan.baseline_precision])
     raise ValueError(f"unknown quantization backend {plan.backend!r}")
 
 

@@ -63,10 +63,6 @@ class SearchResult:
     def evaluations(self) -> int:
         return len(self.steps)
 
-    @property
-    def accepted(self) -> list[Step]:
-        return [s for s in self.steps if s.accepted]
-
 
 def max_evaluations(num_layers: int) -> int:
     return math.ceil(math.log2(num_layers + 1)) + 2
