@@ -46,10 +46,12 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(auth_disabled: bool | None = None) -> FastAPI:
+def create_app(auth_disabled: bool = False) -> FastAPI:
+    """The app requires API keys unless told otherwise by `mixq serve`, the one caller that knows the
+    address it binds to; the uvicorn factory used in production always gets keys."""
     settings = get_settings()
     app = FastAPI(title="mixq", version="1", description="Fastest mixed-precision model within an accuracy budget")
-    app.state.auth_disabled = settings.auth_disabled if auth_disabled is None else auth_disabled
+    app.state.auth_disabled = auth_disabled
     app.include_router(jobs.router)
     app.include_router(models.router)
     app.include_router(registry.router)

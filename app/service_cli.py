@@ -68,7 +68,7 @@ def serve(args) -> int:
         print(f"mixq: error: MIXQ_AUTH_DISABLED is only allowed on a loopback address, not {args.host}",
               file=sys.stderr)
         return 2
-    auth_disabled = loopback and (settings.auth_disabled or embedded)
+    auth_disabled = loopback and (embedded if settings.auth_disabled is None else settings.auth_disabled)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade()
     if auth_disabled:

@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     # API
     api_url: str = "http://127.0.0.1:8000"  # for the CLI client
     api_key: str | None = None  # for the CLI client
-    auth_disabled: bool = False  # honoured only when the server binds to a loopback address
+    # Only `mixq serve` on a loopback address reads this; unset, the embedded default runs without auth.
+    auth_disabled: bool | None = None
     max_body_bytes: int = 64 * 1024
 
     # Webhooks: targets must match the operator's allow-list (comma-separated host or host:port);

@@ -150,3 +150,44 @@ def test_registry_page_lists_entries_with_history(page, server):
     page.wait_for_function(f"() => Chart.getChart('spark-{entry['id']}')")
     assert page.evaluate(f"() => Chart.getChart('spark-{entry['id']}').data.datasets[0].data.length") == 1
     page.screenshot(path=str(SHOTS / "registry.png"), full_page=True)
+
+
+def test_api_key_entered_once_unlocks_the_dashboard(page, tmp_path):
+    """With authentication on, the page asks for a key, keeps it for the session, and shows the tenant's jobs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIXQ_")}
+    env["MIXQ_DATA_DIR"] = str(tmp_path)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "app.cli", *a], env=env, cwd=ROOT, check=True,  # noqa: E731
+                                    capture_output=True, text=True).stdout.strip()
+    run("db", "upgrade")
+    key = run("keys", "create", "--tenant", "browser")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1",
+                            "--port", str(port)], env=env, cwd=ROOT, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                httpx.get(f"{url}/healthz")
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        job = httpx.post(f"{url}/v1/jobs", json={"model": "builtin:minilm", "budget": {"max_drop": 0.01}},
+                         headers={"Authorization": f"Bearer {key}"}).json()
+        context = page.context.browser.new_context()  # a fresh browser session: no key stored yet
+        fresh = context.new_page()
+        fresh.goto(url)
+        fresh.wait_for_selector("#banner:not([hidden])")
+        assert "needs an API key" in fresh.inner_text("#banner")
+        fresh.fill("#api-key", key)
+        fresh.click("#key-form button")
+        fresh.wait_for_selector(f'tr.job-row[data-job="{job["id"]}"]')
+        assert fresh.is_hidden("#banner")
+        fresh.reload()  # kept for the browser session
+        fresh.wait_for_selector(f'tr.job-row[data-job="{job["id"]}"]')
+        context.close()
+    finally:
+        os.killpg(api.pid, signal.SIGTERM)
+        api.wait(timeout=30)

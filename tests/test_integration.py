@@ -174,3 +174,21 @@ def test_worker_killed_mid_job_finishes_exactly_once(stack, servers):
     assert rows["attempts"] == 2
     assert rows["layers"] == len(layers) == 37 and len({l["name"] for l in layers}) == 37
     assert rows["steps"] == len(report["search"]["steps"]) and rows["artifacts"] == 1
+
+
+def test_cli_client_submits_and_waits(stack):
+    """`mixq submit --wait` against the running service (the rescuer worker from the fault test serves it)."""
+    result = subprocess.run([sys.executable, "-m", "app.cli", "submit", "builtin:digits-resnet", "--budget", "0.01",
+                             "--wait"], env={**stack.env, "MIXQ_API_URL": stack.url, "MIXQ_API_KEY": stack.key},
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    job_id, outcome = result.stdout.strip().splitlines()[0], result.stdout.strip().splitlines()[-1]
+    assert outcome.startswith("succeeded:") and "latency reduction" in outcome
+    status = subprocess.run([sys.executable, "-m", "app.cli", "status", job_id],
+                            env={**stack.env, "MIXQ_API_URL": stack.url, "MIXQ_API_KEY": stack.key},
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and '"status": "succeeded"' in status.stdout
+    denied = subprocess.run([sys.executable, "-m", "app.cli", "status", job_id],
+                            env={**stack.env, "MIXQ_API_URL": stack.url, "MIXQ_API_KEY": "mixq_wrong"},
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert denied.returncode == 2 and "HTTP 401" in denied.stderr and "Traceback" not in denied.stderr
