@@ -4,7 +4,7 @@ import torch
 from conftest import tiny_bert
 from worker.engine.data import DataOptions
 from worker.engine.errors import InputError
-from worker.engine.sources import directory_revision, hf_load_kwargs, load_model, parse_source
+from worker.engine.sources import directory_revision, hf_load_kwargs, load_model, parse_source, resolve_revision
 
 
 @pytest.mark.parametrize("source, expected", [
@@ -64,6 +64,9 @@ def test_local_model_under_root_loads_with_labelled_jsonl(tmp_path, cache_dir):
     assert loaded.revision.startswith("sha256:")
     assert loaded.data.labelled and loaded.data.sizes == {"calibration": 16, "evaluation": 24}
     assert loaded.data.calibration[0]["input_ids"].shape == (8, 16)
+    # The registry's revision (resolved without loading) is the one the loaded model reports.
+    assert resolve_revision(parse_source("local:models/tiny"), root) == loaded.revision
+    assert resolve_revision(parse_source("builtin:digits-resnet"), None) == "digits-resnet-v1"
 
 
 def test_paths_escaping_the_root_are_refused(tmp_path, cache_dir):

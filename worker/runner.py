@@ -70,12 +70,12 @@ def sensitivity_key(request: dict, revision: str) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def warm_start(job_id: str, request: dict, settings: Settings) -> tuple[Sensitivity | None, Job | None]:
-    """Record the job's revision and find an earlier analysis of the same revision and data to reuse."""
+def warm_start(job_id: str, request: dict, settings: Settings) -> tuple[str | None, Sensitivity | None, Job | None]:
+    """Record the job's revision; find an earlier analysis of the same revision and data to reuse."""
     try:
         revision = resolve_revision(parse_source(request["model"]), settings.model_root)
     except InputError:
-        return None, None  # the pipeline reports the real problem when it loads the model
+        return None, None, None  # the pipeline reports the real problem when it loads the model
     key = sensitivity_key(request, revision)
     with session_scope() as session:
         job = session.get(Job, job_id)
@@ -84,8 +84,8 @@ def warm_start(job_id: str, request: dict, settings: Settings) -> tuple[Sensitiv
                                                  Job.tenant_id == job.tenant_id, Job.id != job_id)
                                .order_by(Job.finished_at.desc()))
         if donor is None or donor.request.get("ordering") == "random":
-            return None, None
-        return Sensitivity.from_report(donor.report), donor
+            return revision, None, None
+        return revision, Sensitivity.from_report(donor.report), donor
 
 
 def claim(job_id: str, worker: str, settings: Settings) -> Job | None:
@@ -164,9 +164,9 @@ def run(job_id: str, worker: str, settings: Settings | None = None) -> str | Non
     heartbeat = Heartbeat(job_id, worker, settings.heartbeat_seconds)
     heartbeat.start()
     try:
-        reused, donor = warm_start(job_id, job.request, settings)
+        revision, reused, donor = warm_start(job_id, job.request, settings)
         options = options_for(job.request, settings, out_dir)
-        options.reuse_sensitivity = reused
+        options.reuse_sensitivity, options.revision = reused, revision
         report = compress(job.model, options, progress=ProgressWriter(job_id, worker, heartbeat))
         if donor is not None and report["search"]["method"].get("reused"):
             report["warm_start"] = {"reused_from_job": donor.id, "saved_seconds": round(

@@ -58,6 +58,7 @@ class CompressOptions:
     out_dir: Path | None = None
     # Warm start: an earlier analysis of the same revision and data (see Sensitivity.from_report).
     reuse_sensitivity: sens.Sensitivity | None = None
+    revision: str | None = None  # already resolved by the caller (a local folder is hashed once)
 
 
 class _Tracker:
@@ -128,7 +129,7 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
     spec = parse_source(source)
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("device cuda requested but no GPU is available")
-    loaded = load_model(spec, options.data, options.model_root, options.cache_dir)
+    loaded = load_model(spec, options.data, options.model_root, options.cache_dir, options.revision)
     baseline_precision = "fp32" if options.device == "cpu" else "fp16"
     adapter = float_model(adapt(loaded.model, loaded.task), baseline_precision, options.device)
     data = _to_device(loaded.data, options.device, next(adapter.parameters()).dtype)

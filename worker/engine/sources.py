@@ -90,7 +90,9 @@ def hf_load_kwargs(spec: ModelSpec) -> dict:
     return kwargs
 
 
-def load_model(spec: ModelSpec, data_options: DataOptions, model_root: Path | None, cache_dir: Path) -> LoadedModel:
+def load_model(spec: ModelSpec, data_options: DataOptions, model_root: Path | None, cache_dir: Path,
+               revision: str | None = None) -> LoadedModel:
+    """`revision`, when the caller already resolved it (resolve_revision), is not computed again."""
     if spec.kind == "builtin":
         built = builtins.load_builtin(spec.id, data_options, cache_dir)
         if data_options.spec or data_options.synthetic:
@@ -98,10 +100,11 @@ def load_model(spec: ModelSpec, data_options: DataOptions, model_root: Path | No
                                           image_shape=_image_shape(built.data))
         return LoadedModel(spec, built.model, built.task, built.version, built.data)
     location = str(resolve_under_root(spec.id, model_root, what="model")) if spec.kind == "local" else spec.id
-    return _load_transformers(spec, location, data_options, model_root)
+    return _load_transformers(spec, location, data_options, model_root, revision)
 
 
-def _load_transformers(spec: ModelSpec, location: str, data_options: DataOptions, model_root: Path | None):
+def _load_transformers(spec: ModelSpec, location: str, data_options: DataOptions, model_root: Path | None,
+                       revision: str | None):
     from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification,
                               AutoModelForSequenceClassification, AutoTokenizer)
 
@@ -125,7 +128,7 @@ def _load_transformers(spec: ModelSpec, location: str, data_options: DataOptions
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     data = load_dataset_for(task, data_options, model_root, tokenizer=tokenizer, image_processor=image_processor,
                             image_shape=_config_image_shape(config))
-    return LoadedModel(spec, model, task, _revision(spec, location, model), data)
+    return LoadedModel(spec, model, task, revision or _revision(spec, location, model), data)
 
 
 def _image_shape(data: Dataset) -> tuple[int, ...] | None:
