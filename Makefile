@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench vendor clean
+.PHONY: install run test bench vendor screenshots clean
 
 $(STAMP): pyproject.toml
 	python3.11 -m venv $(VENV)
@@ -20,6 +20,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Refresh the README's dashboard screenshots from a real browser run.
+screenshots: $(STAMP)
+	MIXQ_UPDATE_SCREENSHOTS=1 $(PY) -m pytest -q tests/test_dashboard.py
 
 bench: $(STAMP)
 	$(PY) bench/ordering.py

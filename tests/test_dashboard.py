@@ -1,6 +1,7 @@
 """The dashboard in a real browser (Debian's headless Chromium, driven by Playwright) against `mixq serve`.
 
-Saves the README's screenshots under docs/screenshots/.
+Screenshots go to a temporary folder; `make screenshots` (MIXQ_UPDATE_SCREENSHOTS=1) refreshes the
+README's copies in docs/screenshots/.
 """
 
 import json
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +19,8 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHOTS = ROOT / "docs" / "screenshots"
+SHOTS = (ROOT / "docs" / "screenshots" if os.environ.get("MIXQ_UPDATE_SCREENSHOTS")
+         else Path(tempfile.mkdtemp(prefix="mixq-screenshots-")))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-quic"]
