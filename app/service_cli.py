@@ -118,10 +118,12 @@ def _call(method: str, path: str, **kwargs) -> dict | None:
         print(f"mixq: error: cannot reach {get_settings().api_url}: {exc}", file=sys.stderr)
         return None
     if response.status_code >= 400:
-        detail = response.json().get("detail") if response.headers.get("content-type", "").startswith(
-            "application/json") else response.text
-        print(f"mixq: error: HTTP {response.status_code}: {json.dumps(detail) if not isinstance(detail, str) else detail}",
-              file=sys.stderr)
+        try:
+            detail = response.json()["detail"]
+        except (ValueError, KeyError):  # not the API's JSON error body (a proxy, a crash page)
+            detail = response.text
+        message = detail if isinstance(detail, str) else json.dumps(detail)
+        print(f"mixq: error: HTTP {response.status_code}: {message}", file=sys.stderr)
         return None
     return response.json()
 

@@ -83,6 +83,7 @@ def warm_start(job_id: str, request: dict, settings: Settings) -> tuple[str | No
         donor = session.scalar(select(Job).where(Job.sensitivity_key == key, Job.status == SUCCEEDED,
                                                  Job.tenant_id == job.tenant_id, Job.id != job_id)
                                .order_by(Job.finished_at.desc()))
+        # A random ordering costs nothing to recompute: reusing one would report a saving that is not there.
         if donor is None or donor.request.get("ordering") == "random":
             return revision, None, None
         return revision, Sensitivity.from_report(donor.report), donor
