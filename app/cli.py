@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--synthetic-data", action="store_true", help="random inputs (latency work only)")
     c.add_argument("--calibration-samples", type=_positive_int, default=128)
     c.add_argument("--eval-samples", type=_positive_int, default=256)
+    c.add_argument("--test-samples", type=_positive_int, default=256,
+                   help="held out from every decision; scores the final plan once")
     c.add_argument("--batch-size", type=_positive_int, default=8)
     c.add_argument("--seq-len", type=_positive_int, default=128)
     c.add_argument("--latency-repeats", type=_positive_int, default=15)
@@ -97,7 +99,7 @@ def _options(args):
 
     settings = get_settings()
     return CompressOptions(
-        budget=Budget(max_drop=args.budget, min_drop=args.min_drop, relative=not args.absolute),
+        budget=Budget(max_drop=args.budget, min_drop=args.min_drop, mode="absolute" if args.absolute else "relative"),
         sensitivity=SensitivityOptions(ordering=args.ordering, interlayer=args.interlayer,
                                        interlayer_weight=args.interlayer_weight,
                                        hutchinson_max_samples=max(2, args.hutchinson_samples),
@@ -106,7 +108,8 @@ def _options(args):
         data=DataOptions(spec=args.data, split=args.split, text_column=args.text_column,
                          label_column=args.label_column or None, image_column=args.image_column,
                          synthetic=args.synthetic_data, calibration_samples=args.calibration_samples,
-                         eval_samples=args.eval_samples, batch_size=args.batch_size, seq_len=args.seq_len),
+                         eval_samples=args.eval_samples, test_samples=args.test_samples, batch_size=args.batch_size,
+                         seq_len=args.seq_len),
         latency=LatencyOptions(repeats=args.latency_repeats),
         device=args.device or settings.device,
         threads=args.threads or settings.threads,
@@ -152,7 +155,7 @@ def compress(args) -> int:
         print(f"\nmixq: error: {exc}", file=sys.stderr)
         return 2
     printer.finish()
-    print(json.dumps(report, indent=2) if args.json else render(report))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else render(report))
     if args.out:
         print(f"\nwrote {args.out / 'report.json'} and {args.out / 'artifact'}/", file=sys.stderr)
     return 0

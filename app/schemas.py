@@ -45,6 +45,7 @@ class JobCreate(Strict):
     seq_len: int = Field(128, ge=1, le=8192)
     calibration_samples: int = Field(128, ge=1, le=100_000)
     eval_samples: int = Field(256, ge=1, le=100_000)
+    test_samples: int = Field(256, ge=1, le=100_000, description="held out from every decision; scores the final plan")
     hutchinson_samples: int = Field(16, ge=2, le=1000)
     precisions: list[Literal["int8", "fp8"]] = Field(default_factory=lambda: ["int8"], min_length=1)
     priority: int = Field(5, ge=0, le=9)
@@ -173,6 +174,7 @@ class RegistryPatch(Strict):
     seq_len: int | None = Field(None, ge=1, le=8192)
     calibration_samples: int | None = Field(None, ge=1, le=100_000)
     eval_samples: int | None = Field(None, ge=1, le=100_000)
+    test_samples: int | None = Field(None, ge=1, le=100_000)
     hutchinson_samples: int | None = Field(None, ge=2, le=1000)
     priority: int | None = Field(None, ge=0, le=9)
     schedule: ScheduleIn | None = None

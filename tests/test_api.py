@@ -74,7 +74,7 @@ def test_results_of_a_finished_job(client, keys, finished_job):
     job = client.get(f"/v1/jobs/{finished_job}", headers=headers).json()
     assert job["status"] == "succeeded" and job["progress"] == 1.0
     assert job["attempts"] == 1 and job["finished_at"] and job["started_at"]
-    assert set(job["phases"]) == {"load", "baseline", "sensitivity", "search", "latency", "export"}
+    assert set(job["phases"]) == {"load", "baseline", "sensitivity", "search", "final", "export"}
     report = client.get(f"/v1/jobs/{finished_job}/report", headers=headers).json()
     assert report["final"]["drop"] <= 0.01 and job["latency_reduction"] == report["latency_reduction"]
     layers = client.get(f"/v1/jobs/{finished_job}/layers", headers=headers).json()

@@ -16,8 +16,9 @@ from worker.engine.data import DataOptions
 
 MIXQ = [sys.executable, "-m", "app.cli"]
 REPORT_KEYS = {"source", "revision", "environment", "baseline", "final", "latency_reduction", "layers", "search",
-               "phases"}
-LAYER_KEYS = {"name", "kind", "params", "hessian_trace", "trace_stderr", "interlayer", "score", "rank", "precision"}
+               "phases", "warnings", "skipped_layers", "plan"}
+LAYER_KEYS = {"name", "kind", "params", "output_error", "hessian_trace", "trace_stderr", "hessian_term", "interlayer",
+              "score", "rank", "precision"}
 
 
 def run(*args, env=None):
@@ -39,7 +40,7 @@ def test_compress_digits_resnet_within_budget_with_measured_latency(digits_run):
     assert REPORT_KEYS <= report.keys()
     assert {"torch", "device"} <= report["environment"].keys()
     for side in ("baseline", "final"):
-        assert {"metric", "latency_ms", "size_bytes"} <= report[side].keys()
+        assert {"metric", "test_metric", "latency_ms", "size_bytes"} <= report[side].keys()
         assert report[side]["latency_ms"]["median"] > 0
         assert report[side]["latency_ms"]["p90"] >= report[side]["latency_ms"]["median"]
     assert report["baseline"]["metric"] >= 0.95  # the builtin is a real classifier on held-out digits
@@ -53,8 +54,9 @@ def test_compress_digits_resnet_within_budget_with_measured_latency(digits_run):
     assert {"ordering", "evaluations", "steps"} <= search.keys()
     assert search["evaluations"] == len(search["steps"]) <= search["max_evaluations"]
     assert all({"k", "metric", "latency_ms", "accepted"} <= step.keys() for step in search["steps"])
-    assert set(report["phases"]) == {"load", "baseline", "sensitivity", "search", "latency", "export"}
-    assert "top1_accuracy" in result.stdout and "latency reduction" in result.stdout
+    assert set(report["phases"]) == {"load", "baseline", "sensitivity", "search", "final", "export"}
+    assert "top1_accuracy (eval)" in result.stdout and "(test)" in result.stdout
+    assert "latency reduction" in result.stdout and "on the test split" in result.stdout
 
 
 def test_artifact_reapplies_to_the_original_model(digits_run, cache_dir):

@@ -80,7 +80,9 @@ def submit(page, model: str, **advanced):
 
 
 def test_submit_watch_and_inspect_a_job(page, server):
-    submit(page, "builtin:digits-resnet", calibration_samples=32, eval_samples=64, hutchinson_samples=2)
+    # A 20-sample test split: the report warns that its figure is coarse, and the page must show that.
+    submit(page, "builtin:digits-resnet", calibration_samples=32, eval_samples=64, test_samples=20,
+           hutchinson_samples=2)
     row = page.wait_for_selector('tr.job-row[data-status="succeeded"]', timeout=300_000)
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "jobs.png"), full_page=True)
@@ -96,8 +98,10 @@ def test_submit_watch_and_inspect_a_job(page, server):
     assert page.locator("#layer-table tbody tr").count() == 13
     assert page.locator("#timeline div").count() == 6
     assert "Latency reduction" in page.inner_text("#summary")
+    assert f"{report['final']['test_metric']:.4f}" in page.inner_text("#test-metric")
+    assert report["warnings"] and "test split has only 20 samples" in page.inner_text("#warnings")
     page.click('#layer-table th[data-key="rank"]')  # sortable: by rank, ascending
-    first_rank = page.inner_text("#layer-table tbody tr:first-child td:nth-child(8)")
+    first_rank = page.inner_text("#layer-table tbody tr:first-child td:nth-child(10)")
     assert first_rank == "0"
     page.screenshot(path=str(SHOTS / "job-detail.png"), full_page=True)
     with page.expect_download() as download:

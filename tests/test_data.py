@@ -7,22 +7,29 @@ from worker.engine.data import DataOptions, load_dataset_for, parse_hf_dataset_i
 from worker.engine.errors import InputError
 
 
-def test_calibration_and_evaluation_are_disjoint_and_sized():
+def test_calibration_evaluation_and_test_are_disjoint_and_sized():
     x = torch.arange(100).float()[:, None]
     data = split_batches({"x": x}, torch.zeros(100, dtype=torch.long),
-                         DataOptions(calibration_samples=30, eval_samples=50, batch_size=8), "ids")
-    calib = torch.cat([b["x"] for b in data.calibration]).flatten().tolist()
-    evaluation = torch.cat([b["x"] for b in data.evaluation]).flatten().tolist()
-    assert len(calib) == 30 and len(evaluation) == 50
-    assert not set(calib) & set(evaluation)
+                         DataOptions(calibration_samples=30, eval_samples=40, test_samples=20, batch_size=8), "ids")
+    values = {split: set(torch.cat([b["x"] for b in getattr(data, split)]).flatten().tolist())
+              for split in ("calibration", "evaluation", "test")}
+    assert {split: len(v) for split, v in values.items()} == {"calibration": 30, "evaluation": 40, "test": 20}
+    assert not values["calibration"] & values["evaluation"]
+    assert not values["test"] & (values["calibration"] | values["evaluation"])
     assert data.labelled
 
 
-def test_small_data_shrinks_splits_instead_of_overlapping():
-    data = split_batches({"x": torch.arange(10).float()[:, None]}, None,
-                         DataOptions(calibration_samples=20, eval_samples=20), "ids")
-    assert data.sizes["calibration"] + data.sizes["evaluation"] == 10
-    assert data.sizes["calibration"] >= 1 and data.sizes["evaluation"] >= 1
+@pytest.mark.parametrize("n", [3, 4, 10, 50])
+def test_small_data_shrinks_splits_instead_of_overlapping(n):
+    data = split_batches({"x": torch.arange(n).float()[:, None]}, None,
+                         DataOptions(calibration_samples=100, eval_samples=20, test_samples=20), "ids")
+    assert sum(data.sizes.values()) == n
+    assert min(data.sizes.values()) >= 1
+
+
+def test_too_little_data_for_three_splits_is_a_clear_error():
+    with pytest.raises(InputError, match="need at least 3"):
+        split_batches({"x": torch.arange(2).float()[:, None]}, None, DataOptions(), "ids")
 
 
 def test_npz_and_image_folder(tmp_path):
@@ -30,8 +37,8 @@ def test_npz_and_image_folder(tmp_path):
 
     np.savez(tmp_path / "d.npz", pixel_values=np.random.rand(12, 1, 8, 8).astype("float32"),
              labels=np.arange(12) % 3)
-    data = load_dataset_for(IMAGE_CLASSIFICATION, DataOptions(spec="d.npz", calibration_samples=4, eval_samples=8),
-                            tmp_path)
+    data = load_dataset_for(IMAGE_CLASSIFICATION, DataOptions(spec="d.npz", calibration_samples=4, eval_samples=6,
+                                                              test_samples=2), tmp_path)
     assert data.labelled and data.calibration[0]["pixel_values"].shape[1:] == (1, 8, 8)
 
     for label in ("cat", "dog"):
@@ -44,9 +51,9 @@ def test_npz_and_image_folder(tmp_path):
             return {"pixel_values": torch.stack([torch.tensor(np.asarray(im), dtype=torch.float32).permute(2, 0, 1)
                                                  for im in images])}
 
-    data = load_dataset_for(IMAGE_CLASSIFICATION, DataOptions(spec="imgs", calibration_samples=2, eval_samples=4),
-                            tmp_path, image_processor=Processor())
-    labels = torch.cat([b["labels"] for b in data.calibration + data.evaluation])
+    data = load_dataset_for(IMAGE_CLASSIFICATION, DataOptions(spec="imgs", calibration_samples=2, eval_samples=2,
+                                                              test_samples=2), tmp_path, image_processor=Processor())
+    labels = torch.cat([b["labels"] for b in data.calibration + data.evaluation + data.test])
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
 
 

@@ -1,7 +1,8 @@
+import pytest
 import torch
 from torch import nn
 
-from worker.engine.hessian import HessianTrace
+from worker.engine.hessian import GaussNewtonTrace, HessianTrace
 
 
 def _tiny_model_and_loss():
@@ -41,7 +42,8 @@ def test_hutchinson_matches_exact_trace_within_reported_error():
 
     loss.x, loss.y = x, y
     weights, exact = _exact_block_traces(model, loss)
-    estimates = HessianTrace(loss, weights, seed=1).trace(max_samples=400, min_samples=50, rel_tol=0.02)
+    blocks = {name: [w] for name, w in weights.items()}
+    estimates = HessianTrace(loss, blocks, seed=1).trace(max_samples=400, min_samples=50, rel_tol=0.02)
     for name, value in exact.items():
         estimate = estimates[name]
         assert estimate.samples >= 50
@@ -59,7 +61,50 @@ def test_trace_stops_at_tolerance_or_cap():
     def quadratic():  # Hessian of sum((Wx)^2) is exactly known and Rademacher samples of a diagonal are exact
         return model(x).pow(2).sum()
 
-    result = HessianTrace(quadratic, {"w": model.weight}).trace(max_samples=50, min_samples=4, rel_tol=0.5)
+    result = HessianTrace(quadratic, {"w": [model.weight]}).trace(max_samples=50, min_samples=4, rel_tol=0.5)
     exact = 2 * x.pow(2).sum().item() * 2  # tr(H) = 2 * sum_i ||x_i||^2 per output row, 2 rows
     assert result["w"].samples == 4  # block-diagonal Hessian: zero variance, converged at the minimum
     assert abs(result["w"].mean - exact) < 1e-3 * exact
+
+
+def test_gauss_newton_trace_is_the_exact_hessian_trace_of_a_fidelity_loss():
+    """At the reference weights a fidelity loss has zero gradient, so its Hessian is JᵀJ: the Gauss-Newton
+    estimator (one ordinary backward per sample, no double backward) must match the exact trace."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x = torch.randn(10, 4)
+    with torch.no_grad():
+        reference = model(x)
+    weights = {"0": model[0].weight, "2": model[2].weight}
+    exact = {}
+    for name, w in weights.items():
+        original = w.detach().clone()
+
+        def loss_of(flat, name=name, original=original):
+            params = {**dict(model.named_parameters()), f"{name}.weight": flat.reshape(original.shape)}
+            out = torch.func.functional_call(model, params, (x,))
+            return 0.5 * (out - reference).pow(2).sum(-1).mean()
+
+        exact[name] = float(torch.autograd.functional.hessian(loss_of, original.flatten()).diagonal().sum())
+
+    def projection(generator):  # <f, u> with E[u uᵀ] = I / rows, the output Hessian of the loss above
+        bits = torch.randint(0, 2, reference.shape, generator=generator).float() * 2 - 1
+        return (model(x) * bits / len(x) ** 0.5).sum()
+
+    blocks = {name: [w] for name, w in weights.items()}
+    estimates = GaussNewtonTrace(projection, blocks, seed=2).trace(max_samples=400, min_samples=50, rel_tol=0.02)
+    for name, value in exact.items():
+        assert abs(estimates[name].mean - value) <= 4 * estimates[name].stderr, (name, estimates[name], value)
+        assert abs(estimates[name].mean - value) <= 0.1 * value
+
+
+def test_blocks_sum_their_tensors_and_unreached_tensors_have_zero_curvature():
+    a, b, unused = torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True), torch.zeros(2,
+                                                                                                      requires_grad=True)
+
+    def loss():  # Hessian diag(2, 2, 2) for a and diag(6 b) for b: traces 6 and 6 * sum(b)
+        return a.pow(2).sum() + b.pow(3).sum()
+
+    together = HessianTrace(loss, {"ab": [a, b], "unused": [unused]}).trace(max_samples=8, min_samples=4)
+    assert together["ab"].mean == pytest.approx(6 + 6 * float(b.sum()), rel=1e-5)
+    assert together["unused"].mean == 0.0

@@ -2,7 +2,8 @@
 
 import pytest
 
-from worker.engine import Budget, CompressOptions, DataOptions, LatencyOptions, SensitivityOptions, compress
+from worker.engine import Budget, CompressOptions, DataOptions, LatencyOptions, Report, SensitivityOptions, compress
+from worker.engine import pipeline
 from worker.engine.errors import Cancelled
 
 
@@ -10,7 +11,7 @@ def options(cache_dir, **overrides):
     return CompressOptions(**{
         "budget": Budget(0.01),
         "sensitivity": SensitivityOptions(hutchinson_max_samples=4, hessian_batches=1, interlayer_batches=1),
-        "data": DataOptions(calibration_samples=16, eval_samples=48, seq_len=32, batch_size=8),
+        "data": DataOptions(calibration_samples=16, eval_samples=48, test_samples=64, seq_len=32, batch_size=8),
         "latency": LatencyOptions(warmup=2, repeats=5),
         "cache_dir": cache_dir,
         **overrides,
@@ -19,12 +20,20 @@ def options(cache_dir, **overrides):
 
 def test_minilm_search_bisects_within_budget(cache_dir, tmp_path):
     events = []
-    report = compress("builtin:minilm", options(cache_dir, out_dir=tmp_path), progress=events.append)
+    report = compress("builtin:minilm", options(cache_dir, out_dir=tmp_path), progress=events.append).to_dict()
     search = report["search"]
     assert report["metric"]["name"] == "cosine_fidelity" and report["baseline"]["metric"] == pytest.approx(1.0)
-    assert len(report["layers"]) == 37
+    assert report["baseline"]["test_metric"] == pytest.approx(1.0)
+    assert report["environment"]["attention"] == "sdpa"  # what users deploy, not the Hessian's eager kernel
+    assert search["method"]["hessian"] == "gauss-newton" and report["warnings"] == []
+    assert len(report["layers"]) == 36  # the unused pooler is listed as skipped, never quantized
+    assert [s["name"] for s in report["skipped_layers"]] == ["model.pooler.dense"]
+    assert "model.pooler.dense" not in report["plan"]["layers"]
     assert search["evaluations"] <= search["max_evaluations"] == 8
     assert report["final"]["drop"] <= 0.01
+    assert 0 < report["final"]["test_metric"] <= 1
+    assert report["final"]["test_drop"] == pytest.approx(
+        (report["baseline"]["test_metric"] - report["final"]["test_metric"]) / report["baseline"]["test_metric"])
     accepted = [s for s in search["steps"] if s["accepted"]]
     assert all(s["latency_ms"] is not None for s in accepted)
     assert all(s["latency_ms"] is None for s in search["steps"] if not s["accepted"])
@@ -38,10 +47,37 @@ def test_minilm_search_bisects_within_budget(cache_dir, tmp_path):
     int8 = {l["name"] for l in report["layers"] if l["precision"] == "int8"}
     ranks = {l["name"]: l["rank"] for l in report["layers"]}
     assert int8 == {n for n, r in ranks.items() if r < report["final"]["k"]}  # a prefix of the ordering
+    assert int8 == {n for n, p in report["plan"]["layers"].items() if p == "int8"}
     fractions = [e.fraction for e in events]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert {e.phase for e in events} == {"load", "baseline", "sensitivity", "search", "latency", "export"}
+    assert {e.phase for e in events} == {"load", "baseline", "sensitivity", "search", "final", "export"}
     assert (tmp_path / "report.json").exists() and (tmp_path / "artifact" / "plan.json").exists()
+    assert Report.read(tmp_path / "report.json").to_dict() == report
+
+
+def test_a_plan_over_budget_on_the_test_split_is_a_warning(cache_dir, monkeypatch):
+    """The test split is scored once, after every decision; if the plan breaks the budget there, say so."""
+    from worker.engine.evaluation import Evaluator
+
+    metric = Evaluator.metric
+
+    def pessimistic_test_split(self, model, split="evaluation"):
+        value = metric(self, model, split)
+        return value - 0.05 if split == "test" and model is not self_baseline[0] else value
+
+    self_baseline = []
+    original_prepare = pipeline.prepare
+
+    def prepare(source, opts):
+        bench = original_prepare(source, opts)
+        self_baseline.append(bench.backend.baseline)
+        return bench
+
+    monkeypatch.setattr(pipeline, "prepare", prepare)
+    monkeypatch.setattr(Evaluator, "metric", pessimistic_test_split)
+    report = compress("builtin:digits-resnet", options(cache_dir))
+    assert report.final.k > 0 and report.final.drop <= 0.01 < report.final.test_drop
+    assert any("on the test split the plan drops" in w for w in report.warnings)
 
 
 def test_progress_callback_can_cancel_at_a_step_boundary(cache_dir):
@@ -56,9 +92,9 @@ def test_progress_callback_can_cancel_at_a_step_boundary(cache_dir):
 def test_warm_start_reuses_the_stored_analysis(cache_dir):
     from worker.engine.sensitivity import Sensitivity
 
-    first = compress("builtin:digits-resnet", options(cache_dir))
+    first = compress("builtin:digits-resnet", options(cache_dir)).to_dict()
     warm = compress("builtin:digits-resnet", options(cache_dir, budget=Budget(0.02),
                                                      reuse_sensitivity=Sensitivity.from_report(first)))
-    assert warm["search"]["method"]["reused"] is True
-    assert [l["rank"] for l in warm["layers"]] == [l["rank"] for l in first["layers"]]
-    assert warm["phases"]["sensitivity"] < first["phases"]["sensitivity"] / 5
+    assert warm.search["method"]["reused"] is True
+    assert [l["rank"] for l in warm.layers] == [l["rank"] for l in first["layers"]]
+    assert warm.phases["sensitivity"] < first["phases"]["sensitivity"] / 5

@@ -126,7 +126,7 @@ def test_warm_start_reuses_sensitivity_for_the_same_revision(client, keys):
     assert runner.run(second, worker="t") == "succeeded"
     with session_scope() as session:
         cold, warm = session.get(Job, first), session.get(Job, second)
-        assert "warm_start" not in cold.report
+        assert cold.report["warm_start"] is None
         assert warm.sensitivity_key == cold.sensitivity_key and warm.revision == cold.revision
         assert warm.report["search"]["method"]["reused"] is True
         assert warm.report["warm_start"]["reused_from_job"] == first

@@ -49,7 +49,7 @@ def test_min_drop_stops_once_inside_the_range():
 
 
 def test_absolute_budget_uses_metric_points():
-    budget = Budget(max_drop=0.05, relative=False)
+    budget = Budget(max_drop=0.05, mode="absolute")
     assert budget.drop(0.5, 0.46) == pytest.approx(0.04)
     assert Budget(max_drop=0.05).drop(0.5, 0.46) == pytest.approx(0.08)
 
@@ -63,3 +63,8 @@ def test_budget_outside_unit_interval_is_refused(bad):
 def test_min_drop_above_max_is_refused():
     with pytest.raises(ValueError, match="min_drop"):
         Budget(max_drop=0.01, min_drop=0.02)
+
+
+def test_unknown_budget_mode_is_refused():
+    with pytest.raises(ValueError, match="budget mode"):
+        Budget(max_drop=0.01, mode="percent")

@@ -1,46 +1,57 @@
 import pytest
+import torch
 
 from conftest import tiny_bert, token_batch
-from worker.engine.adapters import FEATURE_EXTRACTION, adapt, quantizable_layers
+from worker.engine.adapters import FEATURE_EXTRACTION, SEQUENCE_CLASSIFICATION, adapt
 from worker.engine.data import DataOptions, split_batches
 from worker.engine.evaluation import Evaluator
-from worker.engine.quantize import simulated
-from worker.engine.sensitivity import SensitivityOptions, analyse
+from worker.engine.kernels import choose_backend
+from worker.engine.sensitivity import GAUSS_NEWTON, HUTCHINSON, SensitivityOptions, analyse
+
+
+def _setup(labels: bool = False):
+    model = tiny_bert(num_labels=2 if labels else None)
+    task = SEQUENCE_CLASSIFICATION if labels else FEATURE_EXTRACTION
+    adapter = adapt(model, task)
+    batch = token_batch(n=40)
+    target = torch.arange(40) % 2 if labels else None
+    data = split_batches(batch, target, DataOptions(calibration_samples=16, eval_samples=16, test_samples=8,
+                                                    batch_size=8), "random tokens")
+    evaluator = Evaluator(adapter, data, task)
+    calibration = evaluator.batches("calibration")
+    backend = choose_backend(adapter, "cpu", calibration[0])
+    return adapter, evaluator, backend.simulation(calibration), backend.candidates
 
 
 @pytest.fixture(scope="module")
 def setup():
-    adapter = adapt(tiny_bert(), FEATURE_EXTRACTION)
-    batch = token_batch(n=32)
-    data = split_batches(batch, None, DataOptions(calibration_samples=16, eval_samples=16, batch_size=8),
-                         "random tokens")
-    evaluator = Evaluator(adapter, data, FEATURE_EXTRACTION)
-    return adapter, evaluator, list(quantizable_layers(adapter))
+    return _setup()
 
 
-def _loss(adapter, evaluator, subset, batches):
-    with simulated(adapter, subset):
-        return evaluator.loss_value(adapter, batches)
+def _loss(setup, subset, batches):
+    _, evaluator, simulation, _ = setup
+    with simulation.quantized(subset):
+        return evaluator.loss_value(simulation.model, batches)
 
 
 def test_conditional_term_is_measured_leave_one_out_loss(setup):
-    adapter, evaluator, names = setup
+    adapter, evaluator, simulation, names = setup
     options = SensitivityOptions(ordering="augmented", interlayer="conditional", hutchinson_max_samples=4,
                                  interlayer_batches=2)
-    result = analyse(adapter, evaluator, names, options)
-    everything = _loss(adapter, evaluator, names, 2)
+    result = analyse(simulation, evaluator, names, options, adapter)
+    everything = _loss(setup, names, 2)
     for layer in result.layers[:3]:
-        expected = everything - _loss(adapter, evaluator, set(names) - {layer.name}, 2)
+        expected = everything - _loss(setup, set(names) - {layer.name}, 2)
         assert layer.interlayer == pytest.approx(expected, rel=1e-5, abs=1e-9)
     assert result.method["loss_evaluations"] == len(names) + 1
-    assert result.method["hessian"] == "hutchinson"
+    assert result.method["hessian"] == GAUSS_NEWTON and result.warnings == []
 
 
 def test_pairwise_term_adds_half_of_neighbour_interactions(setup):
-    adapter, evaluator, names = setup
+    adapter, evaluator, simulation, names = setup
     options = SensitivityOptions(interlayer="pairwise", hutchinson_max_samples=4, interlayer_batches=2)
-    result = analyse(adapter, evaluator, names, options)
-    L = lambda s: _loss(adapter, evaluator, s, 2)  # noqa: E731
+    result = analyse(simulation, evaluator, names, options, adapter)
+    L = lambda s: _loss(setup, s, 2)  # noqa: E731
     none = L(())
     isolated = [L({n}) - none for n in names[:3]]
     pair01 = L({names[0], names[1]}) - none - isolated[0] - isolated[1]
@@ -50,37 +61,54 @@ def test_pairwise_term_adds_half_of_neighbour_interactions(setup):
 
 
 def test_ordering_is_ascending_score_and_ranks_match(setup):
-    adapter, evaluator, names = setup
-    result = analyse(adapter, evaluator, names, SensitivityOptions(hutchinson_max_samples=4, interlayer_batches=1))
+    adapter, evaluator, simulation, names = setup
+    result = analyse(simulation, evaluator, names, SensitivityOptions(hutchinson_max_samples=4, interlayer_batches=1),
+                     adapter)
     by_name = {layer.name: layer for layer in result.layers}
     scores = [by_name[n].score for n in result.ordering]
     assert scores == sorted(scores)
     assert [by_name[n].rank for n in result.ordering] == list(range(len(names)))
     assert sorted(result.ordering) == sorted(names)
-    for layer in result.layers:  # Omega = Tr(H)/n * ||Q(W) - W||^2
-        assert layer.hessian_term == pytest.approx(layer.hessian_trace / layer.params * layer.quant_error)
+    count = {n: n_ for n, (_, n_) in simulation.local_errors(evaluator.batches("calibration", 2)).items()}
+    for layer in result.layers:  # Omega = 1/2 Tr(d²L/dy²) / n * ||y~ - y||²
+        assert layer.hessian_term == pytest.approx(0.5 * layer.hessian_trace / count[layer.name] * layer.output_error)
         assert layer.score == pytest.approx(layer.hessian_part + layer.interlayer_part)
-        assert layer.trace_stderr > 0
+        assert layer.trace_stderr > 0 and layer.output_error > 0
 
 
 def test_hessian_only_and_random_orderings(setup):
-    adapter, evaluator, names = setup
-    hessian = analyse(adapter, evaluator, names, SensitivityOptions(ordering="hessian", hutchinson_max_samples=4))
+    adapter, evaluator, simulation, names = setup
+    hessian = analyse(simulation, evaluator, names, SensitivityOptions(ordering="hessian", hutchinson_max_samples=4),
+                      adapter)
     assert all(layer.interlayer is None for layer in hessian.layers)
     terms = {l.name: l.hessian_term for l in hessian.layers}
     assert [terms[n] for n in hessian.ordering] == sorted(terms.values())
-    shuffled = analyse(adapter, evaluator, names, SensitivityOptions(ordering="random", seed=3))
+    shuffled = analyse(simulation, evaluator, names, SensitivityOptions(ordering="random", seed=3), adapter)
     assert sorted(shuffled.ordering) == sorted(names) and shuffled.ordering != names
     assert all(layer.hessian_trace is None for layer in shuffled.layers)
 
 
-def test_falls_back_to_gradient_free_proxy_without_double_backward():
-    model = tiny_bert()
-    adapter = adapt(model, FEATURE_EXTRACTION)
-    model.config._attn_implementation = "sdpa"  # SDPA on CPU has no double backward
-    data = split_batches(token_batch(n=16), None, DataOptions(calibration_samples=8, eval_samples=8), "tokens")
-    evaluator = Evaluator(adapter, data, FEATURE_EXTRACTION)
-    names = list(quantizable_layers(adapter))
-    result = analyse(adapter, evaluator, names, SensitivityOptions(ordering="hessian"))
-    assert result.method["hessian"].startswith("gradient-free proxy")
-    assert all(l.hessian_trace is None and l.hessian_term is not None for l in result.layers)
+def test_labelled_loss_runs_hessian_vector_products_with_the_model_kept_on_sdpa():
+    adapter, evaluator, simulation, names = _setup(labels=True)
+    assert adapter.model.config._attn_implementation == "sdpa"
+    result = analyse(simulation, evaluator, names, SensitivityOptions(ordering="hessian", hutchinson_max_samples=4),
+                     adapter)
+    assert result.method["hessian"] == HUTCHINSON and result.warnings == []
+    assert adapter.model.config._attn_implementation == "sdpa"  # eager only while the Hessian ran
+    assert all(layer.hessian_trace is not None for layer in result.layers)
+
+
+def test_a_fallback_is_never_silent(monkeypatch):
+    """Without eager attention SDPA has no double backward on CPU: the labelled Hessian falls back to the
+    Gauss-Newton trace, and the analysis says so in its warnings."""
+    import contextlib
+
+    from worker.engine import sensitivity
+
+    adapter, evaluator, simulation, names = _setup(labels=True)
+    monkeypatch.setattr(sensitivity, "eager_attention", lambda _adapter: contextlib.nullcontext())
+    result = analyse(simulation, evaluator, names, SensitivityOptions(ordering="hessian", hutchinson_max_samples=4),
+                     adapter)
+    assert result.method["hessian"] == f"{GAUSS_NEWTON} (fallback)"
+    assert len(result.warnings) == 1 and "Gauss-Newton" in result.warnings[0]
+    assert all(layer.hessian_trace is not None for layer in result.layers)

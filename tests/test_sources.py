@@ -55,14 +55,14 @@ def _save_tiny_bert(folder):
 def test_local_model_under_root_loads_with_labelled_jsonl(tmp_path, cache_dir):
     root = tmp_path / "root"
     _save_tiny_bert(root / "models" / "tiny")
-    rows = [f'{{"text": "sentence number {i}", "label": {i % 2}}}' for i in range(40)]
+    rows = [f'{{"text": "sentence number {i}", "label": {i % 2}}}' for i in range(60)]
     (root / "data.jsonl").write_text("\n".join(rows))
     loaded = load_model(parse_source("local:models/tiny"),
-                        DataOptions(spec="data.jsonl", calibration_samples=16, eval_samples=24, seq_len=16),
-                        root, cache_dir)
+                        DataOptions(spec="data.jsonl", calibration_samples=16, eval_samples=24, test_samples=20,
+                                    seq_len=16), root, cache_dir)
     assert loaded.task == "sequence-classification"
     assert loaded.revision.startswith("sha256:")
-    assert loaded.data.labelled and loaded.data.sizes == {"calibration": 16, "evaluation": 24}
+    assert loaded.data.labelled and loaded.data.sizes == {"calibration": 16, "evaluation": 24, "test": 20}
     assert loaded.data.calibration[0]["input_ids"].shape == (8, 16)
     # The registry's revision (resolved without loading) is the one the loaded model reports.
     assert resolve_revision(parse_source("local:models/tiny"), root) == loaded.revision

@@ -30,6 +30,7 @@ from app.settings import Settings, get_settings
 from worker.engine import (Budget, Cancelled, CompressOptions, DataOptions, InputError, LatencyOptions,
                            SensitivityOptions, compress)
 from worker.engine.pipeline import Progress
+from worker.engine.report import REPORT_FORMAT
 from worker.engine.sensitivity import Sensitivity
 from worker.engine.sources import parse_source, resolve_revision
 
@@ -42,13 +43,14 @@ def options_for(request: dict, settings: Settings, out_dir: Path) -> CompressOpt
     data = request.get("data") or {}
     samples = request["hutchinson_samples"]
     return CompressOptions(
-        budget=Budget(budget["max_drop"], budget.get("min_drop", 0.0), budget.get("mode", "relative") == "relative"),
+        budget=Budget(budget["max_drop"], budget.get("min_drop", 0.0), budget.get("mode", "relative")),
         sensitivity=SensitivityOptions(ordering=request["ordering"], interlayer=request["interlayer"],
                                        hutchinson_max_samples=samples, hutchinson_min_samples=min(4, samples)),
         data=DataOptions(spec=data.get("spec"), split=data.get("split", "train"),
                          text_column=data.get("text_column", "text"), label_column=data.get("label_column", "label"),
                          image_column=data.get("image_column", "image"), synthetic=data.get("synthetic", False),
                          calibration_samples=request["calibration_samples"], eval_samples=request["eval_samples"],
+                         test_samples=request.get("test_samples", DataOptions.test_samples),
                          batch_size=request["batch_size"], seq_len=request["seq_len"]),
         latency=LatencyOptions(),
         device=settings.device,
@@ -66,7 +68,8 @@ SENSITIVITY_FIELDS = ("ordering", "interlayer", "hutchinson_samples", "calibrati
 
 
 def sensitivity_key(request: dict, revision: str) -> str:
-    identity = [request["model"], revision, {k: request.get(k) for k in SENSITIVITY_FIELDS}]
+    # The report format versions the analysis itself: a new engine never reuses an old one's scores.
+    identity = [REPORT_FORMAT, request["model"], revision, {k: request.get(k) for k in SENSITIVITY_FIELDS}]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -169,9 +172,9 @@ def run(job_id: str, worker: str, settings: Settings | None = None) -> str | Non
         options = options_for(job.request, settings, out_dir)
         options.reuse_sensitivity, options.revision = reused, revision
         report = compress(job.model, options, progress=ProgressWriter(job_id, worker, heartbeat))
-        if donor is not None and report["search"]["method"].get("reused"):
-            report["warm_start"] = {"reused_from_job": donor.id, "saved_seconds": round(
-                donor.phases.get("sensitivity", 0.0) - report["phases"]["sensitivity"], 3)}
+        if donor is not None and report.search["method"].get("reused"):
+            report.warm_start = {"reused_from_job": donor.id, "saved_seconds": round(
+                donor.phases.get("sensitivity", 0.0) - report.phases["sensitivity"], 3)}
     except Cancelled as exc:
         return _finish(job_id, worker, CANCELLED, message=str(exc))
     except InputError as exc:
@@ -183,7 +186,7 @@ def run(job_id: str, worker: str, settings: Settings | None = None) -> str | Non
         return _finish(job_id, worker, FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
     finally:
         heartbeat.stop.set()
-    return store_results(job_id, worker, report, out_dir)
+    return store_results(job_id, worker, report.to_dict(), out_dir)
 
 
 def _finish(job_id: str, worker: str, status: str, message: str | None = None, error: str | None = None) -> str:

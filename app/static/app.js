@@ -2,7 +2,7 @@
 "use strict";
 
 const PHASE_COLOURS = { load: "#6b7a99", baseline: "#8f6bd6", sensitivity: "#2f6fde", search: "#1a8f4c",
-                        latency: "#b7791f", export: "#5b6478" };
+                        final: "#b7791f", export: "#5b6478" };
 const FINISHED = ["succeeded", "failed", "cancelled"];
 const view = document.getElementById("view");
 let refreshTimer = null;
@@ -110,6 +110,7 @@ const FIELDS = [
   ["seq_len", "Sequence length", "number", "128", true],
   ["calibration_samples", "Calibration samples", "number", "128", true],
   ["eval_samples", "Evaluation samples", "number", "256", true],
+  ["test_samples", "Test samples (scored once, never used to choose)", "number", "256", true],
   ["hutchinson_samples", "Hutchinson samples (max)", "number", "16", true],
   ["priority", "Priority (0–9, higher first)", "number", "5", true],
 ];
@@ -151,7 +152,7 @@ async function submitJob(event) {
     budget: { max_drop: number("max_drop"), min_drop: number("min_drop"), mode: value("mode") },
     ordering: value("ordering"), interlayer: value("interlayer"),
   };
-  for (const name of ["batch_size", "seq_len", "calibration_samples", "eval_samples", "hutchinson_samples", "priority"]) body[name] = number(name);
+  for (const name of ["batch_size", "seq_len", "calibration_samples", "eval_samples", "test_samples", "hutchinson_samples", "priority"]) body[name] = number(name);
   form.querySelectorAll(".field-error").forEach((e) => { e.textContent = ""; });
   document.getElementById("form-error").textContent = "";
   const response = await api("/v1/jobs", { method: "POST", body: JSON.stringify(body) });
@@ -183,6 +184,7 @@ async function renderJob(id) {
         report ? el("button", { class: "secondary", onclick: () => download(`/v1/jobs/${id}/report`, `mixq-report-${id}.json`) }, "Download report") : null,
         report ? el("button", { class: "secondary", onclick: () => download(`/v1/jobs/${id}/artifact`, `mixq-${id}.zip`) }, "Download artifact") : null)),
     job.status === "failed" ? el("div", { class: "panel error-panel", role: "alert", id: "error-panel" }, el("h2", { style: "margin-top:0" }, "Job failed"), el("p", {}, job.error || "no reason recorded")) : null,
+    report ? warningsPanel(report) : null,
     report ? summary(report) : null,
     report ? el("div", { class: "charts" },
       el("div", { class: "panel" }, el("h2", { style: "margin-top:0" }, "Search: metric at each evaluated k"), el("div", { class: "chart-box" }, el("canvas", { id: "search-chart", role: "img", "aria-label": "metric versus number of int8 layers for every evaluated point" }))),
@@ -200,21 +202,29 @@ function timeline(phases) {
     el("div", { style: `width:${Math.max(4, (seconds / total) * 100)}%;background:${PHASE_COLOURS[name] || "#888"}`, title: `${name}: ${seconds.toFixed(1)} s` }, `${name} ${seconds.toFixed(1)}s`)));
 }
 
+function warningsPanel(report) {
+  if (!report.warnings.length) return null;
+  return el("div", { class: "panel warning-panel", role: "alert", id: "warnings" },
+    el("h2", { style: "margin-top:0" }, "Warnings"),
+    el("ul", {}, ...report.warnings.map((w) => el("li", {}, w))));
+}
+
 function summary(report) {
-  const card = (label, value, sub) => el("div", { class: "card" }, el("div", { class: "label" }, label), el("div", { class: "value" }, value), el("div", { class: "sub" }, sub));
+  const card = (label, value, sub, id) => el("div", { class: "card", id }, el("div", { class: "label" }, label), el("div", { class: "value" }, value), el("div", { class: "sub" }, sub));
   const b = report.baseline, f = report.final;
   return el("div", { class: "cards", id: "summary" },
-    card(`Metric (${report.metric.name})`, `${num(b.metric)} → ${num(f.metric)}`, `drop ${num(f.drop)} of budget ${report.budget.max_drop}`),
-    card("Latency median", `${b.latency_ms.median.toFixed(2)} → ${f.latency_ms.median.toFixed(2)} ms`, `p90 ${b.latency_ms.p90.toFixed(2)} → ${f.latency_ms.p90.toFixed(2)} ms`),
+    card(`Metric (${report.metric.name}), evaluation split`, `${num(b.metric)} → ${num(f.metric)}`, `drop ${num(f.drop)} of budget ${report.budget.max_drop} ${report.budget.mode}`),
+    card("Test split (no decision used it)", `${num(b.test_metric)} → ${num(f.test_metric)}`, `drop ${num(f.test_drop)}`, "test-metric"),
+    card("Latency median", `${b.latency_ms.median.toFixed(2)} → ${f.latency_ms.median.toFixed(2)} ms`, `p90 ${b.latency_ms.p90.toFixed(2)} → ${f.latency_ms.p90.toFixed(2)} ms; attention ${report.environment.attention}`),
     card("Latency reduction", pct(report.latency_reduction), report.message),
     card("Size", `${(b.size_bytes / 1e6).toFixed(1)} → ${(f.size_bytes / 1e6).toFixed(1)} MB`, `${f.k}/${report.layers.length} layers ${report.backend.low_precision}`),
-    card("Search", `${report.search.evaluations} evaluations`, `max ${report.search.max_evaluations}, ordering ${report.search.ordering}`));
+    card("Search", `${report.search.evaluations} evaluations`, `max ${report.search.max_evaluations}, ordering ${report.search.ordering}, Hessian ${report.search.method.hessian || "–"}`));
 }
 
 function searchChart(report) {
   const steps = report.search.steps;
   const base = report.baseline.metric;
-  const limit = report.budget.relative ? base * (1 - report.budget.max_drop) : base - report.budget.max_drop;
+  const limit = report.budget.mode === "relative" ? base * (1 - report.budget.max_drop) : base - report.budget.max_drop;
   const ks = steps.map((s) => s.k);
   const span = [0, Math.max(...ks, report.layers.length)];
   const values = [base, limit, ...steps.map((s) => s.metric)];
@@ -259,8 +269,9 @@ function layerChart(report) {
   });
 }
 
-const LAYER_COLUMNS = [["name", "Layer"], ["kind", "Kind"], ["params", "Params"], ["hessian_trace", "Tr(H)"], ["trace_stderr", "± stderr"],
-                       ["interlayer", "Inter-layer"], ["score", "Score"], ["rank", "Rank"], ["precision", "Precision"]];
+const LAYER_COLUMNS = [["name", "Layer"], ["kind", "Kind"], ["params", "Params"], ["hessian_trace", "Tr(H) at output"], ["trace_stderr", "± stderr"],
+                       ["output_error", "Output error"], ["hessian_term", "Hessian term"], ["interlayer", "Inter-layer"], ["score", "Score"],
+                       ["rank", "Rank"], ["precision", "Precision"]];
 
 function layerTable(report) {
   let rows = report.layers.map((l, i) => ({ ...l, position: i }));
@@ -277,8 +288,11 @@ function layerTable(report) {
     return el("th", { scope: "col", class: "sortable", tabindex: 0, "data-key": key, "aria-sort": "none", onclick: sort, onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sort(); } } }, label);
   }));
   fill();
+  const skipped = report.skipped_layers.length
+    ? el("p", { class: "muted", id: "skipped-layers" }, "Not candidates: ", ...report.skipped_layers.map((l, i) => el("span", {}, i ? "; " : "", el("code", {}, l.name), ` (${l.reason})`)))
+    : null;
   return el("div", { class: "panel" }, el("h2", { style: "margin-top:0" }, "Layers (click a column to sort)"),
-    el("div", { class: "table-wrap" }, el("table", { id: "layer-table" }, el("thead", {}, header), body)));
+    el("div", { class: "table-wrap" }, el("table", { id: "layer-table" }, el("thead", {}, header), body)), skipped);
 }
 
 async function cancelJob(id) {

@@ -8,6 +8,8 @@ keyword plumbing, shape checks and output dataclasses).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -72,12 +74,34 @@ ADAPTERS = {
 
 
 def adapt(model: nn.Module, task: str) -> ModelAdapter:
+    """The model keeps the attention kernel transformers chose for it (SDPA where supported): that is
+    what users deploy, so baseline, plans, latency and artifact all run it."""
     if task not in ADAPTERS:
         raise ValueError(f"unsupported task {task!r}; supported: {', '.join(TASKS)}")
-    if hasattr(model, "config"):
-        # Eager attention: SDPA has no double backward on CPU, which Hutchinson needs.
-        model.config._attn_implementation = "eager"
     return ADAPTERS[task](model.eval()).eval()
+
+
+def attention_implementation(adapter: nn.Module) -> str | None:
+    """The attention kernel the model runs ('sdpa', 'eager', ...), or None for a model without attention."""
+    config = getattr(getattr(adapter, "model", adapter), "config", None)
+    has_attention = any("Attention" in type(m).__name__ for m in adapter.modules())
+    return getattr(config, "_attn_implementation", None) if has_attention and config is not None else None
+
+
+@contextlib.contextmanager
+def eager_attention(adapter: nn.Module):
+    """Eager attention for the duration: SDPA has no double backward on CPU, which a Hessian-vector
+    product needs. Only the Hessian computation uses it; everything measured runs the model's own kernel."""
+    config = getattr(getattr(adapter, "model", adapter), "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    if previous is None or previous == "eager":
+        yield
+        return
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 def quantizable_layers(adapter: nn.Module) -> dict[str, nn.Module]:

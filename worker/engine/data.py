@@ -1,4 +1,7 @@
-"""Calibration and evaluation data: disjoint splits of batches of model inputs, with optional labels.
+"""Calibration, evaluation and test data: disjoint splits of batches of model inputs, with optional labels.
+
+Calibration feeds the sensitivity analysis and static activation ranges; evaluation scores every plan
+the search considers; test scores only the final plan, once, so its figure is free of selection bias.
 
 A `Dataset` is what every other phase consumes. It comes from a builtin, an HF dataset ID, a local
 file under the allowed root (JSONL/CSV text, a folder of images per class, or `.npz`), or, only when
@@ -33,15 +36,20 @@ class DataOptions:
     synthetic: bool = False
     calibration_samples: int = 128
     eval_samples: int = 256
+    test_samples: int = 256
     batch_size: int = 8
     seq_len: int = 128
     seed: int = 0
+
+
+SPLITS = ("calibration", "evaluation", "test")
 
 
 @dataclass
 class Dataset:
     calibration: list[Batch]
     evaluation: list[Batch]
+    test: list[Batch]
     labelled: bool
     description: str
     synthetic: bool = False
@@ -50,19 +58,24 @@ class Dataset:
 
 def split_batches(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None, options: DataOptions,
                   description: str, synthetic: bool = False) -> Dataset:
-    """Shuffle once with the seed, then cut disjoint calibration and evaluation splits."""
+    """Shuffle once with the seed, then cut disjoint calibration, evaluation and test splits."""
     n = len(next(iter(inputs.values())))
-    need = options.calibration_samples + options.eval_samples
-    if n < 2:
-        raise InputError(f"data has {n} example(s); need at least 2 for disjoint calibration and evaluation")
-    if need > n:  # shrink both splits proportionally rather than overlap them
-        scale = n / need
-        calib_n = max(1, int(options.calibration_samples * scale))
-        eval_n = n - calib_n
-    else:
-        calib_n, eval_n = options.calibration_samples, options.eval_samples
+    wanted = {"calibration": options.calibration_samples, "evaluation": options.eval_samples,
+              "test": options.test_samples}
+    if n < len(SPLITS):
+        raise InputError(f"data has {n} example(s); need at least {len(SPLITS)} for disjoint calibration, "
+                         "evaluation and test splits")
+    sizes = dict(wanted)
+    if sum(wanted.values()) > n:  # shrink every split proportionally rather than overlap them
+        scale = n / sum(wanted.values())
+        sizes = {split: max(1, int(count * scale)) for split, count in wanted.items()}
+        while sum(sizes.values()) > n:  # the max(1, ·) floors can overshoot on tiny data
+            largest = max(sizes, key=sizes.get)
+            sizes[largest] -= 1
+        sizes["test"] += n - sum(sizes.values())
     order = torch.randperm(n, generator=torch.Generator().manual_seed(options.seed))
-    parts = {"calibration": order[:calib_n], "evaluation": order[calib_n:calib_n + eval_n]}
+    bounds = torch.tensor([0, *sizes.values()]).cumsum(0).tolist()
+    parts = {split: order[bounds[i]:bounds[i + 1]] for i, split in enumerate(SPLITS)}
 
     def batches(index: torch.Tensor) -> list[Batch]:
         out = []
@@ -74,14 +87,8 @@ def split_batches(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None, 
             out.append(batch)
         return out
 
-    return Dataset(
-        calibration=batches(parts["calibration"]),
-        evaluation=batches(parts["evaluation"]),
-        labelled=labels is not None,
-        description=description,
-        synthetic=synthetic,
-        sizes={"calibration": calib_n, "evaluation": eval_n},
-    )
+    return Dataset(**{split: batches(parts[split]) for split in SPLITS}, labelled=labels is not None,
+                   description=description, synthetic=synthetic, sizes=sizes)
 
 
 def tokenize(tokenizer, texts: list[str], seq_len: int) -> dict[str, torch.Tensor]:
@@ -192,7 +199,7 @@ def _read_hf_dataset(options: DataOptions, task: str):
     import datasets
 
     name, config = parse_hf_dataset_id(options.spec)
-    limit = options.calibration_samples + options.eval_samples
+    limit = options.calibration_samples + options.eval_samples + options.test_samples
     try:
         ds = datasets.load_dataset(name, config, split=f"{options.split}[:{limit}]")
     except Exception as exc:  # the hub, a missing split or column: report, do not crash
@@ -212,7 +219,7 @@ def _read_hf_dataset(options: DataOptions, task: str):
 
 def synthetic(task: str, options: DataOptions, tokenizer=None, image_shape: tuple[int, ...] | None = None) -> Dataset:
     """Random inputs: only for latency work or smoke tests; the metric is fidelity to the fp32 model."""
-    n = options.calibration_samples + options.eval_samples
+    n = options.calibration_samples + options.eval_samples + options.test_samples
     generator = torch.Generator().manual_seed(options.seed)
     if task == IMAGE_CLASSIFICATION:
         inputs = {"pixel_values": torch.randn((n, *(image_shape or (3, 224, 224))), generator=generator)}

@@ -1,4 +1,4 @@
-"""The compression pipeline: load, baseline, sensitivity, search, latency, export.
+"""The compression pipeline: load, baseline, sensitivity, search, final, export.
 
 `compress()` is the engine's one entry point; the CLI and the Celery task both call it. Progress goes
 to a callback, which may raise `Cancelled` to stop the job at the next step boundary.
@@ -16,18 +16,24 @@ from typing import Callable
 import torch
 
 from . import sensitivity as sens
-from .adapters import adapt
+from .adapters import adapt, attention_implementation, quantizable_layers
 from .data import DataOptions
 from .errors import InputError
 from .evaluation import Evaluator
+from .kernels import Backend, choose_backend, float_model
 from .latency import LatencyOptions, measure
 from .plan import Plan
-from .quantize import Backend, apply_plan, choose_backend, float_model, model_size_bytes, save_artifact
-from .report import REPORT_FORMAT, STATUS_MESSAGES, write_report
+from .artifact import model_size_bytes, save_artifact
+from .report import STATUS_MESSAGES, Baseline, Final, Report
 from .search import Budget, bisect_layers, max_evaluations
 from .sources import load_model, parse_source
 
-PHASES = ("load", "baseline", "sensitivity", "search", "latency", "export")
+PHASES = ("load", "baseline", "sensitivity", "search", "final", "export")
+
+# Below this many test samples the test-split figure is too coarse to lean on.
+MIN_TEST_SAMPLES = 50
+# A top-1 metric over fewer distinct predicted classes than this cannot tell plans apart.
+MIN_DISTINCT_CLASSES = 5
 
 
 @dataclass
@@ -41,7 +47,7 @@ class Progress:
 
 
 # Share of the job's progress bar each phase takes (sensitivity and search dominate the time).
-PHASE_WEIGHTS = {"load": 0.05, "baseline": 0.05, "sensitivity": 0.4, "search": 0.35, "latency": 0.1, "export": 0.05}
+PHASE_WEIGHTS = {"load": 0.05, "baseline": 0.05, "sensitivity": 0.4, "search": 0.35, "final": 0.1, "export": 0.05}
 
 
 @dataclass
@@ -85,7 +91,7 @@ class _Tracker:
         self.report(1.0, f"{name} done in {self.phases[name]:.1f}s")
 
 
-def _environment(device: str, backend: str) -> dict:
+def _environment(device: str, backend: str, attention: str | None) -> dict:
     import torchao
     import transformers
 
@@ -93,6 +99,7 @@ def _environment(device: str, backend: str) -> dict:
         "torch": torch.__version__, "torchao": torchao.__version__, "transformers": transformers.__version__,
         "device": device, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "quantized_engine": torch.backends.quantized.engine, "backend": backend,
+        "attention": attention or "none (the model has no attention layers)",
     }
 
 
@@ -107,7 +114,8 @@ class Workbench:
     evaluator: Evaluator
     backend: Backend
     calibration: list[tuple[torch.Tensor, ...]]
-    plan_fields: dict
+    baseline_precision: str
+    device: str
 
     @property
     def candidates(self) -> list[str]:
@@ -117,11 +125,16 @@ class Workbench:
     def example(self) -> tuple[torch.Tensor, ...]:
         return self.calibration[0]
 
-    def plan(self, ordering: list[str], k: int, low_precision: str) -> Plan:
-        return Plan.from_ordering(ordering, k, low_precision, **self.plan_fields)
+    def plan(self, low: list[str], low_precision: str) -> Plan:
+        """The plan with `low` in low precision and every other candidate in the baseline precision."""
+        chosen = set(low)
+        return Plan(layers={n: low_precision if n in chosen else self.baseline_precision for n in self.candidates},
+                    baseline_precision=self.baseline_precision, device=self.device, backend=self.backend.name,
+                    source=self.source, revision=self.revision,
+                    calibration={"batches": len(self.calibration), "data": self.evaluator.data.description})
 
     def build(self, plan: Plan) -> torch.nn.Module:
-        return apply_plan(self.adapter, plan, self.calibration)
+        return self.backend.build(plan, self.calibration)
 
 
 def prepare(source: str, options: CompressOptions) -> Workbench:
@@ -134,17 +147,30 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
     adapter = float_model(adapt(loaded.model, loaded.task), baseline_precision, options.device)
     data = _to_device(loaded.data, options.device, next(adapter.parameters()).dtype)
     evaluator = Evaluator(adapter, data, loaded.task)
-    calibration = [evaluator.inputs(b) for b in data.calibration]
-    backend = choose_backend(adapter, options.device)
+    calibration = evaluator.batches("calibration")
+    backend = choose_backend(adapter, options.device, calibration[0])
     if not backend.candidates:
         raise InputError(f"{source} has no layers the {backend.name} backend can quantize")
-    plan_fields = dict(baseline_precision=baseline_precision, device=options.device, backend=backend.name,
-                       source=str(spec), revision=loaded.revision,
-                       calibration={"batches": len(calibration), "data": data.description})
-    return Workbench(str(spec), loaded.revision, loaded.task, adapter, evaluator, backend, calibration, plan_fields)
+    return Workbench(str(spec), loaded.revision, loaded.task, adapter, evaluator, backend, calibration,
+                     baseline_precision, options.device)
 
 
-def compress(source: str, options: CompressOptions, progress: Callable[[Progress], None] | None = None) -> dict:
+def _data_warnings(bench: Workbench) -> list[str]:
+    evaluator, data = bench.evaluator, bench.evaluator.data
+    warnings = []
+    if data.synthetic:
+        warnings.append("the metric is measured on synthetic random inputs: it says nothing about real data")
+    if data.sizes["test"] < MIN_TEST_SAMPLES:
+        warnings.append(f"the test split has only {data.sizes['test']} samples: its metric is coarse")
+    if evaluator.metric_name.startswith("top1"):
+        classes = evaluator.distinct_predictions("evaluation")
+        if classes < MIN_DISTINCT_CLASSES:
+            warnings.append(f"the fp32 model predicts only {classes} distinct class(es) on the evaluation split, "
+                            f"so {evaluator.metric_name} can hardly tell plans apart")
+    return warnings
+
+
+def compress(source: str, options: CompressOptions, progress: Callable[[Progress], None] | None = None) -> Report:
     """Run the whole pipeline and return the report (also written to `options.out_dir` if set)."""
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -153,12 +179,14 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
 
     with track.phase("load"):
         bench = prepare(source, options)
-        adapter, evaluator, example = bench.adapter, bench.evaluator, bench.example
-        data = evaluator.data
+        evaluator, example = bench.evaluator, bench.example
+        warnings = [bench.backend.fallback] if bench.backend.fallback else []
+        warnings += _data_warnings(bench)
 
     with track.phase("baseline"):
         baseline = bench.backend.baseline
         baseline_metric = evaluator.metric(baseline)
+        baseline_test = evaluator.metric(baseline, "test")
         baseline_latency = measure(baseline, example, options.latency)
         baseline_size = model_size_bytes(baseline)
 
@@ -168,13 +196,15 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
             analysis = reused
             track.report(1.0, "reused the stored sensitivity analysis")
         else:
-            analysis = sens.analyse(adapter, evaluator, bench.candidates, options.sensitivity,
+            simulation = bench.backend.simulation(bench.calibration)
+            analysis = sens.analyse(simulation, evaluator, bench.candidates, options.sensitivity, bench.adapter,
                                     progress=lambda f, m: track.report(f, m))
+        warnings += analysis.warnings
 
     models: dict[int, torch.nn.Module] = {}
 
     def plan_for(k: int) -> Plan:
-        return bench.plan(analysis.ordering, k, options.low_precision)
+        return bench.plan(analysis.ordering[:k], options.low_precision)
 
     def evaluate(k: int) -> float:
         models[k] = bench.build(plan_for(k))
@@ -197,7 +227,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
     with track.phase("search"):
         result = bisect_layers(len(bench.candidates), evaluate, baseline_metric, options.budget, on_step=on_step)
 
-    with track.phase("latency"):
+    with track.phase("final"):
         chosen_k = min(latencies, key=lambda k: latencies[k].median) if latencies else 0
         if chosen_k:
             # Re-time baseline and candidate back to back so both see the same machine load.
@@ -207,60 +237,66 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         status = "compressed" if faster else ("no_speedup" if latencies else "none_fit")
         final_k = chosen_k if faster else 0
         final_model = models[final_k] if final_k else baseline
-        # The artifact must re-apply from plan.json to the original model: a float plan is the original.
-        artifact_model = models[final_k] if final_k else adapter
         final_plan = plan_for(final_k)
-        final_latency = latencies[final_k] if final_k else baseline_latency
         final_metric = next((s.metric for s in result.steps if s.k == final_k), baseline_metric)
-        final_size = model_size_bytes(final_model) if final_k else baseline_size
+        # The one look at the test split: no decision above used it.
+        final_test = evaluator.metric(final_model, "test") if final_k else baseline_test
+        final = Final(metric=final_metric, test_metric=final_test,
+                      latency_ms=(latencies[final_k] if final_k else baseline_latency).to_dict(),
+                      size_bytes=model_size_bytes(final_model) if final_k else baseline_size,
+                      drop=options.budget.drop(baseline_metric, final_metric),
+                      test_drop=options.budget.drop(baseline_test, final_test), k=final_k)
+        if final_k and not options.budget.accepts(final.test_drop):
+            warnings.append(f"on the test split the plan drops {final.test_drop:.4f}, over the budget of "
+                            f"{options.budget.max_drop} that it meets on the evaluation split ({final.drop:.4f})")
+        for step in result.steps:
+            step.chosen = step.k == final_k > 0
 
-    report = {
-        "format": REPORT_FORMAT,
-        "source": bench.source,
-        "revision": bench.revision,
-        "task": bench.task,
-        "status": status,
-        "message": STATUS_MESSAGES[status],
-        "environment": _environment(options.device, bench.backend.name),
-        "backend": {"name": bench.backend.name, "note": bench.backend.note, "low_precision": options.low_precision},
-        "data": {"description": data.description, "synthetic": data.synthetic, **data.sizes,
-                 "batch_size": options.data.batch_size, "seq_len": options.data.seq_len},
-        "metric": {"name": evaluator.metric_name, "labelled": evaluator.labelled},
-        "budget": asdict(options.budget),
-        "baseline": {"metric": baseline_metric, "latency_ms": baseline_latency.to_dict(), "size_bytes": baseline_size,
-                     "precision": bench.plan_fields["baseline_precision"]},
-        "final": {"metric": final_metric, "latency_ms": final_latency.to_dict(), "size_bytes": final_size,
-                  "drop": options.budget.drop(baseline_metric, final_metric), "k": final_k},
-        "latency_reduction": 1 - final_latency.median / baseline_latency.median,
-        "layers": [{**layer.to_dict(), "precision": final_plan.layers[layer.name]} for layer in analysis.layers],
-        "search": {
+    data = evaluator.data
+    layers = quantizable_layers(bench.adapter)
+    report = Report(
+        source=bench.source, revision=bench.revision, task=bench.task, status=status, message=STATUS_MESSAGES[status],
+        warnings=warnings,
+        environment=_environment(options.device, bench.backend.name, attention_implementation(bench.adapter)),
+        backend={"name": bench.backend.name, "note": bench.backend.note, "low_precision": options.low_precision},
+        data={"description": data.description, "synthetic": data.synthetic, **data.sizes,
+              "batch_size": options.data.batch_size, "seq_len": options.data.seq_len},
+        metric={"name": evaluator.metric_name, "labelled": evaluator.labelled},
+        budget=asdict(options.budget),
+        baseline=Baseline(metric=baseline_metric, test_metric=baseline_test, latency_ms=baseline_latency.to_dict(),
+                          size_bytes=baseline_size, precision=bench.baseline_precision),
+        final=final,
+        latency_reduction=1 - final.latency_ms["median"] / baseline_latency.median,
+        layers=[{**layer.to_dict(), "precision": final_plan.layers[layer.name]} for layer in analysis.layers],
+        skipped_layers=[{"name": name, "kind": type(layers[name]).__name__, "reason": reason}
+                        for name, reason in bench.backend.skipped.items()],
+        search={
             "ordering": options.sensitivity.ordering,
             "method": analysis.method,
             "evaluations": result.evaluations,
             "max_evaluations": max_evaluations(len(bench.candidates)),
             "best_k": result.best_k,
             "search_status": result.status,
-            "steps": [{**asdict(s), "chosen": s.k == final_k > 0} for s in result.steps],
+            "steps": [asdict(s) for s in result.steps],
         },
-        "plan": final_plan.to_dict(),
-        "phases": {},
-        "artifact": None,
-    }
+        plan=final_plan,
+    )
 
     with track.phase("export"):
         if options.out_dir:
             out = Path(options.out_dir)
-            files = save_artifact(artifact_model, final_plan, out / "artifact")
-            report["artifact"] = {name: str(path.relative_to(out)) for name, path in files.items()}
-    report["phases"] = dict(track.phases)
+            # The artifact re-applies from plan.json to the original model: a float plan is the original.
+            files = save_artifact(final_model if final_k else bench.adapter, final_plan, out / "artifact")
+            report.artifact = {name: str(path.relative_to(out)) for name, path in files.items()}
+    report.phases = dict(track.phases)
     if options.out_dir:
-        write_report(report, Path(options.out_dir) / "report.json")
+        report.write(Path(options.out_dir) / "report.json")
     return report
 
 
 def _to_device(data, device: str, dtype: torch.dtype):
     """Inputs on the model's device; float inputs (pixels) in the model's dtype, ids and labels unchanged."""
-    for split in (data.calibration, data.evaluation):
+    for split in (data.calibration, data.evaluation, data.test):
         for batch in split:
             for key, value in batch.items():
                 batch[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)

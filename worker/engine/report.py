@@ -1,11 +1,18 @@
-"""`report.json`: the contract other tools (service, dashboard, scripts) read, and its terminal rendering."""
+"""`report.json`: the contract other tools (service, dashboard, scripts) read, and its terminal rendering.
+
+One `Report`, built by `compress()`, stored by the service, served by the API and read by the
+dashboard. Versioned like the `Plan` it embeds.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-REPORT_FORMAT = "mixq.report/1"
+from .plan import Plan
+
+REPORT_FORMAT = "mixq.report/2"
 
 STATUS_MESSAGES = {
     "compressed": "mixed-precision plan within budget and faster than the baseline",
@@ -14,36 +21,96 @@ STATUS_MESSAGES = {
 }
 
 
-def write_report(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
+@dataclass
+class Measured:
+    """One model's figures: the metric on the evaluation split (which decisions used) and on the test
+    split (which none did), its latency and its serialised size."""
+
+    metric: float
+    test_metric: float
+    latency_ms: dict  # median, p90, runs
+    size_bytes: int
 
 
-def read_report(path: Path) -> dict:
-    report = json.loads(Path(path).read_text())
-    if report.get("format") != REPORT_FORMAT:
-        raise ValueError(f"{path} is not a mixq report")
-    return report
+@dataclass
+class Baseline(Measured):
+    precision: str = "fp32"
+
+
+@dataclass
+class Final(Measured):
+    drop: float = 0.0  # on the evaluation split, as the budget defines it
+    test_drop: float = 0.0
+    k: int = 0  # layers in low precision
+
+
+@dataclass
+class Report:
+    source: str
+    revision: str
+    task: str
+    status: str
+    message: str
+    warnings: list[str]  # every fallback, or figure to read with care, in a sentence
+    environment: dict
+    backend: dict
+    data: dict
+    metric: dict
+    budget: dict
+    baseline: Baseline
+    final: Final
+    latency_reduction: float
+    layers: list[dict]  # per candidate: sensitivity figures and the chosen precision
+    skipped_layers: list[dict]  # quantizable layers that are not candidates, and why
+    search: dict
+    plan: Plan
+    phases: dict = field(default_factory=dict)
+    artifact: dict | None = None
+    warm_start: dict | None = None
+    format: str = REPORT_FORMAT
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data.update(baseline=asdict(self.baseline), final=asdict(self.final), plan=self.plan.to_dict())
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        if data.get("format") != REPORT_FORMAT:
+            raise ValueError(f"not a {REPORT_FORMAT} report")
+        return cls(**{**data, "baseline": Baseline(**data["baseline"]), "final": Final(**data["final"]),
+                      "plan": Plan.from_dict(data["plan"])})
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def read(cls, path: Path) -> "Report":
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def _ms(latency: dict) -> str:
     return f"{latency['median']:.2f} ms (p90 {latency['p90']:.2f})"
 
 
-def render(report: dict) -> str:
-    """Plain-text summary for the CLI."""
-    base, final, search = report["baseline"], report["final"], report["search"]
-    metric = report["metric"]["name"]
-    lines = [
-        f"mixq: {report['source']} ({report['revision']}) - {report['status']}: {report['message']}",
+def render(report: Report) -> str:
+    """Plain-text summary for the CLI: warnings first, then the figures."""
+    base, final, search = report.baseline, report.final, report.search
+    metric = report.metric["name"]
+    lines = [f"mixq: {report.source} ({report.revision}) - {report.status}: {report.message}", ""]
+    lines += [f"warning: {warning}" for warning in report.warnings]
+    lines += ["" if report.warnings else None,
+              f"{'':12}{metric + ' (eval)':>22}{'(test)':>10}{'latency / batch':>28}{'size':>12}"]
+    for label, side in (("baseline", base), ("final", final)):
+        lines.append(f"{label:12}{side.metric:>22.4f}{side.test_metric:>10.4f}{_ms(side.latency_ms):>28}"
+                     f"{side.size_bytes / 1e6:>10.2f}MB")
+    budget = report.budget
+    lines += [
         "",
-        f"{'':12}{metric:>18}{'latency / batch':>28}{'size':>12}",
-        f"{'baseline':12}{base['metric']:>18.4f}{_ms(base['latency_ms']):>28}{base['size_bytes'] / 1e6:>10.2f}MB",
-        f"{'final':12}{final['metric']:>18.4f}{_ms(final['latency_ms']):>28}{final['size_bytes'] / 1e6:>10.2f}MB",
-        "",
-        f"latency reduction {report['latency_reduction'] * 100:.1f}%, drop {final['drop']:.4f} "
-        f"(budget {report['budget']['max_drop']}{' relative' if report['budget']['relative'] else ' absolute'}), "
-        f"{final['k']}/{len(report['layers'])} layers low precision",
+        f"latency reduction {report.latency_reduction * 100:.1f}%, drop {final.drop:.4f} on the evaluation split, "
+        f"{final.test_drop:.4f} on the test split (budget {budget['max_drop']} {budget['mode']}), "
+        f"{final.k}/{len(report.layers)} layers low precision",
         "",
         f"search ({search['ordering']}): {search['evaluations']} evaluations (max {search['max_evaluations']})",
         f"{'k':>5}{metric:>18}{'drop':>10}{'latency ms':>12}  accepted",
@@ -53,6 +120,7 @@ def render(report: dict) -> str:
         chosen = "  <- chosen" if step.get("chosen") else ""
         lines.append(f"{step['k']:>5}{step['metric']:>18.4f}{step['drop']:>10.4f}{latency:>12}  "
                      f"{'yes' if step['accepted'] else 'no'}{chosen}")
-    lines.append("")
-    lines.append("phases: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in report["phases"].items()))
-    return "\n".join(lines)
+    if report.skipped_layers:
+        lines += ["", "not candidates: " + "; ".join(f"{s['name']} ({s['reason']})" for s in report.skipped_layers)]
+    lines += ["", "phases: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in report.phases.items())]
+    return "\n".join(line for line in lines if line is not None)

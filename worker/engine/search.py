@@ -12,19 +12,24 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
+BUDGET_MODES = ("relative", "absolute")
+
+
 @dataclass(frozen=True)
 class Budget:
     """The user's degradation range: accept a drop <= max_drop; a drop >= min_drop is close enough to stop.
 
-    Drops are relative to the baseline (0.01 = 1% of the baseline metric) unless `relative` is False,
-    in which case they are absolute metric points.
+    Drops are relative to the baseline (0.01 = 1% of the baseline metric) in mode "relative", metric
+    points in mode "absolute".
     """
 
     max_drop: float
     min_drop: float = 0.0
-    relative: bool = True
+    mode: str = "relative"
 
     def __post_init__(self) -> None:
+        if self.mode not in BUDGET_MODES:
+            raise ValueError(f"budget mode must be one of {', '.join(BUDGET_MODES)}, got {self.mode!r}")
         if not 0 < self.max_drop < 1:
             raise ValueError(f"budget must be in (0, 1), got {self.max_drop}")
         if not 0 <= self.min_drop <= self.max_drop:
@@ -32,7 +37,7 @@ class Budget:
 
     def drop(self, baseline: float, metric: float) -> float:
         absolute = baseline - metric
-        if not self.relative:
+        if self.mode == "absolute":
             return absolute
         return absolute / abs(baseline) if baseline else absolute
 
@@ -51,6 +56,7 @@ class Step:
     drop: float
     accepted: bool
     latency_ms: float | None = None
+    chosen: bool = False
 
 
 @dataclass

@@ -1,29 +1,37 @@
 """Per-layer sensitivity: a Hessian term augmented with measured inter-layer dependencies.
 
-See docs/method.md for the definitions and why. In short, for each candidate layer i:
-- hessian term    Omega_i = Tr(H_i) / n_i * ||Q(W_i) - W_i||^2            (HAWQ-V2, Hutchinson trace)
+See docs/method.md for the definitions and why. In short, for each candidate layer i with output y_i:
+- hessian term    Omega_i = 1/2 * Tr(d²L/dy_i²) / n_i * ||y_i~ - y_i||²
+                  the output-space (activation-aware) form of HAWQ-V2: the trace of the loss Hessian
+                  with respect to the layer's output, times the squared error the layer's kernel makes
+                  there (weights *and* inputs quantized, as the kernel does), per element.
 - dependency term D_i, measured with every other layer's quantization in play:
     conditional   D_i = L(S) - L(S minus i)          S = all candidates quantized (leave-one-out)
     pairwise      D_i = [L({i}) - L({})] + 1/2 sum_{j neighbour of i} [L({i,j}) - L({i}) - L({j}) + L({})]
 - score           s_i = (1 - w) * Omega_i / sum|Omega| + w * D_i / sum|D|   (each term as a share of its total)
-Layers are ordered by ascending score: the least sensitive go to low precision first.
+Layers are ordered by ascending score: the least sensitive go to low precision first. Every loss L(S)
+comes from the backend's simulation, which reproduces its kernels' arithmetic.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
-from .adapters import quantizable_layers
+from .adapters import eager_attention
 from .evaluation import Evaluator
-from .hessian import HessianTrace
-from .quantize import fake_quantize_weight, simulated
+from .hessian import Blocks, GaussNewtonTrace, HessianTrace, TraceEstimate
+from .kernels import Simulation, hooks, weighted
 
 ORDERINGS = ("augmented", "hessian", "random")
 INTERLAYER = ("conditional", "pairwise")
+GAUSS_NEWTON = "gauss-newton"
+HUTCHINSON = "hutchinson"
 
 Progress = Callable[[float, str], None]
 
@@ -54,8 +62,8 @@ class LayerSensitivity:
     name: str
     kind: str
     params: int
-    quant_error: float  # ||Q(W) - W||^2
-    hessian_trace: float | None = None
+    output_error: float | None = None  # ||y~ - y||² of the layer's output under its kernel, over the probe batches
+    hessian_trace: float | None = None  # Tr(d²L/dy²) over the same batches
     trace_stderr: float | None = None
     hessian_term: float | None = None
     interlayer: float | None = None
@@ -73,11 +81,12 @@ class Sensitivity:
     layers: list[LayerSensitivity]  # network order
     ordering: list[str]  # least sensitive first
     method: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @classmethod
     def from_report(cls, report: dict) -> "Sensitivity":
         """The analysis stored in a report, for a warm start on the same model revision and data."""
-        names = {f for f in LayerSensitivity.__dataclass_fields__}
+        names = set(LayerSensitivity.__dataclass_fields__)
         layers = [LayerSensitivity(**{k: v for k, v in layer.items() if k in names}) for layer in report["layers"]]
         ordering = [layer.name for layer in sorted(layers, key=lambda l: l.rank)]
         return cls(layers=layers, ordering=ordering, method={**report["search"]["method"], "reused": True})
@@ -88,34 +97,107 @@ def _normalised(values: list[float]) -> list[float]:
     return [v / total if total else 0.0 for v in values]
 
 
-def hessian_traces(adapter: nn.Module, evaluator: Evaluator, names: list[str], options: SensitivityOptions):
-    layers = quantizable_layers(adapter)
-    weights = {n: layers[n].weight for n in names}
-    wanted = {id(w) for w in weights.values()}
-    flags = {p: p.requires_grad for p in adapter.parameters()}
-    for p in flags:  # differentiate only through the candidate weights: cheaper double backward
-        p.requires_grad_(id(p) in wanted)
+class OutputProbes:
+    """Zero tensors added to each layer's output, one per batch: derivatives of the loss with respect to
+    them are derivatives with respect to the layer outputs, and they are independent leaves, so one
+    random probe estimates every layer's output-Hessian trace at once."""
+
+    def __init__(self, modules: dict[str, nn.Module], model: nn.Module, batches: list[tuple[torch.Tensor, ...]]):
+        self.modules, self.model, self.batches = modules, model, batches
+        self.deltas: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+        self.batch = 0
+        with torch.no_grad(), hooks([m.register_forward_hook(self._shape(n)) for n, m in modules.items()]):
+            for index, inputs in enumerate(batches):
+                self.batch = index
+                model(*inputs)
+
+    def _shape(self, name: str):
+        def hook(_module, _args, out):
+            self.deltas[name].append(torch.zeros_like(out, requires_grad=True))
+        return hook
+
+    @property
+    def blocks(self) -> Blocks:
+        return self.deltas
+
+    @contextlib.contextmanager
+    def active(self):
+        def add(name):
+            return lambda _module, _args, out: out + self.deltas[name][self.batch]
+
+        with hooks([m.register_forward_hook(add(n)) for n, m in self.modules.items()]):
+            yield
+
+    def outputs(self):
+        """The model's output on each probe batch, with the probes in the graph."""
+        with self.active():
+            for index, inputs in enumerate(self.batches):
+                self.batch = index
+                yield index, self.model(*inputs)
+
+
+@contextlib.contextmanager
+def _no_weight_gradients(model: nn.Module):
+    """Derivatives are taken with respect to the output probes only: weights need none."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
     try:
-        estimator = HessianTrace(lambda: evaluator.loss(adapter, options.hessian_batches), weights, seed=options.seed)
-        return estimator.trace(options.hutchinson_max_samples, options.hutchinson_min_samples, options.hutchinson_tol)
+        yield
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
 
 
-class LossProbe:
-    """Simulated-quantization loss of layer subsets on the calibration batches, memoised."""
+def output_traces(simulation: Simulation, evaluator: Evaluator, names: list[str], options: SensitivityOptions,
+                  adapter: nn.Module) -> tuple[dict[str, TraceEstimate], str, list[str]]:
+    """Tr(d²L/dy_i²) for every candidate's output y_i, with how it was computed and any warnings.
 
-    def __init__(self, adapter: nn.Module, evaluator: Evaluator, batches: int):
-        self.adapter, self.evaluator, self.batches = adapter, evaluator, batches
-        self.layers = quantizable_layers(adapter)
+    Fidelity losses: the Gauss-Newton trace, exact at the fp32 weights (one ordinary backward per sample).
+    Labelled losses: Hutchinson's Hessian-vector products (double backward, eager attention while it runs);
+    if the model has no double backward, the Gauss-Newton (Fisher) trace of the cross-entropy, with a warning.
+    """
+    batches = evaluator.batches("calibration", options.hessian_batches)
+    modules = {n: simulation.modules[n] for n in names}
+    caps = (options.hutchinson_max_samples, options.hutchinson_min_samples, options.hutchinson_tol)
+    with _no_weight_gradients(simulation.model), torch.enable_grad():
+        probes = OutputProbes(modules, simulation.model, batches)
+
+        def gauss_newton():
+            scale = len(batches) ** -0.5  # L is the mean of the batch losses
+
+            def projection(generator):
+                return sum((out.float() * evaluator.curvature_probe(i, scale, generator)).sum()
+                           for i, out in probes.outputs())
+            return GaussNewtonTrace(projection, probes.blocks, seed=options.seed).trace(*caps)
+
+        if evaluator.fidelity:
+            return gauss_newton(), GAUSS_NEWTON, []
+
+        def loss():
+            return sum(evaluator.loss_of_output(out, i) for i, out in probes.outputs()) / len(batches)
+
+        try:
+            with eager_attention(adapter):
+                return HessianTrace(loss, probes.blocks, seed=options.seed).trace(*caps), HUTCHINSON, []
+        except RuntimeError as exc:  # an op without double backward
+            warning = (f"Hessian-vector products failed ({str(exc)[:160]}); the Hessian term uses the Gauss-Newton "
+                       "(Fisher) approximation of the cross-entropy Hessian instead")
+            return gauss_newton(), f"{GAUSS_NEWTON} (fallback)", [warning]
+
+
+class LossProbe:
+    """Simulated-kernel loss of layer subsets on the calibration batches, memoised."""
+
+    def __init__(self, simulation: Simulation, evaluator: Evaluator, batches: int):
+        self.simulation, self.evaluator, self.batches = simulation, evaluator, batches
         self.cache: dict[frozenset, float] = {}
 
     def __call__(self, subset) -> float:
         key = frozenset(subset)
         if key not in self.cache:
-            with simulated(self.adapter, key, self.layers):
-                self.cache[key] = self.evaluator.loss_value(self.adapter, self.batches)
+            with self.simulation.quantized(key):
+                self.cache[key] = self.evaluator.loss_value(self.simulation.model, self.batches)
         return self.cache[key]
 
 
@@ -143,42 +225,30 @@ def pairwise_terms(probe: LossProbe, names: list[str], progress: Progress) -> li
     return terms
 
 
-def analyse(adapter: nn.Module, evaluator: Evaluator, names: list[str], options: SensitivityOptions,
-            progress: Progress = lambda f, m: None) -> Sensitivity:
+def analyse(simulation: Simulation, evaluator: Evaluator, names: list[str], options: SensitivityOptions,
+            adapter: nn.Module, progress: Progress = lambda f, m: None) -> Sensitivity:
     """Score and order the candidate layers `names` (network order)."""
-    modules = quantizable_layers(adapter)
-    layers = [
-        LayerSensitivity(
-            name=n, kind=type(modules[n]).__name__, params=modules[n].weight.numel(),
-            quant_error=float((fake_quantize_weight(modules[n].weight) - modules[n].weight.detach()).pow(2).sum()),
-        )
-        for n in names
-    ]
+    layers = [LayerSensitivity(name=n, kind=type(weighted(simulation.modules[n])).__name__,
+                               params=sum(p.numel() for p in simulation.modules[n].parameters()))
+              for n in names]
     method: dict = {"ordering": options.ordering}
     if options.ordering == "random":
         order = list(names)
         random.Random(options.seed).shuffle(order)
-        return _ranked(layers, order, method)
+        return _ranked(layers, order, method, [])
 
-    progress(0.0, "Hessian traces (Hutchinson)")
-    probe = LossProbe(adapter, evaluator, options.interlayer_batches)
-    try:
-        traces = hessian_traces(adapter, evaluator, names, options)
-    except RuntimeError as exc:  # e.g. an op without double backward
-        method["hessian"] = f"gradient-free proxy (measured single-layer loss increase): {str(exc)[:200]}"
-        none = probe(())
-        for layer in layers:
-            layer.hessian_term = probe({layer.name}) - none
-    else:
-        method["hessian"] = "hutchinson"
-        method["hutchinson_samples"] = max(t.samples for t in traces.values())
-        for layer in layers:
-            estimate = traces[layer.name]
-            layer.hessian_trace, layer.trace_stderr = estimate.mean, estimate.stderr
-            layer.hessian_term = estimate.mean / layer.params * layer.quant_error
+    progress(0.0, "output-Hessian traces")
+    traces, how, warnings = output_traces(simulation, evaluator, names, options, adapter)
+    errors = simulation.local_errors(evaluator.batches("calibration", options.hessian_batches))
+    method.update(hessian=how, hessian_samples=max(t.samples for t in traces.values()))
+    for layer in layers:
+        estimate, (error, count) = traces[layer.name], errors[layer.name]
+        layer.hessian_trace, layer.trace_stderr, layer.output_error = estimate.mean, estimate.stderr, error
+        layer.hessian_term = 0.5 * estimate.mean / count * error
     progress(0.5, "inter-layer dependencies")
 
     hessian_share = _normalised([layer.hessian_term for layer in layers])
+    probe = LossProbe(simulation, evaluator, options.interlayer_batches)
     if options.ordering == "hessian":
         parts = [(h, 0.0) for h in hessian_share]
     else:
@@ -194,12 +264,11 @@ def analyse(adapter: nn.Module, evaluator: Evaluator, names: list[str], options:
         layer.hessian_part, layer.interlayer_part = hessian_part, interlayer_part
         layer.score = hessian_part + interlayer_part
     order = [layer.name for layer in sorted(layers, key=lambda l: l.score)]
-    return _ranked(layers, order, method)
+    return _ranked(layers, order, method, warnings)
 
 
-def _ranked(layers: list[LayerSensitivity], order: list[str], method: dict) -> Sensitivity:
+def _ranked(layers: list[LayerSensitivity], order: list[str], method: dict, warnings: list[str]) -> Sensitivity:
     rank = {name: i for i, name in enumerate(order)}
     for layer in layers:
         layer.rank = rank[layer.name]
-    return Sensitivity(layers=layers, ordering=order, method=method)
-
+    return Sensitivity(layers=layers, ordering=order, method=method, warnings=warnings)
