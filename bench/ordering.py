@@ -37,8 +37,8 @@ def options_for(model: str, ordering: str, quick: bool, cache_dir: Path) -> Comp
         budget=Budget(0.01),
         sensitivity=SensitivityOptions(ordering=ordering, hutchinson_max_samples=4 if quick else 16,
                                        hessian_batches=1 if big else 2, interlayer_batches=1 if big else 4),
-        data=DataOptions(calibration_samples=32 if big else 128, eval_samples=64 if big else 600, batch_size=8,
-                         seq_len=128),
+        data=DataOptions(calibration_samples=32 if big else 128, eval_samples=64 if big else 256,
+                         test_samples=64 if big else 256, batch_size=8, seq_len=128),
         latency=LatencyOptions(warmup=2 if big else 3, repeats=5 if big else 15),
         cache_dir=cache_dir,
     )
@@ -49,7 +49,7 @@ def run_model(model: str, quick: bool, cache_dir: Path) -> dict:
     reports = {}
     for ordering in ORDERINGS:
         started = time.perf_counter()
-        reports[ordering] = compress(source, options_for(model, ordering, quick, cache_dir))
+        reports[ordering] = compress(source, options_for(model, ordering, quick, cache_dir)).to_dict()
         reports[ordering]["wall_seconds"] = round(time.perf_counter() - started, 1)
         print(f"  {model} {ordering}: {reports[ordering]['status']}, k={reports[ordering]['final']['k']}, "
               f"reduction {reports[ordering]['latency_reduction']:.1%}, {reports[ordering]['wall_seconds']}s",
@@ -62,15 +62,15 @@ def run_model(model: str, quick: bool, cache_dir: Path) -> dict:
         grid[ordering] = {}
         for fraction in FRACTIONS:
             k = max(1, round(fraction * layers))
-            grid[ordering][k] = bench.evaluator.metric(bench.build(bench.plan(order, k, "int8")))
+            grid[ordering][k] = bench.evaluator.metric(bench.build(bench.plan(order[:k], "int8")))
     return {"model": model, "layers": layers, "reports": reports, "grid": grid}
 
 
 def markdown(results: list[dict]) -> str:
     lines = [
         "| model | ordering | metric at k = 25% / 50% / 75% of layers | search: evaluations | chosen k "
-        "| metric (base → final) | latency ms (base → final) | reduction | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| metric (base → final) | test split (base → final) | latency ms (base → final) | reduction | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         for ordering, report in result["reports"].items():
@@ -79,6 +79,7 @@ def markdown(results: list[dict]) -> str:
                 f"| {result['model']} ({result['layers']} layers, {report['metric']['name']}) | {ordering} | {grid} "
                 f"| {report['search']['evaluations']} | {report['final']['k']} "
                 f"| {report['baseline']['metric']:.4f} → {report['final']['metric']:.4f} "
+                f"| {report['baseline']['test_metric']:.4f} → {report['final']['test_metric']:.4f} "
                 f"| {report['baseline']['latency_ms']['median']:.1f} → {report['final']['latency_ms']['median']:.1f} "
                 f"| {report['latency_reduction']:.1%} | {report['wall_seconds']} |")
     return "\n".join(lines) + "\n"
