@@ -150,6 +150,17 @@ def test_cancel_running_job_stops_at_next_step(client, keys):
     assert client.get(f"/v1/jobs/{job_id}/report", headers=headers).status_code == 409
 
 
+def test_real_conv_net_runs_as_a_job(client, keys):
+    """EfficientNet-Lite0 with its real ImageNet weights, on the bundled photographs, end to end."""
+    headers = auth(keys["a"])
+    job_id = submit(client, keys["a"], model="builtin:efficientnet-lite0", test_samples=64).json()["id"]
+    assert runner.run(job_id, worker="w-efficientnet") == "succeeded"
+    report = client.get(f"/v1/jobs/{job_id}/report", headers=headers).json()
+    assert report["metric"]["name"] == "top1_agreement" and report["backend"]["name"] == "fx-static-int8"
+    assert len(report["layers"]) == 50 and report["search"]["evaluations"] >= 1
+    assert report["final"]["drop"] <= 0.01 and 0 < report["final"]["test_metric"] <= 1
+
+
 def test_failed_job_says_why(client, keys):
     headers = auth(keys["a"])
     job_id = submit(client, keys["a"], data={"spec": "hf:no-such/dataset"}).json()["id"]

@@ -80,8 +80,9 @@ def submit(page, model: str, **advanced):
 
 
 def test_submit_watch_and_inspect_a_job(page, server):
-    # A 20-sample test split: the report warns that its figure is coarse, and the page must show that.
-    submit(page, "builtin:digits-resnet", calibration_samples=32, eval_samples=64, test_samples=20,
+    # The real-weight conv net; a 20-sample test split makes the report warn that its figure is coarse,
+    # and the page must show that.
+    submit(page, "builtin:efficientnet-lite0", calibration_samples=32, eval_samples=64, test_samples=20,
            hutchinson_samples=2)
     row = page.wait_for_selector('tr.job-row[data-status="succeeded"]', timeout=300_000)
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -94,8 +95,8 @@ def test_submit_watch_and_inspect_a_job(page, server):
     points = page.evaluate("() => Chart.getChart('search-chart').data.datasets[0].data.length")
     bars = page.evaluate("() => Chart.getChart('layer-chart').data.datasets.map(d => d.data.length)")
     assert points == len(report["search"]["steps"]) >= 1
-    assert bars == [len(report["layers"])] * 2 == [13, 13]  # one mark per layer, Hessian and inter-layer parts
-    assert page.locator("#layer-table tbody tr").count() == 13
+    assert bars == [len(report["layers"])] * 2 == [50, 50]  # one mark per layer, Hessian and inter-layer parts
+    assert page.locator("#layer-table tbody tr").count() == 50
     assert page.locator("#timeline div").count() == 6
     assert "Latency reduction" in page.inner_text("#summary")
     assert f"{report['final']['test_metric']:.4f}" in page.inner_text("#test-metric")
@@ -106,7 +107,7 @@ def test_submit_watch_and_inspect_a_job(page, server):
     page.screenshot(path=str(SHOTS / "job-detail.png"), full_page=True)
     with page.expect_download() as download:
         page.click("text=Download report")
-    assert json.loads(Path(download.value.path()).read_text())["source"] == "builtin:digits-resnet"
+    assert json.loads(Path(download.value.path()).read_text())["source"] == "builtin:efficientnet-lite0"
 
 
 def test_bad_budget_shows_the_api_message_next_to_the_field(page, server):

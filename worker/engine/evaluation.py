@@ -4,10 +4,12 @@
 |----------------------------|---------------------------------------|-----------------------------------|
 | classifier, labels         | top-1 accuracy                        | cross-entropy with the labels     |
 | classifier, no labels      | top-1 agreement with the fp32 model   | KL(fp32 softmax || model softmax) |
+|   (`metric="logit_cosine"`)| mean cosine of the logits to fp32     | KL(fp32 softmax || model softmax) |
 | embeddings                 | mean cosine to fp32 embeddings        | 1/2 squared distance to fp32      |
 
 Without labels the metric and the loss are fidelity to the fp32 model, computed once here as the
-reference. A fidelity loss is zero with zero gradient at the fp32 weights, so its Hessian there is
+reference. The cosine of the logits is for classifiers whose top-1 answers barely vary (random weights):
+it moves continuously, where agreement would stay at 1.0 until it jumps. A fidelity loss is zero with zero gradient at the fp32 weights, so its Hessian there is
 exactly the Gauss-Newton matrix; `curvature_probe` samples the output-space factor of that matrix.
 """
 
@@ -19,12 +21,16 @@ import torch.nn.functional as F
 from .adapters import FEATURE_EXTRACTION, ModelAdapter
 from .data import SPLITS, Batch, Dataset
 
+LOGIT_COSINE = "logit_cosine"
+
+
 class Evaluator:
-    def __init__(self, adapter: ModelAdapter, data: Dataset, task: str):
+    def __init__(self, adapter: ModelAdapter, data: Dataset, task: str, metric: str | None = None):
         self.input_names = adapter.input_names
         self.data = data
         self.embedding = task == FEATURE_EXTRACTION
         self.labelled = data.labelled and not self.embedding
+        self.logit_cosine = metric == LOGIT_COSINE and not self.labelled and not self.embedding
         with torch.inference_mode():
             self.reference = {split: [adapter(*self.inputs(b)).float() for b in getattr(data, split)]
                               for split in SPLITS}
@@ -35,7 +41,7 @@ class Evaluator:
             return "cosine_fidelity"
         if self.labelled:
             return "top1_accuracy"
-        return "top1_agreement"
+        return LOGIT_COSINE if self.logit_cosine else "top1_agreement"
 
     @property
     def fidelity(self) -> bool:
@@ -54,7 +60,7 @@ class Evaluator:
         total, count = 0.0, 0
         for batch, reference in zip(getattr(self.data, split), self.reference[split]):
             out = model(*self.inputs(batch)).float()
-            if self.embedding:
+            if self.embedding or self.logit_cosine:
                 total += F.cosine_similarity(out, reference, dim=-1).sum().item()
             else:
                 target = batch["labels"] if self.labelled else reference.argmax(-1)

@@ -147,7 +147,7 @@ class Simulation:
 
         def record(name):
             def hook(module, args, out):
-                error = self._low_output(name, module, args[0]) - out
+                error = self._error(name, module, args[0], out)
                 totals[name][0] += float(error.double().pow(2).sum())
                 totals[name][1] += out.numel()
             return hook
@@ -157,7 +157,8 @@ class Simulation:
                 self.model(*inputs)
         return {name: (error, count) for name, (error, count) in totals.items()}
 
-    def _low_output(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _error(self, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The error in `module`'s output `out` (from input `x`) when it runs low precision."""
         raise NotImplementedError
 
 
@@ -179,8 +180,8 @@ class LinearSimulation(Simulation):
         with swapped_weights(low), hooks(pre):
             yield
 
-    def _low_output(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.activation(x), self.low_weights[name], module.bias)
+    def _error(self, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.activation(x), self.low_weights[name], module.bias) - out
 
 
 class FxStaticSimulation(Simulation):
@@ -218,6 +219,7 @@ class FxStaticSimulation(Simulation):
         modules = dict(prepared.named_modules())
         self.modules = {name: modules[name] for name in backend.candidates}
         self.low_weights = {name: int8_per_channel(weighted(m).weight) for name, m in self.modules.items()}
+        self.clamped = {name for name in backend.candidates if backend.feeds_only_relu6(name)}
         self.into = {consumer.target: fake for fake, _, consumer in self.edges if consumer.target in candidates}
         self.out_of = {producer.target: fake for fake, producer, _ in self.edges if producer.target in candidates}
 
@@ -261,11 +263,15 @@ class FxStaticSimulation(Simulation):
     def _is_edge(node: torch.fx.Node) -> bool:
         return node.op == "call_module" and node.target.startswith("mixq_fake_quant_")
 
-    def _low_output(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        into, out = self.into.get(name), self.out_of.get(name)
+    def _error(self, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        into, out_edge = self.into.get(name), self.out_of.get(name)
         with swapped_weights({weighted(module): self.low_weights[name]}):
-            y = module.forward(into.quantize(x, "consumer") if into else x)  # forward(): no hooks, no recursion
-        return out.quantize(y, "producer") if out else y
+            low = module.forward(into.quantize(x, "consumer") if into else x)  # forward(): no hooks, no recursion
+        if out_edge:
+            low = out_edge.quantize(low, "producer")
+        if name in self.clamped:  # the ReLU6 after it drops what the clamped observer clips: compare after it
+            return low.clamp(0, 6) - out.clamp(0, 6)
+        return low - out
 
 
 # ---- backends ------------------------------------------------------------------------------------
@@ -346,6 +352,10 @@ class FxStaticInt8(Backend):
         self.tensor_nodes = {n.name for n in graph.graph.nodes
                              if isinstance(n.meta.get("tensor_meta"), torch.fx.passes.shape_prop.TensorMetadata)}
         self.supported, self.passthrough = _fx_supported_ops()
+        # A module called more than once becomes one quantized module for all its calls: only a pass-through
+        # op (which works on either kind of tensor) may then run int8 in some calls and float in others.
+        calls = [n.target for n in graph.graph.nodes if n.op == "call_module"]
+        self.shared_modules = {target for target in calls if calls.count(target) > 1}
 
     def op_key(self, node: torch.fx.Node, modules: dict[str, nn.Module]):
         return type(modules[node.target]) if node.op == "call_module" else node.target
@@ -371,10 +381,37 @@ class FxStaticInt8(Backend):
                     int8.add(node)
                 continue
             inputs = [source(i) for i in node.all_input_nodes]
-            if (node.name in self.tensor_nodes and self.op_key(node, modules) in self.supported and inputs
-                    and all(i in int8 for i in inputs)):
+            key = self.op_key(node, modules)
+            if (node.name in self.tensor_nodes and key in self.supported and inputs and all(i in int8 for i in inputs)
+                    and (key in self.passthrough or node.target not in self.shared_modules)):
                 int8.add(node)
         return int8
+
+    def _qconfig(self, node: torch.fx.Node, modules: dict[str, nn.Module]):
+        return self.defaults.object_type_qconfigs.get(self.op_key(node, modules), self.defaults.global_qconfig)
+
+    @staticmethod
+    def _clamp_observed(observer: nn.Module, low: float, high: float) -> None:
+        observer.register_forward_pre_hook(lambda _module, args: (args[0].clamp(low, high), *args[1:]))
+
+    def _clamp_relu6_outputs(self, prepared: torch.fx.GraphModule, low: set[str]) -> None:
+        """A layer whose output only feeds ReLU6 gets its output observer fed the clamped values, so the
+        int8 layer clamps in its own requantization (as a fused conv-ReLU6 would) instead of spending its
+        256 levels on values ReLU6 discards; its input observer is left alone."""
+        from torch.ao.quantization.observer import ObserverBase
+
+        for node in prepared.graph.nodes:
+            producer = node.args[0] if node.op == "call_module" and node.args else None
+            if (isinstance(producer, torch.fx.Node) and producer.op == "call_module" and producer.target in low
+                    and self.feeds_only_relu6(producer.target)
+                    and isinstance(prepared.get_submodule(node.target), ObserverBase)):
+                self._clamp_observed(prepared.get_submodule(node.target), 0.0, 6.0)
+
+    def feeds_only_relu6(self, layer: str) -> bool:
+        modules = dict(self.graph.named_modules())
+        node = next((n for n in self.graph.graph.nodes if n.op == "call_module" and n.target == layer), None)
+        return (layer in self.candidates and node is not None and bool(node.users)
+                and all(_is_relu6(user, modules) for user in node.users))
 
     def mapping(self, low: set[str], elementwise: bool = True):
         """The QConfigMapping that quantizes exactly the plan's int8 nodes (everything else float);
@@ -386,26 +423,35 @@ class FxStaticInt8(Backend):
         int8 = self.int8_nodes(self.graph.graph, low)
         if not elementwise:
             int8 = {n for n in int8 if n.op == "call_module" and n.target in low}
-        seen: dict = {}
-        for node in self.graph.graph.nodes:
-            if node.op == "call_function":  # functional ops are addressed by their order at the root
-                index = seen.get(node.target, 0)
-                seen[node.target] = index + 1
-            if node not in int8:
-                continue
-            key = self.op_key(node, modules)
-            qconfig = self.defaults.object_type_qconfigs.get(key, self.defaults.global_qconfig)
-            if node.op == "call_module":
-                mapping.set_module_name(node.target, qconfig)
-            else:
-                mapping.set_module_name_object_type_order("", node.target, index, qconfig)
+        for node, (scope, op, index) in self._call_order().items():
+            if node in int8:  # addressed per call: a module can be called twice, once int8 and once not
+                mapping.set_module_name_object_type_order(scope, op, index, self._qconfig(node, modules))
         return mapping
+
+    def _call_order(self) -> dict[torch.fx.Node, tuple[str, object, int]]:
+        """Each op node's (scope, op, index) as FX's QConfigMapping counts them: functional ops by their
+        order at the root of this flat graph, module calls by their order among same-type calls in the
+        module's parent."""
+        modules = dict(self.graph.named_modules())
+        counts: dict = {}
+        order = {}
+        for node in self.graph.graph.nodes:
+            if node.op == "call_function":
+                scope, op = "", node.target
+            elif node.op == "call_module":
+                scope, op = node.target.rpartition(".")[0], type(modules[node.target])
+            else:
+                continue
+            order[node] = (scope, op, counts.get((scope, op), 0))
+            counts[scope, op] = order[node][2] + 1
+        return order
 
     def calibrated(self, low: set[str], data: list[Inputs], elementwise: bool = True) -> torch.fx.GraphModule:
         """The graph prepared for a plan, its observers having seen the calibration batches."""
         from torch.ao.quantization.quantize_fx import prepare_fx
 
         prepared = prepare_fx(copy.deepcopy(self.graph), self.mapping(low, elementwise), data[0])
+        self._clamp_relu6_outputs(prepared, low)
         with torch.inference_mode():
             for inputs in data:
                 prepared(*inputs)
@@ -422,6 +468,14 @@ class FxStaticInt8(Backend):
 
     def simulation(self, calibration: list[Inputs]) -> Simulation:
         return FxStaticSimulation(self, calibration)
+
+
+def _is_relu6(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        module = modules[node.target]
+        return isinstance(module, nn.ReLU6) or (isinstance(module, nn.Hardtanh) and (module.min_val, module.max_val)
+                                                == (0.0, 6.0))
+    return node.op == "call_function" and node.target is F.relu6
 
 
 def _fx_supported_ops() -> tuple[set, set]:

@@ -146,7 +146,7 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
     baseline_precision = "fp32" if options.device == "cpu" else "fp16"
     adapter = float_model(adapt(loaded.model, loaded.task), baseline_precision, options.device)
     data = _to_device(loaded.data, options.device, next(adapter.parameters()).dtype)
-    evaluator = Evaluator(adapter, data, loaded.task)
+    evaluator = Evaluator(adapter, data, loaded.task, loaded.metric)
     calibration = evaluator.batches("calibration")
     backend = choose_backend(adapter, options.device, calibration[0])
     if not backend.candidates:

@@ -64,6 +64,7 @@ class LoadedModel:
     task: str
     revision: str
     data: Dataset
+    metric: str | None = None  # a builtin's own metric for its own data
 
 
 TASK_BY_ARCHITECTURE_SUFFIX = {
@@ -98,7 +99,8 @@ def load_model(spec: ModelSpec, data_options: DataOptions, model_root: Path | No
         if data_options.spec or data_options.synthetic:
             built.data = load_dataset_for(built.task, data_options, model_root, tokenizer=built.tokenizer,
                                           image_shape=_image_shape(built.data))
-        return LoadedModel(spec, built.model, built.task, built.version, built.data)
+            built.metric = None
+        return LoadedModel(spec, built.model, built.task, built.version, built.data, built.metric)
     location = str(resolve_under_root(spec.id, model_root, what="model")) if spec.kind == "local" else spec.id
     return _load_transformers(spec, location, data_options, model_root, revision)
 

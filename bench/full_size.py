@@ -1,0 +1,69 @@
+"""Full-size models at a 1% budget: each builtin compressed by the real CLI in its own process, so its peak
+memory is its own. Writes bench/results/full_size.{json,md}.
+
+    .venv/bin/python bench/full_size.py [--models efficientnet-lite0,resnet50,mobilenetv2,bert-base]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--budget", "0.01", "--hutchinson-samples", "4", "--calibration-samples", "32", "--eval-samples", "128",
+        "--test-samples", "128", "--latency-repeats", "7", "--json"]
+
+
+def run(model: str) -> dict:
+    started = time.perf_counter()
+    process = subprocess.Popen([str(ROOT / ".venv" / "bin" / "mixq"), "compress", f"builtin:{model}", *ARGS],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+    out = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    if status != 0:
+        raise SystemExit(f"{model}: mixq compress failed with status {status}")
+    report = json.loads(out)
+    report["bench"] = {"wall_seconds": round(time.perf_counter() - started, 1),
+                       "peak_rss_gb": round(usage.ru_maxrss / 1024 ** 2, 2), "command": ["mixq", "compress", model, *ARGS]}
+    return report
+
+
+def markdown(reports: list[dict]) -> str:
+    lines = ["| model | backend | metric | k / layers | evaluations | metric eval (test) | fp32 → final ms | reduction "
+             "| size MB | phases s (load, baseline, sensitivity, search, final) | wall s | peak RSS GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        phases = ", ".join(f"{r['phases'][p]:.0f}" for p in ("load", "baseline", "sensitivity", "search", "final"))
+        lines.append(
+            f"| {r['source'].removeprefix('builtin:')} | {r['backend']['name']} | {r['metric']['name']} "
+            f"| {r['final']['k']} / {len(r['layers'])} | {r['search']['evaluations']} "
+            f"| {r['final']['metric']:.4f} ({r['final']['test_metric']:.4f}) "
+            f"| {r['baseline']['latency_ms']['median']:.1f} → {r['final']['latency_ms']['median']:.1f} "
+            f"| {r['latency_reduction']:.1%} | {r['baseline']['size_bytes'] / 1e6:.0f} → {r['final']['size_bytes'] / 1e6:.0f} "
+            f"| {phases} | {r['bench']['wall_seconds']:.0f} | {r['bench']['peak_rss_gb']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="efficientnet-lite0,resnet50,mobilenetv2,bert-base")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    reports = []
+    for model in args.models.split(","):
+        print(f"{model}...", flush=True)
+        reports.append(run(model))
+        print(markdown(reports[-1:]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "full_size.json").write_text(json.dumps(reports, indent=2))
+    (args.out / "full_size.md").write_text(markdown(reports))
+    print(markdown(reports))
+
+
+if __name__ == "__main__":
+    main()
