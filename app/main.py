@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.api.routes import health, jobs, models, registry
-from app.settings import get_settings
+from app.core.settings import get_settings
 
 STATIC = Path(__file__).parent / "static"
 

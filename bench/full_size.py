@@ -6,15 +6,12 @@ memory is its own. Writes bench/results/full_size.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, parser, save
 ARGS = ["--budget", "0.01", "--hutchinson-samples", "4", "--calibration-samples", "32", "--eval-samples", "128",
         "--test-samples", "128", "--latency-repeats", "7", "--json"]
 
@@ -50,19 +47,12 @@ def markdown(reports: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="efficientnet-lite0,resnet50,mobilenetv2,bert-base")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    args = parser.parse_args()
+    args = parser(__doc__, "efficientnet-lite0,resnet50,mobilenetv2,bert-base").parse_args()
     reports = []
     for model in args.models.split(","):
         print(f"{model}...", flush=True)
         reports.append(run(model))
-        print(markdown(reports[-1:]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "full_size.json").write_text(json.dumps(reports, indent=2))
-    (args.out / "full_size.md").write_text(markdown(reports))
-    print(markdown(reports))
+        save(args.out, "full_size", reports, markdown(reports))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.logs import quiet_library_noise  # noqa: E402
+from app.core.logs import quiet_library_noise  # noqa: E402
 
 quiet_library_noise()
 

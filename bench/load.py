@@ -1,29 +1,35 @@
-"""Submit and poll throughput and latency of the jobs API (a benchmark, not a test).
+"""Submit and poll throughput and latency of the jobs API, its start time and memory (a benchmark, not a test).
 
-Starts the API as its own process on 127.0.0.1 (no worker: jobs stay queued, so this measures the API,
-database and broker path), then sends a bounded number of submits and polls from a few client threads.
+Starts the API as `mixq serve --no-worker` does in production (uvicorn, `--workers` processes, API keys
+on), with no job worker, so this measures the API, database and broker path; then drives it with wrk (a C
+load generator, so the client takes little of the two cores): POST /v1/jobs from 8 connections, then
+GET /v1/jobs/{id} from 16, each for `--seconds`.
 
-    .venv/bin/python bench/load.py                      # embedded default (SQLite + kombu SQLAlchemy)
-    .venv/bin/python bench/load.py --postgres-redis     # also PostgreSQL + Redis on this machine
+    .venv/bin/python bench/load.py                        # embedded default (SQLite + kombu SQLAlchemy)
+    .venv/bin/python bench/load.py --postgres-redis       # also PostgreSQL + Redis on this machine
+    .venv/bin/python bench/load.py --root ../old --name load-before   # another checkout, same machine
+
+Needs wrk (Debian: apt-get install wrk).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import re
+import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, ROOT, save
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
 def _port() -> int:
@@ -32,101 +38,121 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _start(env: dict) -> tuple[subprocess.Popen, str, str]:
-    subprocess.run([sys.executable, "-m", "app.cli", "db", "upgrade"], env=env, cwd=ROOT, check=True,
-                   capture_output=True)
-    key = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "load"], env=env, cwd=ROOT,
-                         check=True, capture_output=True, text=True).stdout.strip()
+def _rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (uvicorn's worker processes)."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    total = 0
+    for p in [str(pid), *children]:
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except FileNotFoundError:
+            continue
+        total += int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+    return total / 1024
+
+
+def _start(root: Path, env: dict, workers: int) -> tuple[subprocess.Popen, str, str, float]:
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, cwd=root, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    cli("db", "upgrade")
+    key = cli("keys", "create", "--tenant", "load")
     port = _port()
-    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host",
-                            "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env, cwd=ROOT,
-                           start_new_session=True)
+    started = time.perf_counter()
+    # One process: the production factory under uvicorn (any checkout has it); more: `mixq serve --workers`.
+    command = (["-m", "uvicorn", "--factory", "app.main:create_app", "--log-level", "warning"] if workers == 1 else
+               ["-m", "app.cli", "serve", "--no-worker", "--workers", str(workers)])
+    api = subprocess.Popen([sys.executable, *command, "--host", "127.0.0.1", "--port", str(port)],
+                           env={**env, "MIXQ_AUTH_DISABLED": "false"}, cwd=root, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
+    while time.perf_counter() - started < 120:
         try:
             if httpx.get(f"{url}/healthz").status_code == 200:
-                return api, url, key
+                return api, url, key, time.perf_counter() - started
         except httpx.HTTPError:
-            time.sleep(0.1)
+            time.sleep(0.05)
     raise RuntimeError("API did not start")
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+def _wrk(url: str, connections: int, seconds: int, script: Path | None = None, headers: dict | None = None) -> dict:
+    command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    for name, value in (headers or {}).items():
+        command += ["-H", f"{name}: {value}"]
+    if script:
+        command += ["-s", str(script)]
+    out = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+    percentile = {q: float(v) * UNITS[u] for q, v, u in re.findall(r"\s(50|99)%\s+([\d.]+)(us|ms|s)", out)}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"throughput_rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "p50_ms": percentile["50"], "p99_ms": percentile["99"], "non_2xx": int(errors.group(1)) if errors else 0}
 
 
-def _run(url: str, key: str, requests: int, concurrency: int) -> dict:
-    headers = {"Authorization": f"Bearer {key}"}
-    body = {"model": "builtin:digits-resnet", "budget": {"max_drop": 0.01}}
-    results = {}
-    with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
-        def timed(call):
-            started = time.perf_counter()
-            response = call()
-            response.raise_for_status()
-            return (time.perf_counter() - started) * 1000, response
-
-        ids = []
-        for name, call in (("submit", lambda: client.post("/v1/jobs", json=body)),
-                           ("poll", lambda: client.get(f"/v1/jobs/{ids[len(ids) // 2]}"))):
-            started = time.perf_counter()
-            with ThreadPoolExecutor(concurrency) as pool:
-                outcomes = list(pool.map(lambda _: timed(call), range(requests)))
-            wall = time.perf_counter() - started
-            latencies = [ms for ms, _ in outcomes]
-            if name == "submit":
-                ids = [response.json()["id"] for _, response in outcomes]
-            results[name] = {"requests": requests, "throughput_rps": requests / wall,
-                             "p50_ms": statistics.median(latencies), "p99_ms": _percentile(latencies, 0.99)}
-    return results
-
-
-def measure(label: str, env: dict, requests: int, concurrency: int) -> dict:
-    api, url, key = _start(env)
+def measure(label: str, root: Path, env: dict, workers: int, seconds: int) -> dict:
+    api, url, key, start_seconds = _start(root, env, workers)
     try:
-        return {"backend": label, **_run(url, key, requests, concurrency)}
+        time.sleep(1)
+        idle_rss = _rss_mb(api.pid)
+        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+            script.write('wrk.method = "POST"\n'
+                         """wrk.body = '{"model": "builtin:digits-resnet", "budget": {"max_drop": 0.01}}'\n"""
+                         'wrk.headers["Content-Type"] = "application/json"\n'
+                         f'wrk.headers["Authorization"] = "Bearer {key}"\n')
+        submit = _wrk(f"{url}/v1/jobs", 8, seconds, Path(script.name))
+        job = httpx.post(f"{url}/v1/jobs", json={"model": "builtin:digits-resnet", "budget": {"max_drop": 0.01}},
+                         headers={"Authorization": f"Bearer {key}"}).json()["id"]
+        poll = _wrk(f"{url}/v1/jobs/{job}", 16, seconds, headers={"Authorization": f"Bearer {key}"})
+        return {"backend": label, "workers": workers, "start_seconds": round(start_seconds, 2),
+                "idle_rss_mb": round(idle_rss), "submit": submit, "poll": poll}
     finally:
         os.killpg(api.pid, signal.SIGTERM)
         api.wait(timeout=30)
 
 
+def markdown(runs: list[dict], seconds: int) -> str:
+    lines = [f"wrk, 2 threads; submit from 8 connections and poll from 16, {seconds} s each; no job worker; "
+             "2 cores shared with wrk", "",
+             "| backend | API processes | start s | idle RSS MB | submit req/s | submit p50 / p99 ms "
+             "| poll req/s | poll p50 / p99 ms |", "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        s, p = run["submit"], run["poll"]
+        lines.append(f"| {run['backend']} | {run['workers']} | {run['start_seconds']} | {run['idle_rss_mb']} "
+                     f"| {s['throughput_rps']:.0f} | {s['p50_ms']:.1f} / {s['p99_ms']:.1f} "
+                     f"| {p['throughput_rps']:.0f} | {p['p50_ms']:.1f} / {p['p99_ms']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
+    import argparse
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=2, help="API processes on PostgreSQL (one per core)")
     parser.add_argument("--postgres-redis", action="store_true")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the checkout to measure")
+    parser.add_argument("--name", default="load")
     args = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("bench/load.py needs wrk (apt-get install wrk)")
     base = {k: v for k, v in os.environ.items() if not k.startswith("MIXQ_")}
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        runs.append(measure("embedded (SQLite + kombu SQLAlchemy)", {**base, "MIXQ_DATA_DIR": tmp},
-                            args.requests, args.concurrency))
+        # The embedded default is one API process (`mixq serve`): SQLite takes one writer at a time.
+        runs.append(measure("embedded (SQLite + kombu SQLAlchemy)", args.root, {**base, "MIXQ_DATA_DIR": tmp},
+                            1, args.seconds))
         if args.postgres_redis:
             import redis
 
-            sys.path.insert(0, str(ROOT))
-            from app.migrate import reset
+            from app.core.migrate import reset
 
             pg = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
             reset(pg)
             redis.Redis.from_url("redis://127.0.0.1:6379/14").flushdb()
-            runs.append(measure("PostgreSQL + Redis", {**base, "MIXQ_DATA_DIR": tmp, "MIXQ_DATABASE_URL": pg,
-                                                       "MIXQ_BROKER_URL": "redis://127.0.0.1:6379/14",
-                                                       "MIXQ_QUEUE": "load-bench"},
-                                args.requests, args.concurrency))
-    lines = [f"{args.requests} requests each, {args.concurrency} client threads, one uvicorn process, 2 cores", "",
-             "| backend | submit req/s | submit p50 / p99 ms | poll req/s | poll p50 / p99 ms |",
-             "|---|---|---|---|---|"]
-    for run in runs:
-        s, p = run["submit"], run["poll"]
-        lines.append(f"| {run['backend']} | {s['throughput_rps']:.0f} | {s['p50_ms']:.1f} / {s['p99_ms']:.1f} "
-                     f"| {p['throughput_rps']:.0f} | {p['p50_ms']:.1f} / {p['p99_ms']:.1f} |")
-    table = "\n".join(lines) + "\n"
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "load.md").write_text(table)
-    print(table)
+            runs.append(measure("PostgreSQL + Redis", args.root, {
+                **base, "MIXQ_DATA_DIR": tmp, "MIXQ_DATABASE_URL": pg, "MIXQ_BROKER_URL": "redis://127.0.0.1:6379/14",
+                "MIXQ_QUEUE": "load-bench"}, args.workers, args.seconds))
+    save(RESULTS, args.name, runs, markdown(runs, args.seconds))
 
 
 if __name__ == "__main__":

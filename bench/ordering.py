@@ -10,18 +10,12 @@ compared at equal compression. Writes bench/results/ordering.{json,md}.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, engine_process, parser, save
 
-from app.logs import quiet_library_noise  # noqa: E402
-
-quiet_library_noise()
+engine_process()
 
 from worker.engine import (Budget, CompressOptions, DataOptions, LatencyOptions, SensitivityOptions,  # noqa: E402
                            compress)
@@ -86,22 +80,15 @@ def markdown(results: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="digits-resnet,digits-mobilenetv2,minilm")
-    parser.add_argument("--quick", action="store_true", help="4 Hutchinson samples (full-size models on a CPU)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--name", default="ordering")
-    args = parser.parse_args()
-    cache_dir = ROOT / "var" / "cache"
+    arguments = parser(__doc__, "digits-resnet,digits-mobilenetv2,minilm")
+    arguments.add_argument("--quick", action="store_true", help="4 Hutchinson samples (full-size models on a CPU)")
+    arguments.add_argument("--name", default="ordering")
+    args = arguments.parse_args()
     results = []
     for model in args.models.split(","):
         print(f"{model}:", flush=True)
-        results.append(run_model(model, args.quick, cache_dir))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=2, default=str))
-    table = markdown(results)
-    (args.out / f"{args.name}.md").write_text(table)
-    print(table)
+        results.append(run_model(model, args.quick, ROOT / "var" / "cache"))
+    save(args.out, args.name, results, markdown(results))
 
 
 if __name__ == "__main__":

@@ -12,21 +12,14 @@ Writes bench/results/simulation.{json,md}.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, engine_process, parser, save
 
-from app.logs import quiet_library_noise  # noqa: E402
+engine_process()
 
-quiet_library_noise()
-
-import torch  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from worker.engine.adapters import adapt  # noqa: E402
@@ -92,21 +85,14 @@ def markdown(results: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="minilm,digits-mobilenetv2,digits-resnet")
-    parser.add_argument("--batches", type=int, default=2, help="calibration batches of 8")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    args = parser.parse_args()
-    torch.set_num_threads(2)
+    arguments = parser(__doc__, "minilm,digits-mobilenetv2,digits-resnet")
+    arguments.add_argument("--batches", type=int, default=2, help="calibration batches of 8")
+    args = arguments.parse_args()
     results = []
     for name in args.models.split(","):
         print(f"{name}...", flush=True)
         results.append(run_model(name, ROOT / "var" / "cache", args.batches))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "simulation.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (args.out / "simulation.md").write_text(table)
-    print(table)
+    save(args.out, "simulation", results, markdown(results))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 from alembic import context
 
-from app.db import get_engine
-from app.models import Base
+from app.core.db import get_engine
+from app.core.models import Base
 
 config = context.config
 

@@ -1,5 +1,10 @@
+import hashlib
+import hmac
+import json
 import os
 import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -14,6 +19,8 @@ os.environ["MIXQ_CACHE_DIR"] = str(CACHE)
 STATE = Path(tempfile.mkdtemp(prefix="mixq-test-"))
 os.environ["MIXQ_DATA_DIR"] = str(STATE)
 os.environ.setdefault("MIXQ_HEARTBEAT_SECONDS", "0.2")
+# Tests check what the latency profile measures, not how steadily: a short profile keeps them quick.
+os.environ.setdefault("MIXQ_PROFILE_SECONDS_PER_LAYER", "0.05")
 for name in ("MIXQ_DATABASE_URL", "MIXQ_BROKER_URL", "MIXQ_AUTH_DISABLED", "MIXQ_MODEL_ROOT"):
     os.environ.pop(name, None)
 torch.set_num_threads(2)
@@ -64,9 +71,9 @@ SMALL_JOB = {"calibration_samples": 32, "eval_samples": 64, "hutchinson_samples"
 
 @pytest.fixture(scope="module")
 def keys(request):
-    from app.auth import create_key
-    from app.db import session_scope
-    from app.migrate import upgrade
+    from app.core.auth import create_key
+    from app.core.db import session_scope
+    from app.core.migrate import upgrade
 
     upgrade()
     prefix = request.module.__name__.rsplit(".", 1)[-1]
@@ -86,3 +93,40 @@ def client():
 
 def auth(key: str) -> dict:
     return {"Authorization": f"Bearer {key}"}
+
+
+# A webhook receiver on 127.0.0.1, allow-listed, with the operator's secret set.
+class Receiver(BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Receiver.received.append((dict(self.headers), body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def receiver(monkeypatch):
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    Receiver.received = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    from app.core.settings import get_settings
+
+    settings = get_settings()
+    monkeypatch.setattr(settings, "webhook_secret", "s3cret")
+    monkeypatch.setattr(settings, "webhook_allowlist", f"127.0.0.1:{server.server_port}")
+    yield f"http://127.0.0.1:{server.server_port}/hook"
+    server.shutdown()
+
+
+def verified(headers: dict, body: bytes) -> dict:
+    expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(headers["X-Mixq-Signature"], expected)
+    return json.loads(body)
+
+

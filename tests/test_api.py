@@ -12,9 +12,9 @@ import zipfile
 import pytest
 from fastapi.testclient import TestClient
 
-from app.db import session_scope
+from app.core.db import session_scope
 from app.main import create_app
-from app.models import Job, LayerResult, SearchStep
+from app.core.models import Artifact, Job
 from conftest import SMALL_JOB, auth
 from worker import runner
 
@@ -74,7 +74,7 @@ def test_results_of_a_finished_job(client, keys, finished_job):
     job = client.get(f"/v1/jobs/{finished_job}", headers=headers).json()
     assert job["status"] == "succeeded" and job["progress"] == 1.0
     assert job["attempts"] == 1 and job["finished_at"] and job["started_at"]
-    assert set(job["phases"]) == {"load", "baseline", "sensitivity", "search", "final", "export"}
+    assert set(job["phases"]) == {"load", "baseline", "sensitivity", "profile", "search", "final", "export"}
     report = client.get(f"/v1/jobs/{finished_job}/report", headers=headers).json()
     assert report["final"]["drop"] <= 0.01 and job["latency_reduction"] == report["latency_reduction"]
     layers = client.get(f"/v1/jobs/{finished_job}/layers", headers=headers).json()
@@ -89,15 +89,14 @@ def test_results_of_a_finished_job(client, keys, finished_job):
 
 
 def test_rerunning_a_finished_job_changes_nothing(client, keys, finished_job):
-    with session_scope() as session:
-        before = (session.query(LayerResult).filter_by(job_id=finished_job).count(),
-                  session.query(SearchStep).filter_by(job_id=finished_job).count())
+    def state():
+        with session_scope() as session:
+            job = session.get(Job, finished_job)
+            return job.report, job.attempts, session.query(Artifact).filter_by(job_id=finished_job).count()
+
+    before = state()
     assert runner.run(finished_job, worker="duplicate-delivery") is None
-    with session_scope() as session:
-        after = (session.query(LayerResult).filter_by(job_id=finished_job).count(),
-                 session.query(SearchStep).filter_by(job_id=finished_job).count())
-        assert session.get(Job, finished_job).attempts == 1
-    assert before == after and before[0] == 13
+    assert state() == before and before[1:] == (1, 1) and len(before[0]["layers"]) == 13
 
 
 def test_list_filters_and_cursor_pagination(client, keys, finished_job):
@@ -153,7 +152,8 @@ def test_cancel_running_job_stops_at_next_step(client, keys):
 def test_real_conv_net_runs_as_a_job(client, keys):
     """EfficientNet-Lite0 with its real ImageNet weights, on the bundled photographs, end to end."""
     headers = auth(keys["a"])
-    job_id = submit(client, keys["a"], model="builtin:efficientnet-lite0", test_samples=64).json()["id"]
+    job_id = submit(client, keys["a"], model="builtin:efficientnet-lite0", calibration_samples=16, eval_samples=32,
+                    test_samples=32).json()["id"]
     assert runner.run(job_id, worker="w-efficientnet") == "succeeded"
     report = client.get(f"/v1/jobs/{job_id}/report", headers=headers).json()
     assert report["metric"]["name"] == "top1_agreement" and report["backend"]["name"] == "fx-static-int8"
@@ -216,7 +216,7 @@ def test_validation_errors_are_422_with_a_message(client, keys, body, message):
 
 
 def test_local_paths_outside_the_root_are_refused_at_submission(client, keys, tmp_path, monkeypatch):
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     monkeypatch.setattr(get_settings(), "model_root", tmp_path)
     for model in ("local:../../etc", "local:/etc", f"local:{tmp_path}/../x"):

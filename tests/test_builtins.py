@@ -9,7 +9,8 @@ from worker.engine.adapters import adapt
 from worker.engine.builtins import load_builtin
 from worker.engine.evaluation import Evaluator
 from worker.engine.photos import photographs
-from worker.engine.sources import load_model, parse_source
+from worker.engine.sources import load_model
+from worker.engine.spec import parse_source
 
 EGYPTIAN_CAT_TO_TABBY = range(281, 286)  # ImageNet's domestic cats
 
@@ -58,24 +59,22 @@ def test_random_weight_builtins_are_scored_by_a_continuous_fidelity(name, cache_
 
 
 def test_a_top1_metric_that_cannot_discriminate_is_a_warning(cache_dir, monkeypatch):
-    """A classifier that answers the same class for everything: top-1 agreement says nothing, and the
+    """A classifier that answers the same class for everything: its top-1 metric says nothing, and the
     report must say so."""
     from worker.engine import builtins
 
-    original = builtins._random_vision
+    original = builtins.BUILTINS["digits-resnet"]
 
-    def constant_classifier(name, options):
-        built = original(name, options)
+    def constant_classifier(options, cache):
+        built = original(options, cache)
         with torch.no_grad():
             built.model.classifier[-1].bias[0] = 1e4  # class 0 wins for every input
-        built.metric = None  # score it by top-1 agreement
         return built
 
-    monkeypatch.setitem(builtins.BUILTINS, "resnet50", lambda o, c: constant_classifier("resnet50", o))
-    report = compress("builtin:resnet50", CompressOptions(
+    monkeypatch.setitem(builtins.BUILTINS, "digits-resnet", constant_classifier)
+    report = compress("builtin:digits-resnet", CompressOptions(
         budget=Budget(0.5), sensitivity=SensitivityOptions(ordering="random"),
-        data=DataOptions(calibration_samples=8, eval_samples=8, test_samples=8, batch_size=8),
-        latency=LatencyOptions(warmup=1, repeats=2), cache_dir=cache_dir))
-    assert report.metric["name"] == "top1_agreement"
+        data=DataOptions(calibration_samples=8, eval_samples=64, test_samples=64, batch_size=8),
+        latency=LatencyOptions(warmup=1, repeats=2, profile_seconds=0.05), cache_dir=cache_dir))
+    assert report.metric["name"] == "top1_accuracy"
     assert any("predicts only 1 distinct class" in w for w in report.warnings)
-

@@ -39,7 +39,7 @@ def servers():
         pytest.skip(message)
     import redis
 
-    from app.migrate import reset
+    from app.core.migrate import reset
 
     redis.Redis.from_url(REDIS_URL).flushdb()
     reset(PG_URL)  # a clean schema for this run
@@ -129,7 +129,10 @@ def _rows(engine, job_id: str) -> dict:
     with engine.connect() as connection:
         count = lambda table: connection.execute(  # noqa: E731
             text(f"SELECT count(*) FROM {table} WHERE job_id = :id"), {"id": job_id}).scalar()
-        return {"layers": count("layer_results"), "steps": count("search_steps"), "artifacts": count("artifacts"),
+        in_report = lambda path: connection.execute(  # noqa: E731
+            text(f"SELECT jsonb_array_length(report{path}) FROM jobs WHERE id = :id"), {"id": job_id}).scalar()
+        return {"layers": in_report("->'layers'"), "steps": in_report("->'search'->'steps'"),
+                "artifacts": count("artifacts"),
                 "attempts": connection.execute(text("SELECT attempts FROM jobs WHERE id = :id"), {"id": job_id}).scalar(),
                 "report_type": connection.execute(text("SELECT jsonb_typeof(report) FROM jobs WHERE id = :id"),
                                                   {"id": job_id}).scalar()}

@@ -5,6 +5,7 @@ import pytest
 from worker.engine import Budget, CompressOptions, DataOptions, LatencyOptions, Report, SensitivityOptions, compress
 from worker.engine import pipeline
 from worker.engine.errors import Cancelled
+from worker.engine.search import Step
 
 
 def options(cache_dir, **overrides):
@@ -12,7 +13,7 @@ def options(cache_dir, **overrides):
         "budget": Budget(0.01),
         "sensitivity": SensitivityOptions(hutchinson_max_samples=4, hessian_batches=1, interlayer_batches=1),
         "data": DataOptions(calibration_samples=16, eval_samples=48, test_samples=64, seq_len=32, batch_size=8),
-        "latency": LatencyOptions(warmup=2, repeats=5),
+        "latency": LatencyOptions(warmup=2, repeats=5, profile_seconds=0.05),
         "cache_dir": cache_dir,
         **overrides,
     })
@@ -29,7 +30,14 @@ def test_minilm_search_bisects_within_budget(cache_dir, tmp_path):
     assert len(report["layers"]) == 36  # the unused pooler is listed as skipped, never quantized
     assert [s["name"] for s in report["skipped_layers"]] == ["model.pooler.dense"]
     assert "model.pooler.dense" not in report["plan"]["layers"]
-    assert search["evaluations"] <= search["max_evaluations"] == 8
+    order = search["order"]
+    assert search["selection"] == "cost-aware" and sorted(order) == sorted(
+        l["name"] for l in report["layers"] if not l["excluded"])
+    assert search["evaluations"] <= search["max_evaluations"] == 8 + 3  # bisection bound + refinement
+    assert all(l["latency_saving_ms"] is not None for l in report["layers"])
+    assert all(l["precision"] == "fp32" for l in report["layers"] if l["excluded"])
+    assert search["latency_model"]["timed_plans"] == sum(s["latency_ms"] is not None for s in search["steps"])
+    assert all(s["predicted_latency_ms"] > 0 for s in search["steps"])
     assert report["final"]["drop"] <= 0.01
     assert 0 < report["final"]["test_metric"] <= 1
     assert report["final"]["test_drop"] == pytest.approx(
@@ -45,12 +53,12 @@ def test_minilm_search_bisects_within_budget(cache_dir, tmp_path):
     else:
         assert report["final"]["k"] == 0 and report["latency_reduction"] == 0
     int8 = {l["name"] for l in report["layers"] if l["precision"] == "int8"}
-    ranks = {l["name"]: l["rank"] for l in report["layers"]}
-    assert int8 == {n for n, r in ranks.items() if r < report["final"]["k"]}  # a prefix of the ordering
+    chosen = [Step(**s) for s in search["steps"] if s["chosen"]]
+    assert int8 == (set(chosen[0].low(order)) if chosen else set())  # the chosen step's layers, nothing else
     assert int8 == {n for n, p in report["plan"]["layers"].items() if p == "int8"}
     fractions = [e.fraction for e in events]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert {e.phase for e in events} == {"load", "baseline", "sensitivity", "search", "final", "export"}
+    assert {e.phase for e in events} == {"load", "baseline", "sensitivity", "profile", "search", "final", "export"}
     assert (tmp_path / "report.json").exists() and (tmp_path / "artifact" / "plan.json").exists()
     assert Report.read(tmp_path / "report.json").to_dict() == report
 

@@ -1,25 +1,21 @@
 """Scheduled re-compression: scheduler with a controlled clock, revisions, warm start, webhooks, isolation."""
 
-import hashlib
-import hmac
 import json
 import os
 import subprocess
 import sys
-import threading
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
-from app import registry
-from app.db import session_scope
-from app.migrate import upgrade
-from app.models import Job, RegistryEntry, RegistryRun
-from app.settings import get_settings
-from conftest import SMALL_JOB, auth, tiny_bert
+from app.core import notifications, registry
+from app.core.db import session_scope
+from app.core.migrate import upgrade
+from app.core.models import Job, RegistryEntry, RegistryRun
+from app.core.settings import get_settings
+from conftest import SMALL_JOB, Receiver, auth, tiny_bert, verified
 from worker import runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,45 +132,13 @@ def test_warm_start_reuses_sensitivity_for_the_same_revision(client, keys):
             cold.phases["sensitivity"] - warm.phases["sensitivity"], abs=1e-3)
 
 
-class Receiver(BaseHTTPRequestHandler):
-    received: list = []
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        Receiver.received.append((dict(self.headers), body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def receiver(monkeypatch):
-    server = HTTPServer(("127.0.0.1", 0), Receiver)
-    Receiver.received = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    settings = get_settings()
-    monkeypatch.setattr(settings, "webhook_secret", "s3cret")
-    monkeypatch.setattr(settings, "webhook_allowlist", f"127.0.0.1:{server.server_port}")
-    yield f"http://127.0.0.1:{server.server_port}/hook"
-    server.shutdown()
-
-
-def _verified(headers: dict, body: bytes) -> dict:
-    expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
-    assert hmac.compare_digest(headers["X-Mixq-Signature"], expected)
-    return json.loads(body)
-
-
 def test_webhooks_are_signed_and_flag_regressions(client, keys, receiver):
     entry = register(client, keys["a"], webhook_url=receiver)
     registry.tick(at(entry))
     job_id = latest_job(entry["id"])
     assert runner.run(job_id, worker="t") == "succeeded"
     headers, body = Receiver.received[-1]
-    payload = _verified(headers, body)
+    payload = verified(headers, body)
     assert headers["X-Mixq-Event"] == "job.succeeded" and payload["job_id"] == job_id
     assert payload["registry_entry_id"] == entry["id"] and payload["latency_reduction"] is not None
 
@@ -189,8 +153,8 @@ def test_webhooks_are_signed_and_flag_regressions(client, keys, receiver):
         session.add(RegistryRun(entry_id=entry["id"], trigger="manual", revision="digits-resnet-v1",
                                 options_hash="x", outcome="enqueued", job_id=worse.id))
         worse_id = worse.id
-    registry.after_job(worse_id)
-    events = {h["X-Mixq-Event"]: _verified(h, b) for h, b in Receiver.received}
+    notifications.job_ended(worse_id)
+    events = {h["X-Mixq-Event"]: verified(h, b) for h, b in Receiver.received}
     assert events["registry.regression"]["delta_reduction"] == pytest.approx(-0.2)
     history = client.get(f"/v1/registry/{entry['id']}/history", headers=auth(keys["a"])).json()
     assert [h["regression"] for h in history if h["job_status"] == "succeeded"] == [False, True]
@@ -241,7 +205,7 @@ def test_crud_pause_resume_validation_and_isolation(client, keys):
 TICK = """
 import sys, time
 from datetime import datetime, timezone
-from app.registry import tick
+from app.core.registry import tick
 start, now = float(sys.argv[1]), datetime.fromisoformat(sys.argv[2])
 time.sleep(max(0, start - time.time()))
 print(len(tick(now)))
@@ -257,7 +221,7 @@ def test_two_schedulers_on_one_postgres_enqueue_one_job_per_slot(tmp_path):
         pytest.skip("PostgreSQL/Redis not reachable")
     from sqlalchemy import create_engine, text
 
-    from app.migrate import reset
+    from app.core.migrate import reset
 
     reset(PG_URL)
     env = {**os.environ, "MIXQ_DATABASE_URL": PG_URL, "MIXQ_BROKER_URL": "redis://127.0.0.1:6379/13",

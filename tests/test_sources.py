@@ -4,7 +4,8 @@ import torch
 from conftest import tiny_bert
 from worker.engine.data import DataOptions
 from worker.engine.errors import InputError
-from worker.engine.sources import directory_revision, hf_load_kwargs, load_model, parse_source, resolve_revision
+from worker.engine.sources import load_model
+from worker.engine.spec import directory_revision, hf_load_kwargs, parse_source, resolve_revision
 
 
 @pytest.mark.parametrize("source, expected", [

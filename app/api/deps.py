@@ -1,13 +1,16 @@
-"""Request dependencies: the database session and the calling tenant."""
+"""Request dependencies: the database session and the calling tenant, as `Annotated` aliases."""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
 
-from app.auth import LOCAL_TENANT, get_or_create_tenant, tenant_for_key
-from app.db import get_session
-from app.models import Tenant
+from app.core.auth import LOCAL_TENANT, CallerTenant, local_tenant, tenant_for_key
+from app.core.db import get_session
+
+SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def _key_from(request: Request) -> str | None:
@@ -17,11 +20,9 @@ def _key_from(request: Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
-def current_tenant(request: Request, session: Session = Depends(get_session)) -> Tenant:
+async def current_tenant(request: Request, session: SessionDep) -> CallerTenant:
     if request.app.state.auth_disabled:
-        tenant = get_or_create_tenant(session, LOCAL_TENANT)
-        session.commit()
-        return tenant
+        return local_tenant(session)
     key = _key_from(request)
     if not key:
         raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>' (mixq keys create)",
@@ -30,3 +31,8 @@ def current_tenant(request: Request, session: Session = Depends(get_session)) ->
     if tenant is None:
         raise HTTPException(401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
     return tenant
+
+
+TenantDep = Annotated[CallerTenant, Depends(current_tenant)]
+
+__all__ = ["LOCAL_TENANT", "SessionDep", "TenantDep", "current_tenant"]

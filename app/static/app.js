@@ -1,9 +1,8 @@
 // mixq dashboard: a thin client of the public jobs API (/v1), nothing else.
 "use strict";
 
-const PHASE_COLOURS = { load: "#6b7a99", baseline: "#8f6bd6", sensitivity: "#2f6fde", search: "#1a8f4c",
+const PHASE_COLOURS = { load: "#6b7a99", baseline: "#8f6bd6", sensitivity: "#2f6fde", profile: "#0f8f8f", search: "#1a8f4c",
                         final: "#b7791f", export: "#5b6478" };
-const FINISHED = ["succeeded", "failed", "cancelled"];
 const view = document.getElementById("view");
 let refreshTimer = null;
 const charts = {};
@@ -63,10 +62,17 @@ function stopRefresh() { clearTimeout(refreshTimer); refreshTimer = null; }
 function destroyCharts() { for (const key of Object.keys(charts)) { charts[key].destroy(); delete charts[key]; } }
 
 // ---- jobs list + new job form ----
+// The job statuses, as the API's own schema lists them.
+let statusList = null;
+async function statuses() {
+  statusList ??= (await (await fetch("/openapi.json")).json()).components.schemas.JobOut.properties.status.enum;
+  return statusList;
+}
+
 async function renderHome() {
   const models = await (await api("/v1/models")).json().catch(() => ({ builtin: [] }));
   const filter = el("select", { id: "status-filter", onchange: () => refreshList() },
-    el("option", { value: "" }, "all"), ...["queued", "running", "succeeded", "failed", "cancelled"].map((s) => el("option", { value: s }, s)));
+    el("option", { value: "" }, "all"), ...(await statuses()).map((s) => el("option", { value: s }, s)));
   show(
     el("h1", {}, "Compression jobs"),
     newJobForm(models.builtin || []),
@@ -134,7 +140,8 @@ function newJobForm(builtins) {
       datalist,
       field("max_drop", "Budget: max drop", "number", "0.01"),
       field("mode", "Budget mode", ["relative", "absolute"], "relative"),
-      field("ordering", "Ordering", ["augmented", "hessian", "random"], "augmented")),
+      field("ordering", "Ordering", ["augmented", "hessian", "random"], "augmented"),
+      field("selection", "Selection", ["cost-aware", "sensitivity"], "cost-aware")),
     el("details", {}, el("summary", {}, "Advanced options"),
       el("div", { class: "grid", style: "margin-top:.6rem" }, ...FIELDS.map(([n, l, t, v]) => field(n, l, t, v)))),
     el("div", { class: "actions" }, el("button", { type: "submit" }, "Submit job")),
@@ -150,7 +157,7 @@ async function submitJob(event) {
   const body = {
     model: value("model"),
     budget: { max_drop: number("max_drop"), min_drop: number("min_drop"), mode: value("mode") },
-    ordering: value("ordering"), interlayer: value("interlayer"),
+    ordering: value("ordering"), selection: value("selection"), interlayer: value("interlayer"),
   };
   for (const name of ["batch_size", "seq_len", "calibration_samples", "eval_samples", "test_samples", "hutchinson_samples", "priority"]) body[name] = number(name);
   form.querySelectorAll(".field-error").forEach((e) => { e.textContent = ""; });
@@ -180,7 +187,7 @@ async function renderJob(id) {
       el("div", {}, progressBar(job), el("span", { class: "muted" }, `  ${job.message || ""}`)),
       el("h2", {}, "Phases"), timeline(job.phases),
       el("div", { class: "actions" },
-        FINISHED.includes(job.status) ? null : el("button", { class: "danger", id: "cancel-job", onclick: () => cancelJob(id) }, "Cancel job"),
+        job.finished ? null : el("button", { class: "danger", id: "cancel-job", onclick: () => cancelJob(id) }, "Cancel job"),
         report ? el("button", { class: "secondary", onclick: () => download(`/v1/jobs/${id}/report`, `mixq-report-${id}.json`) }, "Download report") : null,
         report ? el("button", { class: "secondary", onclick: () => download(`/v1/jobs/${id}/artifact`, `mixq-${id}.zip`) }, "Download artifact") : null)),
     job.status === "failed" ? el("div", { class: "panel error-panel", role: "alert", id: "error-panel" }, el("h2", { style: "margin-top:0" }, "Job failed"), el("p", {}, job.error || "no reason recorded")) : null,
@@ -191,7 +198,7 @@ async function renderJob(id) {
       el("div", { class: "panel" }, el("h2", { style: "margin-top:0" }, "Sensitivity per layer (network order)"), el("div", { class: "chart-box" }, el("canvas", { id: "layer-chart", role: "img", "aria-label": "sensitivity score per layer split into Hessian and inter-layer parts, coloured by precision" })))) : null,
     report ? layerTable(report) : null);
   if (report) { searchChart(report); layerChart(report); }
-  if (!FINISHED.includes(job.status)) refreshTimer = setTimeout(() => renderJob(id), 2000);
+  if (!job.finished) refreshTimer = setTimeout(() => renderJob(id), 2000);
 }
 
 function timeline(phases) {
@@ -218,7 +225,7 @@ function summary(report) {
     card("Latency median", `${b.latency_ms.median.toFixed(2)} → ${f.latency_ms.median.toFixed(2)} ms`, `p90 ${b.latency_ms.p90.toFixed(2)} → ${f.latency_ms.p90.toFixed(2)} ms; attention ${report.environment.attention}`),
     card("Latency reduction", pct(report.latency_reduction), report.message),
     card("Size", `${(b.size_bytes / 1e6).toFixed(1)} → ${(f.size_bytes / 1e6).toFixed(1)} MB`, `${f.k}/${report.layers.length} layers ${report.backend.low_precision}`),
-    card("Search", `${report.search.evaluations} evaluations`, `max ${report.search.max_evaluations}, ordering ${report.search.ordering}, Hessian ${report.search.method.hessian || "–"}`));
+    card("Search", `${report.search.evaluations} evaluations`, `max ${report.search.max_evaluations} (${report.search.refinement_evaluations} refinement), ${report.search.ordering} ordering, ${report.search.selection} selection, Hessian ${report.search.method.hessian || "–"}`));
 }
 
 function searchChart(report) {
@@ -234,8 +241,8 @@ function searchChart(report) {
   charts.search = new Chart(document.getElementById("search-chart"), {
     type: "scatter",
     data: { datasets: [
-      { label: "evaluated point", data: steps.map((s) => ({ x: s.k, y: s.metric, latency: s.latency_ms, accepted: s.accepted })),
-        pointRadius: steps.map((s) => (s.chosen ? 10 : 6)), pointStyle: steps.map((s) => (s.chosen ? "rectRot" : "circle")),
+      { label: "evaluated point", data: steps.map((s) => ({ x: s.k, y: s.metric, latency: s.latency_ms, accepted: s.accepted, stage: s.stage })),
+        pointRadius: steps.map((s) => (s.chosen ? 10 : 6)), pointStyle: steps.map((s) => (s.chosen ? "rectRot" : s.stage === "refinement" ? "triangle" : "circle")),
         backgroundColor: colours, borderColor: colours, borderWidth: 2 },
       { label: "baseline", type: "line", data: span.map((x) => ({ x, y: base })), borderColor: "#5b6478", borderDash: [4, 4], pointRadius: 0 },
       { label: "budget limit", type: "line", data: span.map((x) => ({ x, y: limit })), borderColor: "#c33b3b", pointRadius: 0 },
@@ -244,13 +251,13 @@ function searchChart(report) {
       scales: { x: { title: { display: true, text: "k: layers in low precision" }, min: 0, max: span[1] + 1 },
                 y: { title: { display: true, text: report.metric.name }, min: Math.min(...values) - margin, max: Math.max(...values) + margin } },
       plugins: { tooltip: { callbacks: { label: (c) => c.dataset.label === "evaluated point"
-        ? `k=${c.raw.x}: ${c.raw.y.toFixed(4)}${c.raw.latency ? `, ${c.raw.latency.toFixed(2)} ms` : ""}${c.raw.accepted ? "" : " (over budget)"}` : c.dataset.label } } } },
+        ? `${c.raw.stage} k=${c.raw.x}: ${c.raw.y.toFixed(4)}${c.raw.latency ? `, ${c.raw.latency.toFixed(2)} ms` : ""}${c.raw.accepted ? "" : " (over budget)"}` : c.dataset.label } } } },
   });
 }
 
 function layerChart(report) {
   const layers = report.layers;
-  const int8 = (l) => l.precision !== report.baseline.precision;
+  const int8 = (l) => report.plan.layers[l.name] !== report.baseline.precision;
   charts.layers = new Chart(document.getElementById("layer-chart"), {
     type: "bar",
     data: { labels: layers.map((l, i) => String(i)), datasets: [
@@ -258,20 +265,24 @@ function layerChart(report) {
         backgroundColor: layers.map((l) => (int8(l) ? "#2f6fde" : "#8a93a6")) },
       { label: "inter-layer part", data: layers.map((l) => l.interlayer_part ?? 0), stack: "score",
         backgroundColor: layers.map((l) => (int8(l) ? "#9dbdf3" : "#cfd4de")) },
+      { label: "latency saving (ms)", type: "line", data: layers.map((l) => l.latency_saving_ms), yAxisID: "saving",
+        borderColor: "#b7791f", backgroundColor: "#b7791f", pointRadius: 2, borderWidth: 1.5 },
     ] },
     options: { maintainAspectRatio: false, animation: false,
       scales: { x: { stacked: true, title: { display: true, text: "layer (network order)" } },
-                y: { stacked: true, title: { display: true, text: "score (share)" } } },
+                y: { stacked: true, title: { display: true, text: "score (share)" } },
+                saving: { position: "right", grid: { drawOnChartArea: false }, title: { display: true, text: "saving ms" } } },
       plugins: { legend: { labels: { generateLabels: () => [
         { text: "int8: Hessian / inter-layer", fillStyle: "#2f6fde" }, { text: "", fillStyle: "#9dbdf3" },
-        { text: `${report.baseline.precision}: Hessian / inter-layer`, fillStyle: "#8a93a6" }, { text: "", fillStyle: "#cfd4de" }] } },
+        { text: `${report.baseline.precision}: Hessian / inter-layer`, fillStyle: "#8a93a6" }, { text: "", fillStyle: "#cfd4de" },
+        { text: "measured saving (ms)", fillStyle: "#b7791f" }] } },
         tooltip: { callbacks: { title: (items) => layers[items[0].dataIndex].name.replace(/^model\./, ""), afterLabel: (c) => `precision ${layers[c.dataIndex].precision}, rank ${layers[c.dataIndex].rank}` } } } },
   });
 }
 
 const LAYER_COLUMNS = [["name", "Layer"], ["kind", "Kind"], ["params", "Params"], ["hessian_trace", "Tr(H) at output"], ["trace_stderr", "± stderr"],
                        ["output_error", "Output error"], ["hessian_term", "Hessian term"], ["interlayer", "Inter-layer"], ["score", "Score"],
-                       ["rank", "Rank"], ["precision", "Precision"]];
+                       ["rank", "Rank"], ["latency_saving_ms", "Saving ms"], ["precision", "Precision"], ["excluded", "Kept float because"]];
 
 function layerTable(report) {
   let rows = report.layers.map((l, i) => ({ ...l, position: i }));

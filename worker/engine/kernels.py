@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import ModelAdapter, quantizable_layers
+from .latency import Paired, paired
 from .plan import Plan
 
 FX_STATIC = "fx-static-int8"
@@ -274,6 +276,47 @@ class FxStaticSimulation(Simulation):
         return low - out
 
 
+# ---- latency profiles ----------------------------------------------------------------------------
+
+@dataclass
+class LatencyProfile:
+    """What each candidate saves on the real kernels, and a linear prediction of any plan's latency:
+    `intercept_ms - slope * sum of the plan's savings`, exact at the plans it was fitted on. Every plan the
+    search times checks it again."""
+
+    method: str
+    savings: dict[str, Paired]  # per candidate: its saving (difference_ms) and how noisy that figure is
+    baseline_ms: float
+    all_low_ms: float
+    intercept_ms: float
+    slope: float
+
+    def saving(self, name: str) -> float:
+        return self.savings[name].difference_ms
+
+    def measurable(self, name: str) -> bool:
+        """A saving counts only if it stands clear of its own timing noise."""
+        timing = self.savings[name]
+        return timing.difference_ms > timing.noise_ms
+
+    def predict_ms(self, low: Iterable[str]) -> float:
+        return self.intercept_ms - self.slope * sum(self.saving(n) for n in low)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "baseline_ms": self.baseline_ms, "all_low_ms": self.all_low_ms,
+                "intercept_ms": self.intercept_ms, "slope": self.slope}
+
+
+def capture_inputs(model: nn.Module, names: list[str], example: Inputs) -> dict[str, tuple]:
+    """The positional inputs each named module receives on one forward pass of `model`."""
+    modules = dict(model.named_modules())
+    seen = {}
+    with torch.inference_mode(), hooks([modules[n].register_forward_pre_hook(
+            lambda _m, args, n=n: seen.setdefault(n, args)) for n in names]):
+        model(*example)
+    return seen
+
+
 # ---- backends ------------------------------------------------------------------------------------
 
 @dataclass
@@ -293,6 +336,30 @@ class Backend:
 
     def simulation(self, calibration: list[Inputs]) -> Simulation:
         raise NotImplementedError
+
+    def all_low(self) -> Plan:
+        return Plan(layers={n: "int8" for n in self.candidates}, backend=self.name)
+
+    def profile(self, calibration: list[Inputs], seconds_per_layer: float = 0.5) -> LatencyProfile:
+        """Layers whose kernels take and return float (dynamic int8, torchao) save independently of each
+        other: each is timed alone, fp32 module against int8 module on the inputs it receives, and the sum
+        is scaled to one whole-model timing of the all-low plan against the baseline."""
+        example = calibration[0]
+        cuda = example[0].is_cuda
+        low_model = self.build(self.all_low(), calibration)
+        float_inputs = capture_inputs(self.adapter, self.candidates, example)
+        low_inputs = capture_inputs(low_model, self.candidates, example)
+        float_modules, low_modules = dict(self.adapter.named_modules()), dict(low_model.named_modules())
+        savings = {n: paired(lambda n=n: float_modules[n](*float_inputs[n]),
+                             lambda n=n: low_modules[n](*low_inputs[n]), cuda=cuda,
+                             rounds=_rounds(lambda n=n: float_modules[n](*float_inputs[n]), seconds_per_layer))
+                   for n in self.candidates}
+        whole = paired(lambda: self.baseline(*example), lambda: low_model(*example), rounds=7, inner=1, cuda=cuda)
+        total = sum(timing.difference_ms for timing in savings.values())
+        return LatencyProfile(
+            "each layer's fp32 and int8 modules timed alone on its captured inputs, interleaved; their sum "
+            "scaled to one whole-model timing of the all-low plan", savings, whole.first_ms, whole.second_ms,
+            intercept_ms=whole.first_ms, slope=whole.difference_ms / total if total > 0 else 1.0)
 
 
 class DynamicInt8(Backend):
@@ -468,6 +535,54 @@ class FxStaticInt8(Backend):
 
     def simulation(self, calibration: list[Inputs]) -> Simulation:
         return FxStaticSimulation(self, calibration)
+
+    def profile(self, calibration: list[Inputs], seconds_per_layer: float = 0.5) -> LatencyProfile:
+        """A static int8 layer's cost depends on its neighbours (a float neighbour means a quantize or a
+        dequantize, and oneDNN's layouts change between them), so each layer is timed in context: the
+        all-low model against itself with that one layer swapped for its fp32 version between a dequantize
+        and a quantize, interleaved in rounds (no rebuild: the swap is in place)."""
+        example = calibration[0]
+        all_low = self.build(self.all_low(), calibration[:1])  # timing does not depend on activation ranges
+        whole = paired(lambda: self.baseline(*example), lambda: all_low(*example), rounds=7, inner=1)
+        rounds = min(30, max(5, int(seconds_per_layer * 500 / max(whole.second_ms, 1e-3))))
+        low_modules, float_modules = dict(all_low.named_modules()), dict(self.graph.named_modules())
+        savings = {}
+        for name in self.candidates:
+            int8, fp32 = low_modules[name], FloatIsland(float_modules[name], low_modules[name])
+
+            def run_with(module, name=name):
+                all_low.set_submodule(name, module)
+                return all_low(*example)
+
+            savings[name] = paired(lambda: run_with(fp32), lambda: run_with(int8), rounds=rounds, inner=1)
+            all_low.set_submodule(name, int8)
+        total = sum(timing.difference_ms for timing in savings.values())
+        return LatencyProfile(
+            "leave-one-out on the real kernels: the all-low model against itself with the layer in fp32 "
+            "between a dequantize and a quantize, interleaved", savings, whole.first_ms, whole.second_ms,
+            intercept_ms=whole.second_ms + total, slope=1.0)
+
+
+def _rounds(call, seconds: float) -> int:
+    """Timing rounds (of 3 calls each of two functions) that fit in about `seconds`, 5 to 30."""
+    started = time.perf_counter()
+    with torch.inference_mode():
+        call()
+    took = max(time.perf_counter() - started, 1e-6)
+    return min(30, max(5, int(seconds / (6 * took))))
+
+
+class FloatIsland(nn.Module):
+    """An int8 graph's layer run in fp32 instead, behind a dequantize and re-quantized to the int8
+    layer's output scale: what keeping that one layer float costs, for timing."""
+
+    def __init__(self, module: nn.Module, quantized: nn.Module):
+        super().__init__()
+        self.module = module
+        self.scale, self.zero_point = float(quantized.scale), int(quantized.zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.quantize_per_tensor(self.module(x.dequantize()), self.scale, self.zero_point, torch.quint8)
 
 
 def _is_relu6(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:

@@ -7,6 +7,8 @@ to a callback, which may raise `Cancelled` to stop the job at the next step boun
 from __future__ import annotations
 
 import platform
+import statistics
+from importlib.metadata import version
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -15,20 +17,22 @@ from typing import Callable
 
 import torch
 
+from . import allocator
 from . import sensitivity as sens
 from .adapters import adapt, attention_implementation, quantizable_layers
 from .data import DataOptions
 from .errors import InputError
 from .evaluation import Evaluator
-from .kernels import Backend, choose_backend, float_model
-from .latency import LatencyOptions, measure
+from .kernels import Backend, LatencyProfile, choose_backend, float_model
+from .latency import Latency, LatencyOptions, measure
 from .plan import Plan
 from .artifact import model_size_bytes, save_artifact
 from .report import STATUS_MESSAGES, Baseline, Final, Report
-from .search import Budget, bisect_layers, max_evaluations
-from .sources import load_model, parse_source
+from .search import REFINEMENT_STEPS, SELECTIONS, Budget, cost_aware_order, max_evaluations, search
+from .sources import load_model
+from .spec import parse_source
 
-PHASES = ("load", "baseline", "sensitivity", "search", "final", "export")
+PHASES = ("load", "baseline", "sensitivity", "profile", "search", "final", "export")
 
 # Below this many test samples the test-split figure is too coarse to lean on.
 MIN_TEST_SAMPLES = 50
@@ -47,7 +51,8 @@ class Progress:
 
 
 # Share of the job's progress bar each phase takes (sensitivity and search dominate the time).
-PHASE_WEIGHTS = {"load": 0.05, "baseline": 0.05, "sensitivity": 0.4, "search": 0.35, "final": 0.1, "export": 0.05}
+PHASE_WEIGHTS = {"load": 0.05, "baseline": 0.05, "sensitivity": 0.35, "profile": 0.1, "search": 0.3, "final": 0.1,
+                 "export": 0.05}
 
 
 @dataclass
@@ -56,6 +61,7 @@ class CompressOptions:
     sensitivity: sens.SensitivityOptions = field(default_factory=sens.SensitivityOptions)
     data: DataOptions = field(default_factory=DataOptions)
     latency: LatencyOptions = field(default_factory=LatencyOptions)
+    selection: str = "cost-aware"  # how the order trades accuracy cost against measured speed
     device: str = "cpu"
     low_precision: str = "int8"
     threads: int | None = None
@@ -66,6 +72,33 @@ class CompressOptions:
     reuse_sensitivity: sens.Sensitivity | None = None
     revision: str | None = None  # already resolved by the caller (a local folder is hashed once)
 
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}")
+
+    @classmethod
+    def from_request(cls, request: dict, *, interlayer_weight: float = 0.5, hutchinson_tol: float = 0.1,
+                     latency_repeats: int = 15, profile_seconds: float = 0.5, **runtime) -> "CompressOptions":
+        """A job request (the API's and the CLI's one vocabulary, already validated) in the engine's terms;
+        `runtime` is where and how this process runs it (device, threads, model_root, cache_dir, out_dir)."""
+        budget, data, samples = request["budget"], request.get("data") or {}, request["hutchinson_samples"]
+        return cls(
+            budget=Budget(budget["max_drop"], budget.get("min_drop", 0.0), budget.get("mode", "relative")),
+            sensitivity=sens.SensitivityOptions(ordering=request["ordering"], interlayer=request["interlayer"],
+                                                interlayer_weight=interlayer_weight,
+                                                hutchinson_max_samples=samples,
+                                                hutchinson_min_samples=min(4, samples), hutchinson_tol=hutchinson_tol),
+            data=DataOptions(**{k: v for k, v in data.items() if v is not None or k == "label_column"},
+                             calibration_samples=request["calibration_samples"],
+                             eval_samples=request["eval_samples"],
+                             test_samples=request.get("test_samples", DataOptions.test_samples),  # older requests
+                             batch_size=request["batch_size"], seq_len=request["seq_len"]),
+            latency=LatencyOptions(repeats=latency_repeats, profile_seconds=profile_seconds),
+            selection=request.get("selection", "cost-aware"),
+            low_precision=request["precisions"][0],
+            **{k: v for k, v in runtime.items() if v is not None},
+        )
+
 
 class _Tracker:
     def __init__(self, callback: Callable[[Progress], None] | None):
@@ -75,7 +108,7 @@ class _Tracker:
 
     def fraction(self, phase: str, within: float) -> float:
         done = sum(PHASE_WEIGHTS[p] for p in PHASES[:PHASES.index(phase)])
-        return min(1.0, done + PHASE_WEIGHTS[phase] * max(0.0, min(1.0, within)))
+        return min(1.0, round(done + PHASE_WEIGHTS[phase] * max(0.0, min(1.0, within)), 6))
 
     def report(self, within: float, message: str = "", step: int | None = None, steps: int | None = None):
         self.callback(Progress(self.current, self.fraction(self.current, within), message, step, steps,
@@ -92,14 +125,13 @@ class _Tracker:
 
 
 def _environment(device: str, backend: str, attention: str | None) -> dict:
-    import torchao
     import transformers
 
     return {
-        "torch": torch.__version__, "torchao": torchao.__version__, "transformers": transformers.__version__,
+        "torch": torch.__version__, "torchao": version("torchao"), "transformers": transformers.__version__,
         "device": device, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "quantized_engine": torch.backends.quantized.engine, "backend": backend,
-        "attention": attention or "none (the model has no attention layers)",
+        "attention": attention or "none (the model has no attention layers)", "allocator": allocator.description(),
     }
 
 
@@ -170,6 +202,26 @@ def _data_warnings(bench: Workbench) -> list[str]:
     return warnings
 
 
+def select(analysis: sens.Sensitivity, profile: LatencyProfile, eligible: list[str], options: CompressOptions
+           ) -> list[str]:
+    """The order the search bisects over. Cost-aware: accuracy cost (the sensitivity score) per millisecond
+    the layer saves; sensitivity: the ordering alone. A random ordering has no scores and stays random."""
+    eligible_set = set(eligible)
+    ordering = [n for n in analysis.ordering if n in eligible_set]
+    if options.selection == "sensitivity" or options.sensitivity.ordering == "random":
+        return ordering
+    scores = {layer.name: layer.score for layer in analysis.layers}
+    return cost_aware_order(ordering, scores, {n: profile.saving(n) for n in ordering})
+
+
+def _latency_model(profile: LatencyProfile, steps: list) -> dict:
+    """How the latency model was obtained, and how it fared against every plan the search timed."""
+    timed = [s for s in steps if s.latency_ms is not None]
+    errors = [abs(s.predicted_latency_ms - s.latency_ms) / s.latency_ms for s in timed]
+    return {**profile.to_dict(), "timed_plans": len(timed),
+            "median_relative_error": statistics.median(errors) if errors else None}
+
+
 def compress(source: str, options: CompressOptions, progress: Callable[[Progress], None] | None = None) -> Report:
     """Run the whole pipeline and return the report (also written to `options.out_dir` if set)."""
     if options.threads:
@@ -201,56 +253,62 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
                                     progress=lambda f, m: track.report(f, m))
         warnings += analysis.warnings
 
-    models: dict[int, torch.nn.Module] = {}
+    with track.phase("profile"):
+        profile = bench.backend.profile(bench.calibration, options.latency.profile_seconds)
+        eligible = [n for n in bench.candidates if profile.measurable(n)]
+        order = select(analysis, profile, eligible, options)
 
-    def plan_for(k: int) -> Plan:
-        return bench.plan(analysis.ordering[:k], options.low_precision)
-
-    def evaluate(k: int) -> float:
-        models[k] = bench.build(plan_for(k))
-        return evaluator.metric(models[k])
-
-    latencies = {}
+    models: dict[tuple, torch.nn.Module] = {}
+    latencies: dict[tuple, Latency] = {}
     evaluated = 0
 
-    def on_step(step, cap):
+    def evaluate(low: list[str]) -> float:
+        models[tuple(low)] = bench.build(bench.plan(low, options.low_precision))
+        return evaluator.metric(models[tuple(low)])
+
+    def on_step(step, low, cap):
         nonlocal evaluated
         evaluated += 1
+        key = tuple(low)
+        step.predicted_latency_ms = profile.predict_ms(low)
         if step.accepted:  # only points within budget can be returned, so only they are timed
-            latencies[step.k] = measure(models[step.k], example, options.latency)
-            step.latency_ms = latencies[step.k].median
+            latencies[key] = measure(models[key], example, options.latency)
+            step.latency_ms = latencies[key].median
         else:
-            del models[step.k]
-        track.report(evaluated / cap, f"k={step.k}: {evaluator.metric_name} {step.metric:.4f}",
+            del models[key]
+        track.report(evaluated / cap, f"{step.stage} k={step.k}: {evaluator.metric_name} {step.metric:.4f}",
                      step=evaluated, steps=cap)
 
     with track.phase("search"):
-        result = bisect_layers(len(bench.candidates), evaluate, baseline_metric, options.budget, on_step=on_step)
+        if not order:
+            raise InputError(f"no layer of {source} saves measurable time in low precision on this machine")
+        result = search(order, evaluate, baseline_metric, options.budget, on_step=on_step)
 
     with track.phase("final"):
-        chosen_k = min(latencies, key=lambda k: latencies[k].median) if latencies else 0
-        if chosen_k:
+        fastest = min(latencies, key=lambda key: latencies[key].median) if latencies else ()
+        if fastest:
             # Re-time baseline and candidate back to back so both see the same machine load.
             baseline_latency = measure(baseline, example, options.latency)
-            latencies[chosen_k] = measure(models[chosen_k], example, options.latency)
-        faster = chosen_k and latencies[chosen_k].median < baseline_latency.median
+            latencies[fastest] = measure(models[fastest], example, options.latency)
+        faster = bool(fastest) and latencies[fastest].median < baseline_latency.median
         status = "compressed" if faster else ("no_speedup" if latencies else "none_fit")
-        final_k = chosen_k if faster else 0
-        final_model = models[final_k] if final_k else baseline
-        final_plan = plan_for(final_k)
-        final_metric = next((s.metric for s in result.steps if s.k == final_k), baseline_metric)
+        final_low = list(fastest) if faster else []
+        final_model = models[fastest] if faster else baseline
+        final_plan = bench.plan(final_low, options.low_precision)
+        final_metric = next((s.metric for s in result.steps if s.accepted and s.low(order) == final_low),
+                            baseline_metric)
         # The one look at the test split: no decision above used it.
-        final_test = evaluator.metric(final_model, "test") if final_k else baseline_test
+        final_test = evaluator.metric(final_model, "test") if final_low else baseline_test
         final = Final(metric=final_metric, test_metric=final_test,
-                      latency_ms=(latencies[final_k] if final_k else baseline_latency).to_dict(),
-                      size_bytes=model_size_bytes(final_model) if final_k else baseline_size,
+                      latency_ms=(latencies[fastest] if faster else baseline_latency).to_dict(),
+                      size_bytes=model_size_bytes(final_model) if final_low else baseline_size,
                       drop=options.budget.drop(baseline_metric, final_metric),
-                      test_drop=options.budget.drop(baseline_test, final_test), k=final_k)
-        if final_k and not options.budget.accepts(final.test_drop):
+                      test_drop=options.budget.drop(baseline_test, final_test), k=len(final_low))
+        if final_low and not options.budget.accepts(final.test_drop):
             warnings.append(f"on the test split the plan drops {final.test_drop:.4f}, over the budget of "
                             f"{options.budget.max_drop} that it meets on the evaluation split ({final.drop:.4f})")
         for step in result.steps:
-            step.chosen = step.k == final_k > 0
+            step.chosen = bool(final_low) and step.accepted and step.low(order) == final_low
 
     data = evaluator.data
     layers = quantizable_layers(bench.adapter)
@@ -267,14 +325,22 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
                           size_bytes=baseline_size, precision=bench.baseline_precision),
         final=final,
         latency_reduction=1 - final.latency_ms["median"] / baseline_latency.median,
-        layers=[{**layer.to_dict(), "precision": final_plan.layers[layer.name]} for layer in analysis.layers],
+        layers=[{**layer.to_dict(), "precision": final_plan.layers[layer.name],
+                 "latency_saving_ms": profile.saving(layer.name),
+                 "saving_noise_ms": profile.savings[layer.name].noise_ms,
+                 "excluded": None if layer.name in eligible else "no measurable latency saving"}
+                for layer in analysis.layers],
         skipped_layers=[{"name": name, "kind": type(layers[name]).__name__, "reason": reason}
                         for name, reason in bench.backend.skipped.items()],
         search={
             "ordering": options.sensitivity.ordering,
+            "selection": options.selection,
+            "order": order,
             "method": analysis.method,
+            "latency_model": _latency_model(profile, result.steps),
             "evaluations": result.evaluations,
-            "max_evaluations": max_evaluations(len(bench.candidates)),
+            "max_evaluations": max_evaluations(len(order), REFINEMENT_STEPS),
+            "refinement_evaluations": sum(s.stage == "refinement" for s in result.steps),
             "best_k": result.best_k,
             "search_status": result.status,
             "steps": [asdict(s) for s in result.steps],
@@ -286,7 +352,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         if options.out_dir:
             out = Path(options.out_dir)
             # The artifact re-applies from plan.json to the original model: a float plan is the original.
-            files = save_artifact(final_model if final_k else bench.adapter, final_plan, out / "artifact")
+            files = save_artifact(final_model if final_low else bench.adapter, final_plan, out / "artifact")
             report.artifact = {name: str(path.relative_to(out)) for name, path in files.items()}
     report.phases = dict(track.phases)
     if options.out_dir:

@@ -112,14 +112,19 @@ def render(report: Report) -> str:
         f"{final.test_drop:.4f} on the test split (budget {budget['max_drop']} {budget['mode']}), "
         f"{final.k}/{len(report.layers)} layers low precision",
         "",
-        f"search ({search['ordering']}): {search['evaluations']} evaluations (max {search['max_evaluations']})",
-        f"{'k':>5}{metric:>18}{'drop':>10}{'latency ms':>12}  accepted",
+        f"search ({search['ordering']} ordering, {search['selection']} selection): {search['evaluations']} "
+        f"evaluations (max {search['max_evaluations']}, {search['refinement_evaluations']} refinement)",
+        f"{'stage':>11}{'k':>5}{metric:>18}{'drop':>10}{'latency ms':>12}{'predicted':>11}  accepted",
     ]
     for step in search["steps"]:
         latency = "-" if step["latency_ms"] is None else f"{step['latency_ms']:.2f}"
-        chosen = "  <- chosen" if step.get("chosen") else ""
-        lines.append(f"{step['k']:>5}{step['metric']:>18.4f}{step['drop']:>10.4f}{latency:>12}  "
-                     f"{'yes' if step['accepted'] else 'no'}{chosen}")
+        chosen = "  <- chosen" if step["chosen"] else ""
+        skipped = f"  (skips {len(step['skipped'])})" if step["skipped"] else ""
+        lines.append(f"{step['stage']:>11}{step['k']:>5}{step['metric']:>18.4f}{step['drop']:>10.4f}{latency:>12}"
+                     f"{step['predicted_latency_ms']:>11.2f}  {'yes' if step['accepted'] else 'no'}{chosen}{skipped}")
+    excluded = [layer["name"] for layer in report.layers if layer["excluded"]]
+    if excluded:
+        lines += ["", f"kept in {report.baseline.precision}, no measurable latency saving: " + ", ".join(excluded)]
     if report.skipped_layers:
         lines += ["", "not candidates: " + "; ".join(f"{s['name']} ({s['reason']})" for s in report.skipped_layers)]
     lines += ["", "phases: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in report.phases.items())]

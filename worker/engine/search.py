@@ -1,8 +1,10 @@
-"""Bisection over the sensitivity ordering: the largest k low-precision layers within the budget.
+"""Which layers go low precision: an order, a bisection over its prefixes, and a short refinement.
 
-Pure logic with no torch: `evaluate(k)` is whatever measures the metric with the k least sensitive
-layers in low precision. The search assumes the metric falls (roughly) monotonically with k and
-spends at most ceil(log2(L + 1)) + 2 evaluations.
+Pure logic with no torch. `cost_aware_order` ranks layers by accuracy cost per unit of latency saved
+(a greedy knapsack); `bisect_layers` finds the largest prefix of an order whose measured metric is within
+budget, in at most ceil(log2(L + 1)) + 2 evaluations, assuming the metric falls (roughly) monotonically
+along the order; `search` adds up to `REFINEMENT_STEPS` evaluations that skip the first failing layer and
+try the next ones (as NNCF's accuracy control does), and records every evaluated point.
 """
 
 from __future__ import annotations
@@ -49,14 +51,25 @@ class Budget:
         return self.min_drop > 0 and self.min_drop <= drop <= self.max_drop
 
 
+SELECTIONS = ("cost-aware", "sensitivity")
+REFINEMENT_STEPS = 3
+
+
 @dataclass
 class Step:
-    k: int
+    k: int  # layers in low precision: the first k + len(skipped) of the order, less `skipped`
     metric: float
     drop: float
     accepted: bool
     latency_ms: float | None = None
+    predicted_latency_ms: float | None = None
     chosen: bool = False
+    stage: str = "bisection"  # or "refinement"
+    skipped: list[str] = field(default_factory=list)
+
+    def low(self, order: list[str]) -> list[str]:
+        """The layers this step put in low precision."""
+        return [n for n in order[:self.k + len(self.skipped)] if n not in set(self.skipped)]
 
 
 @dataclass
@@ -64,14 +77,29 @@ class SearchResult:
     best_k: int  # 0 means no low-precision layer fits the budget
     steps: list[Step] = field(default_factory=list)
     status: str = "ok"  # ok | all_low | none_fit
+    best: list[str] = field(default_factory=list)  # the largest passing set found
 
     @property
     def evaluations(self) -> int:
         return len(self.steps)
 
 
-def max_evaluations(num_layers: int) -> int:
-    return math.ceil(math.log2(num_layers + 1)) + 2
+def max_evaluations(num_layers: int, refinement: int = 0) -> int:
+    return math.ceil(math.log2(num_layers + 1)) + 2 + refinement
+
+
+def cost_aware_order(names: list[str], cost: dict[str, float], saving: dict[str, float]) -> list[str]:
+    """Least accuracy cost per millisecond saved first. Layers that cost nothing (or gain accuracy) come
+    first, biggest saving first; layers that save nothing come last. Savings add up (the latency models
+    are linear in the plan), so this greedy is the knapsack's ratio rule."""
+
+    def key(name: str):
+        c, s = cost[name], saving[name]
+        if s <= 0:
+            return (2, c, name)
+        return (0, -s, name) if c <= 0 else (1, c / s, name)
+
+    return sorted(names, key=key)
 
 
 def bisect_layers(
@@ -126,4 +154,49 @@ def bisect_layers(
         else:
             bad = mid
     result.best_k = good
+    return result
+
+
+def search(
+    order: list[str],
+    evaluate: Callable[[list[str]], float],
+    baseline: float,
+    budget: Budget,
+    on_step: Callable[[Step, list[str], int], None] | None = None,
+    refinement: int = REFINEMENT_STEPS,
+) -> SearchResult:
+    """Bisect over the prefixes of `order`, then refine near the boundary: skip the first failing layer and
+    try adding the next ones, one real evaluation each, at most `refinement` of them.
+
+    `evaluate(low)` measures the metric with exactly `low` in low precision; `on_step(step, low, cap)` is
+    called after every evaluation.
+    """
+    cap = max_evaluations(len(order), refinement)
+
+    def notify(step: Step, low: list[str]) -> None:
+        if on_step:
+            on_step(step, low, cap)
+
+    result = bisect_layers(len(order), lambda k: evaluate(order[:k]), baseline, budget,
+                           on_step=lambda step, _cap: notify(step, order[:step.k]))
+    best = order[:result.best_k]
+    passing = [s for s in result.steps if s.accepted]
+    settled = result.status == "all_low" or any(budget.close_enough(s.drop) for s in passing)
+    if not settled and refinement:
+        skipped = [order[result.best_k]]  # the first failing layer
+        for name in order[result.best_k + 1:result.best_k + 1 + refinement]:
+            trial = best + [name]
+            metric = evaluate(trial)
+            drop = budget.drop(baseline, metric)
+            step = Step(k=len(trial), metric=metric, drop=drop, accepted=budget.accepts(drop),
+                        stage="refinement", skipped=list(skipped))
+            result.steps.append(step)
+            notify(step, trial)
+            if step.accepted:
+                best = trial
+            else:
+                skipped.append(name)
+    result.best, result.best_k = best, len(best)
+    if result.status == "none_fit" and best:
+        result.status = "ok"
     return result

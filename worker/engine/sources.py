@@ -1,4 +1,4 @@
-"""Model sources: one SOURCE string everywhere (CLI, API, registry).
+"""Loading what a SOURCE names (the grammar is in spec.py): the model, its task, revision and data.
 
 - `hf:<repo_id>[@revision]`: transformers Auto classes chosen by the config's architecture;
   remote code is never trusted and only safetensors weights are loaded.
@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,43 +17,8 @@ from . import builtins
 from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION
 from .data import DataOptions, Dataset, load_dataset_for
 from .errors import InputError
-from .paths import HF_REPO_ID, HF_REVISION, resolve_under_root
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    kind: str  # hf | local | builtin
-    id: str
-    revision: str | None = None
-
-    def __str__(self) -> str:
-        return f"{self.kind}:{self.id}" + (f"@{self.revision}" if self.revision else "")
-
-
-def parse_source(source: str) -> ModelSpec:
-    """Validate the syntax of a SOURCE string; filesystem checks happen in `load_model`."""
-    if not isinstance(source, str) or not source.strip():
-        raise InputError("model SOURCE is empty")
-    source = source.strip()
-    scheme, sep, rest = source.partition(":")
-    if not sep:
-        scheme, rest = "local", source
-    if scheme == "builtin":
-        if rest not in builtins.BUILTINS:
-            raise InputError(f"unknown builtin model {rest!r}; available: {', '.join(sorted(builtins.BUILTINS))}")
-        return ModelSpec("builtin", rest)
-    if scheme == "hf":
-        repo_id, _, revision = rest.partition("@")
-        if not HF_REPO_ID.fullmatch(repo_id):
-            raise InputError(f"invalid Hugging Face model ID {repo_id!r}: expected [namespace/]name")
-        if revision and not HF_REVISION.fullmatch(revision):
-            raise InputError(f"invalid revision {revision!r}")
-        return ModelSpec("hf", repo_id, revision or None)
-    if scheme == "local":
-        if not rest:
-            raise InputError("local: needs a directory path under the model root")
-        return ModelSpec("local", rest)
-    raise InputError(f"unknown model source {scheme!r}: use hf:<repo_id>[@revision], local:<dir> or builtin:<name>")
+from .paths import resolve_under_root
+from .spec import ModelSpec, directory_revision, hf_load_kwargs
 
 
 @dataclass
@@ -79,16 +43,6 @@ def task_for_config(config) -> str:
             if architecture.endswith(suffix):
                 return task
     return FEATURE_EXTRACTION
-
-
-def hf_load_kwargs(spec: ModelSpec) -> dict:
-    """Arguments for every transformers `from_pretrained` call on a user-supplied source."""
-    kwargs = {"trust_remote_code": False}
-    if spec.kind == "hf" and spec.revision:
-        kwargs["revision"] = spec.revision
-    if spec.kind == "local":
-        kwargs["local_files_only"] = True
-    return kwargs
 
 
 def load_model(spec: ModelSpec, data_options: DataOptions, model_root: Path | None, cache_dir: Path,
@@ -150,27 +104,3 @@ def _revision(spec: ModelSpec, location: str, model: torch.nn.Module) -> str:
     return commit or spec.revision or "main"
 
 
-def directory_revision(path: Path) -> str:
-    """Content hash of a local model's weight and config files: changes exactly when they do."""
-    digest = hashlib.sha256()
-    for file in sorted(path.rglob("*")):
-        if file.is_file() and file.suffix in {".safetensors", ".json"}:
-            digest.update(str(file.relative_to(path)).encode())
-            with file.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-    return "sha256:" + digest.hexdigest()[:16]
-
-
-def resolve_revision(spec: ModelSpec, model_root: Path | None) -> str:
-    """The model's current revision, without loading it: what the registry compares between firings."""
-    if spec.kind == "builtin":
-        return builtins.builtin_version(spec.id)
-    if spec.kind == "local":
-        return directory_revision(resolve_under_root(spec.id, model_root, what="model"))
-    from huggingface_hub import HfApi
-
-    try:
-        return HfApi().model_info(spec.id, revision=spec.revision).sha
-    except Exception as exc:  # offline, private or missing repo
-        raise InputError(f"cannot resolve the revision of {spec}: {exc}") from None

@@ -8,9 +8,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import func, select, text
 
-from app.db import session_scope
-from app.models import FINISHED, QUEUED, STATUSES, Job
-from app.settings import get_settings
+from app.core.db import session_scope
+from app.core.models import FINISHED, QUEUED, STATUSES, Job
+from app.core.settings import get_settings
 
 router = APIRouter(tags=["health"])
 

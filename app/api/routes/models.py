@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from worker.engine.builtins import BUILTIN_DESCRIPTIONS
+from worker.engine.catalogue import BUILTIN_DESCRIPTIONS
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.get("")
-def list_models() -> dict:
+async def list_models() -> dict:
     return {
         "builtin": [{"name": name, "source": f"builtin:{name}", "description": text}
                     for name, text in BUILTIN_DESCRIPTIONS.items()],

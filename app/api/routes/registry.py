@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi import APIRouter, BackgroundTasks, HTTPException, Query, Response
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from app import registry
-from app.api.deps import current_tenant
+from app.api.deps import SessionDep, TenantDep
 from app.api.routes.jobs import check_local_paths
-from app.db import get_session
-from app.models import RegistryEntry, Tenant, utcnow
-from app.schemas import JobCreate, RegistryCreate, RegistryOut, RegistryPatch, RunOut
+from app.core import jobs, registry
+from app.core.auth import CallerTenant
+from app.core.history import history
+from app.core.models import RegistryEntry, utcnow
+from app.core.schemas import JobCreate, RegistryCreate, RegistryOut, RegistryPatch, RegistrySettings, RunOut
 
 router = APIRouter(prefix="/v1/registry", tags=["registry"])
 
@@ -28,7 +28,7 @@ def entry_out(entry: RegistryEntry) -> RegistryOut:
                "resume": f"{base}/resume"})
 
 
-def owned_entry(entry_id: str, session: Session, tenant: Tenant) -> RegistryEntry:
+def owned_entry(entry_id: str, session, tenant: CallerTenant) -> RegistryEntry:
     entry = session.scalar(select(RegistryEntry).where(RegistryEntry.id == entry_id,
                                                        RegistryEntry.tenant_id == tenant.id))
     if entry is None:
@@ -37,14 +37,13 @@ def owned_entry(entry_id: str, session: Session, tenant: Tenant) -> RegistryEntr
 
 
 @router.post("", status_code=201, response_model=RegistryOut)
-def register(body: RegistryCreate, response: Response, session: Session = Depends(get_session),
-             tenant: Tenant = Depends(current_tenant)) -> RegistryOut:
+async def register(body: RegistryCreate, response: Response, session: SessionDep,
+                   tenant: TenantDep) -> RegistryOut:
     check_local_paths(body)
-    now = utcnow()
-    entry = RegistryEntry(tenant_id=tenant.id, model=body.model, request=body.job_request(),
-                          schedule=body.schedule.to_dict(), paused=body.paused,
-                          next_run_at=registry.next_run(body.schedule.to_dict(), now), webhook_url=body.webhook_url,
-                          regression_threshold=body.regression_threshold)
+    schedule = body.schedule.to_dict()
+    entry = RegistryEntry(tenant_id=tenant.id, model=body.model, request=body.job_request(), schedule=schedule,
+                          paused=body.paused, next_run_at=registry.next_run(schedule, utcnow()),
+                          webhook_url=body.webhook_url, regression_threshold=body.regression_threshold)
     session.add(entry)
     session.commit()
     response.headers["Location"] = f"/v1/registry/{entry.id}"
@@ -52,20 +51,20 @@ def register(body: RegistryCreate, response: Response, session: Session = Depend
 
 
 @router.get("", response_model=list[RegistryOut])
-def list_entries(session: Session = Depends(get_session), tenant: Tenant = Depends(current_tenant)):
+async def list_entries(session: SessionDep, tenant: TenantDep):
     entries = session.scalars(select(RegistryEntry).where(RegistryEntry.tenant_id == tenant.id)
                               .order_by(RegistryEntry.created_at))
     return [entry_out(e) for e in entries]
 
 
 @router.get("/{entry_id}", response_model=RegistryOut)
-def get_entry(entry_id: str, session: Session = Depends(get_session), tenant: Tenant = Depends(current_tenant)):
+async def get_entry(entry_id: str, session: SessionDep, tenant: TenantDep):
     return entry_out(owned_entry(entry_id, session, tenant))
 
 
 @router.patch("/{entry_id}", response_model=RegistryOut)
-def patch_entry(entry_id: str, body: RegistryPatch, session: Session = Depends(get_session),
-                tenant: Tenant = Depends(current_tenant)) -> RegistryOut:
+async def patch_entry(entry_id: str, body: RegistryPatch, session: SessionDep,
+                      tenant: TenantDep) -> RegistryOut:
     entry = owned_entry(entry_id, session, tenant)
     changes = body.model_dump(mode="json", exclude_unset=True)
     if "schedule" in changes:
@@ -74,7 +73,9 @@ def patch_entry(entry_id: str, body: RegistryPatch, session: Session = Depends(g
     for name in ("regression_threshold", "webhook_url"):
         if name in changes:
             setattr(entry, name, changes[name])
-    options = {k: v for k, v in changes.items() if k not in ("schedule", "regression_threshold", "webhook_url")}
+    if "paused" in changes and changes["paused"] != entry.paused:
+        _pause(entry, changes["paused"])
+    options = {k: v for k, v in changes.items() if k not in set(RegistrySettings.model_fields) | {"webhook_url"}}
     if options:  # re-validate the whole job request, so a patch can never store an invalid one
         entry.request = JobCreate(**{**entry.request, **options}).model_dump(mode="json", exclude={"webhook_url"})
     session.commit()
@@ -82,45 +83,49 @@ def patch_entry(entry_id: str, body: RegistryPatch, session: Session = Depends(g
 
 
 @router.delete("/{entry_id}", status_code=204)
-def delete_entry(entry_id: str, session: Session = Depends(get_session), tenant: Tenant = Depends(current_tenant)):
+async def delete_entry(entry_id: str, session: SessionDep, tenant: TenantDep):
     session.delete(owned_entry(entry_id, session, tenant))
     session.commit()
     return Response(status_code=204)
 
 
-def _set_paused(entry_id: str, paused: bool, session: Session, tenant: Tenant) -> RegistryOut:
-    entry = owned_entry(entry_id, session, tenant)
+def _pause(entry: RegistryEntry, paused: bool) -> None:
     entry.paused = paused
     if not paused:  # resuming does not replay the firings missed while paused
         entry.next_run_at = registry.next_run(entry.schedule, utcnow())
+
+
+def _set_paused(entry_id: str, paused: bool, session, tenant: CallerTenant) -> RegistryOut:
+    entry = owned_entry(entry_id, session, tenant)
+    _pause(entry, paused)
     session.commit()
     return entry_out(entry)
 
 
 @router.post("/{entry_id}/pause", response_model=RegistryOut)
-def pause(entry_id: str, session: Session = Depends(get_session), tenant: Tenant = Depends(current_tenant)):
+async def pause(entry_id: str, session: SessionDep, tenant: TenantDep):
     return _set_paused(entry_id, True, session, tenant)
 
 
 @router.post("/{entry_id}/resume", response_model=RegistryOut)
-def resume(entry_id: str, session: Session = Depends(get_session), tenant: Tenant = Depends(current_tenant)):
+async def resume(entry_id: str, session: SessionDep, tenant: TenantDep):
     return _set_paused(entry_id, False, session, tenant)
 
 
 @router.post("/{entry_id}/run", response_model=RunOut)
-def run_now(entry_id: str, force: bool = Query(False, description="enqueue even if nothing changed"),
-            session: Session = Depends(get_session), tenant: Tenant = Depends(current_tenant)) -> RunOut:
-    from worker.tasks import enqueue
-
+def run_now(entry_id: str, session: SessionDep, tenant: TenantDep, background: BackgroundTasks,
+            force: bool = Query(False, description="enqueue even if nothing changed")) -> RunOut:
     entry = owned_entry(entry_id, session, tenant)
-    run, job = registry.fire(session, entry, utcnow(), "manual", force=force)
+    # Before any lock, and in a worker thread (a plain def): a Hub lookup can take a while.
+    revision = registry.current_revision(entry)
+    run, job = registry.fire(session, entry, utcnow(), "manual", revision, force=force)
     session.commit()
-    if job is not None:
-        enqueue(job.id, job.priority)
+    if job is not None:  # published after the response, as for POST /v1/jobs
+        background.add_task(jobs.publish, job.id, job.priority)
     session.refresh(entry)
-    return next(RunOut(**row) for row in registry.history(session, entry) if row["run_id"] == run.id)
+    return next(RunOut(**row) for row in history(session, entry) if row["run_id"] == run.id)
 
 
 @router.get("/{entry_id}/history", response_model=list[RunOut])
-def get_history(entry_id: str, session: Session = Depends(get_session), tenant: Tenant = Depends(current_tenant)):
-    return [RunOut(**row) for row in registry.history(session, owned_entry(entry_id, session, tenant))]
+async def get_history(entry_id: str, session: SessionDep, tenant: TenantDep):
+    return [RunOut(**row) for row in history(session, owned_entry(entry_id, session, tenant))]

@@ -1,14 +1,19 @@
-"""Request and response bodies of the jobs API."""
+"""Request and response bodies of the API: one job request (`JobOptions` + the model), reused by the
+registry's create and patch; the public views of jobs, layers, steps and registry runs."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from worker.engine.errors import InputError
-from worker.engine.sources import parse_source
+from worker.engine.spec import parse_source
+
+from .models import STATUSES
+from .webhooks import check_target
 
 
 class Strict(BaseModel):
@@ -36,10 +41,13 @@ class DataIn(Strict):
     synthetic: bool = False
 
 
-class JobCreate(Strict):
-    model: str = Field(description="hf:<repo_id>[@revision], local:<dir> or builtin:<name>", max_length=300)
+class JobOptions(Strict):
+    """What a job is asked to do, besides which model: shared by jobs and registry entries."""
+
     budget: BudgetIn
     ordering: Literal["augmented", "hessian", "random"] = "augmented"
+    selection: Literal["cost-aware", "sensitivity"] = Field(
+        "cost-aware", description="order layers by accuracy cost per millisecond saved, or by sensitivity alone")
     interlayer: Literal["conditional", "pairwise"] = "conditional"
     batch_size: int = Field(8, ge=1, le=512)
     seq_len: int = Field(128, ge=1, le=8192)
@@ -51,6 +59,22 @@ class JobCreate(Strict):
     priority: int = Field(5, ge=0, le=9)
     data: DataIn | None = None
     webhook_url: str | None = Field(None, max_length=2000, description="notified (HMAC-signed) when the job ends")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _allowed_webhook(cls, value: str | None) -> str | None:
+        return None if value is None else check_target(value)
+
+    @field_validator("precisions")
+    @classmethod
+    def _one_low_precision(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != 1:
+            raise ValueError("one low precision per job for now: ['int8'] on CPU, ['int8'] or ['fp8'] on GPU")
+        return value
+
+
+class JobCreate(JobOptions):
+    model: str = Field(description="hf:<repo_id>[@revision], local:<dir> or builtin:<name>", max_length=300)
 
     @model_validator(mode="before")
     @classmethod
@@ -67,25 +91,20 @@ class JobCreate(Strict):
         except InputError as exc:
             raise ValueError(str(exc)) from None
 
-    @field_validator("webhook_url")
-    @classmethod
-    def _allowed_webhook(cls, value: str | None) -> str | None:
-        from app.webhooks import check_target
 
-        return None if value is None else check_target(value)
-
-    @field_validator("precisions")
-    @classmethod
-    def _one_low_precision(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != 1:
-            raise ValueError("one low precision per job for now: ['int8'] on CPU, ['int8'] or ['fp8'] on GPU")
-        return value
+def partial(model: type[BaseModel], name: str) -> type[BaseModel]:
+    """`model` with every field optional for a PATCH: an absent field is left as it is, a present one is
+    validated as declared (so null only where the field itself is nullable)."""
+    fields = {field: (info.annotation, FieldInfo.merge_field_infos(info, default=None, default_factory=None))
+              for field, info in model.model_fields.items()}
+    return create_model(name, __base__=model, **fields)
 
 
 class JobOut(BaseModel):
     id: str
     model: str
-    status: str
+    status: Literal[STATUSES]  # type: ignore[valid-type]
+    finished: bool = Field(description="the status is final: succeeded, failed or cancelled")
     phase: str | None
     progress: float
     step: int | None
@@ -112,11 +131,11 @@ class JobList(BaseModel):
 
 
 class LayerOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
     position: int
     name: str
     kind: str
     params: int
+    output_error: float | None = None
     hessian_trace: float | None
     trace_stderr: float | None
     hessian_term: float | None
@@ -124,17 +143,22 @@ class LayerOut(BaseModel):
     score: float | None
     rank: int
     precision: str
+    latency_saving_ms: float | None = Field(None, description="measured on the real kernels; see search.latency_model")
+    saving_noise_ms: float | None = None
+    excluded: str | None = Field(None, description="why the layer was kept in float whatever its sensitivity")
 
 
 class StepOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
     position: int
     k: int
     metric: float
     drop: float
     latency_ms: float | None
+    predicted_latency_ms: float | None = None
     accepted: bool
     chosen: bool
+    stage: str = "bisection"
+    skipped: list[str] = []
 
 
 class ScheduleIn(Strict):
@@ -155,38 +179,26 @@ class ScheduleIn(Strict):
         return {"cron": self.cron} if self.cron else {"interval_seconds": self.interval_seconds}
 
 
-class RegistryCreate(JobCreate):
-    """A job request plus when to re-run it and when to raise a regression."""
+class RegistrySettings(Strict):
+    """When a registry entry re-runs its job and when it raises a regression."""
 
     schedule: ScheduleIn
     regression_threshold: float = Field(0.01, gt=0, lt=1, description="reduction or relative metric drop that flags")
     paused: bool = False
 
+
+class RegistryCreate(JobCreate, RegistrySettings):
+    """A job request plus when to re-run it and when to raise a regression."""
+
     def job_request(self) -> dict:
-        return self.model_dump(mode="json", exclude={"schedule", "regression_threshold", "paused", "webhook_url"})
+        return self.model_dump(mode="json", exclude=set(RegistrySettings.model_fields) | {"webhook_url"})
 
 
-class RegistryPatch(Strict):
-    budget: BudgetIn | None = None
-    ordering: Literal["augmented", "hessian", "random"] | None = None
-    interlayer: Literal["conditional", "pairwise"] | None = None
-    batch_size: int | None = Field(None, ge=1, le=512)
-    seq_len: int | None = Field(None, ge=1, le=8192)
-    calibration_samples: int | None = Field(None, ge=1, le=100_000)
-    eval_samples: int | None = Field(None, ge=1, le=100_000)
-    test_samples: int | None = Field(None, ge=1, le=100_000)
-    hutchinson_samples: int | None = Field(None, ge=2, le=1000)
-    priority: int | None = Field(None, ge=0, le=9)
-    schedule: ScheduleIn | None = None
-    regression_threshold: float | None = Field(None, gt=0, lt=1)
-    webhook_url: str | None = Field(None, max_length=2000)
+class RegistryUpdate(JobOptions, RegistrySettings):
+    pass
 
-    @field_validator("webhook_url")
-    @classmethod
-    def _allowed_webhook(cls, value: str | None) -> str | None:
-        from app.webhooks import check_target
 
-        return None if value is None else check_target(value)
+RegistryPatch = partial(RegistryUpdate, "RegistryPatch")
 
 
 class RegistryOut(BaseModel):

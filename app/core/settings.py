@@ -27,9 +27,19 @@ class Settings(BaseSettings):
     queue: str = "cpu"  # GPU workers consume "gpu"
     job_soft_time_limit: int = 3 * 3600
     job_time_limit: int = 3 * 3600 + 300
+    # Timing per layer in the latency profile (more is steadier, less is quicker).
+    profile_seconds_per_layer: float = 0.5
     heartbeat_seconds: float = 5.0
     # A running job whose heartbeat is older than this is presumed dead and requeued.
     stale_after_seconds: float = 60.0
+    # The sweeper (beat): how often it runs; it publishes queued jobs never published after this grace,
+    # and publishes again those still unclaimed this long after (the claim tolerates duplicates).
+    sweep_seconds: float = 30.0
+    publish_grace_seconds: float = 10.0
+    unclaimed_after_seconds: float = 300.0
+    # A queued job that could not be published for this long fails (the broker is presumed gone).
+    publish_deadline_seconds: float = 600.0
+    broker_timeout_seconds: float = 5.0
 
     # API
     api_url: str = "http://127.0.0.1:8000"  # for the CLI client
@@ -37,6 +47,8 @@ class Settings(BaseSettings):
     # Only `mixq serve` on a loopback address reads this; unset, the embedded default runs without auth.
     auth_disabled: bool | None = None
     max_body_bytes: int = 64 * 1024
+    # How long a process remembers which tenant an API key belongs to (a revoked key works this long at most).
+    key_cache_seconds: float = 5.0
 
     # Webhooks: targets must match the operator's allow-list (comma-separated host or host:port);
     # payloads are signed with HMAC-SHA256 of this secret.

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from . import queue
 from .settings import Settings, get_settings
 
 log = logging.getLogger("mixq.webhooks")
@@ -58,6 +59,4 @@ def send(url: str | None, event: str, payload: dict) -> None:
         log.warning("webhook %s to %s refused: %s", event, url, exc)
     except httpx.HTTPError as exc:
         log.info("webhook %s to %s failed (%s); retrying in the background", event, url, exc)
-        from worker.tasks import deliver_webhook
-
-        deliver_webhook.apply_async(args=[url, event, payload, delivery_id], countdown=5)
+        queue.send(queue.DELIVER_WEBHOOK, [url, event, payload, delivery_id], countdown=5)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -11,6 +11,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from .settings import get_settings
+
+
+# Enough connections for a process's concurrent requests, so none is opened and closed per request.
+POOL = {"pool_size": 10, "max_overflow": 20}
 
 
 @lru_cache
@@ -22,17 +26,18 @@ def get_engine(url: str | None = None) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **POOL)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(connection, _record):  # API and worker processes share the file
             cursor = connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")  # WAL-safe: a crash loses nothing committed, no fsync per commit
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **POOL)
 
 
 @lru_cache
@@ -54,8 +59,9 @@ def session_scope() -> Iterator[Session]:
         session.close()
 
 
-def get_session() -> Iterator[Session]:
-    """FastAPI dependency."""
+async def get_session() -> AsyncIterator[Session]:
+    """FastAPI dependency. A plain (synchronous) session, used from `async def` endpoints: their queries
+    take a fraction of a millisecond, far less than handing each request to a thread and back."""
     session = _sessionmaker()()
     try:
         yield session

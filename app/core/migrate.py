@@ -6,8 +6,11 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import MetaData
 
 import migrations
+
+from .db import get_engine
 
 
 def alembic_config(url: str | None = None) -> Config:
@@ -26,13 +29,7 @@ def downgrade(url: str | None = None, revision: str = "base") -> None:
 
 
 def reset(url: str) -> None:
-    """Drop every mixq table and the migration record (test and benchmark databases only)."""
-    from sqlalchemy import text
-
-    from app.db import get_engine
-    from app.models import Base
-
-    engine = get_engine(url)
-    Base.metadata.drop_all(engine)
-    with engine.begin() as connection:
-        connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
+    """Drop every table of the database, whichever schema version made it (test and benchmark databases only)."""
+    tables = MetaData()
+    tables.reflect(bind=get_engine(url))
+    tables.drop_all(get_engine(url))

@@ -1,4 +1,8 @@
-"""Database models: tenants and their API keys, jobs, and each job's layers, search steps and artifacts."""
+"""Database models: tenants and their API keys, jobs and their artifacts, registry entries and their runs.
+
+A job's results live in one place, its report (the engine's `Report`, stored as JSON); the API serves
+its layers and search steps from there. Statuses and their transitions belong to `app.core.jobs`.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
+# A job's statuses; the transitions between them are app.core.jobs.
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
@@ -60,6 +65,8 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, default=5)
 
     status: Mapped[str] = mapped_column(String(16), index=True, default=QUEUED)
+    # When the job's message last went to the broker; null until it has (the sweeper publishes those).
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     phase: Mapped[str | None] = mapped_column(String(32))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     step: Mapped[int | None] = mapped_column(Integer)
@@ -82,42 +89,7 @@ class Job(Base):
     final_metric: Mapped[float | None] = mapped_column(Float)
     latency_reduction: Mapped[float | None] = mapped_column(Float)
 
-    layers: Mapped[list["LayerResult"]] = relationship(cascade="all, delete-orphan", order_by="LayerResult.position")
-    search_steps: Mapped[list["SearchStep"]] = relationship(cascade="all, delete-orphan",
-                                                            order_by="SearchStep.position")
     artifacts: Mapped[list["Artifact"]] = relationship(cascade="all, delete-orphan")
-
-
-class LayerResult(Base):
-    __tablename__ = "layer_results"
-    __table_args__ = (UniqueConstraint("job_id", "name"),)
-    id: Mapped[int] = mapped_column(primary_key=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    position: Mapped[int] = mapped_column(Integer)  # network order
-    name: Mapped[str] = mapped_column(String(300))
-    kind: Mapped[str] = mapped_column(String(32))
-    params: Mapped[int] = mapped_column(Integer)
-    hessian_trace: Mapped[float | None] = mapped_column(Float)
-    trace_stderr: Mapped[float | None] = mapped_column(Float)
-    hessian_term: Mapped[float | None] = mapped_column(Float)
-    interlayer: Mapped[float | None] = mapped_column(Float)
-    score: Mapped[float | None] = mapped_column(Float)
-    rank: Mapped[int] = mapped_column(Integer)
-    precision: Mapped[str] = mapped_column(String(8))
-
-
-class SearchStep(Base):
-    __tablename__ = "search_steps"
-    __table_args__ = (UniqueConstraint("job_id", "position"),)
-    id: Mapped[int] = mapped_column(primary_key=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    position: Mapped[int] = mapped_column(Integer)  # evaluation order
-    k: Mapped[int] = mapped_column(Integer)
-    metric: Mapped[float] = mapped_column(Float)
-    drop: Mapped[float] = mapped_column(Float)
-    latency_ms: Mapped[float | None] = mapped_column(Float)
-    accepted: Mapped[bool] = mapped_column(Boolean)
-    chosen: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Artifact(Base):

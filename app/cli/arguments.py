@@ -1,0 +1,66 @@
+"""Argument types and the job-request flags that `compress` and `submit` share: one vocabulary, the API's."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="hf:<repo_id>[@revision], local:<dir under MIXQ_MODEL_ROOT> or builtin:<name>")
+    parser.add_argument("--budget", type=number, required=True,
+                        help="largest allowed metric drop, in (0, 1): 0.01 = 1%% of the baseline (relative)")
+    parser.add_argument("--min-drop", type=number, default=0.0,
+                        help="lower edge of the degradation range: stop searching once a drop lands in [min, budget]")
+    parser.add_argument("--absolute", action="store_true", help="budget in absolute metric points, not relative")
+    parser.add_argument("--ordering", choices=["augmented", "hessian", "random"], default="augmented")
+    parser.add_argument("--selection", choices=["cost-aware", "sensitivity"], default="cost-aware",
+                        help="order layers by accuracy cost per millisecond saved (cost-aware) or by sensitivity")
+    parser.add_argument("--interlayer", choices=["conditional", "pairwise"], default="conditional",
+                        help="which measured inter-layer dependency term augments the Hessian")
+    parser.add_argument("--hutchinson-samples", type=positive_int, default=16,
+                        help="cap on Hutchinson samples (at least 2)")
+    parser.add_argument("--data", help="HF dataset ID (hf:name[@config]) or a file/folder under MIXQ_MODEL_ROOT")
+    parser.add_argument("--split", default="train", help="dataset split (HF datasets)")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--synthetic-data", action="store_true", help="random inputs (latency work only)")
+    parser.add_argument("--calibration-samples", type=positive_int, default=128)
+    parser.add_argument("--eval-samples", type=positive_int, default=256)
+    parser.add_argument("--test-samples", type=positive_int, default=256,
+                        help="held out from every decision; scores the final plan once")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--seq-len", type=positive_int, default=128)
+    parser.add_argument("--priority", type=int, default=5, help="0-9, higher runs first (service jobs)")
+
+
+def job_request(args) -> dict:
+    """The flags as a job request, in the API's vocabulary (unvalidated)."""
+    data = None
+    if args.data or args.synthetic_data:
+        data = {"spec": args.data, "split": args.split, "text_column": args.text_column,
+                "label_column": args.label_column or None, "image_column": args.image_column,
+                "synthetic": args.synthetic_data}
+    return {"model": args.source, "budget": {"max_drop": args.budget, "min_drop": args.min_drop,
+                                             "mode": "absolute" if args.absolute else "relative"},
+            "ordering": args.ordering, "selection": args.selection, "interlayer": args.interlayer,
+            "batch_size": args.batch_size, "seq_len": args.seq_len, "calibration_samples": args.calibration_samples,
+            "eval_samples": args.eval_samples, "test_samples": args.test_samples,
+            "hutchinson_samples": args.hutchinson_samples, "priority": args.priority, "data": data}

@@ -1,0 +1,151 @@
+"""`mixq serve|worker|beat|db|keys`: running the service."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from app.core.auth import create_key
+from app.core.db import session_scope
+from app.core.migrate import upgrade
+from app.core.settings import get_settings
+from .arguments import positive_int
+
+def runs_engine(args) -> bool:
+    """Whether this command runs the engine here or in its children (and so needs the allocator setting)."""
+    return args.command == "worker" or (args.command == "serve" and not args.no_worker)
+
+
+def add_commands(commands) -> None:
+    s = commands.add_parser("serve", help="API + dashboard + one worker in one command (embedded default)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=positive_int, default=8000)
+    s.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
+    s.add_argument("--workers", type=positive_int, default=1,
+                   help="API processes (one per core in production; the API loads no torch, so they are light)")
+    s.set_defaults(handler=serve)
+
+    w = commands.add_parser("worker", help="a Celery worker for compression jobs")
+    w.add_argument("--concurrency", type=positive_int, default=1)
+    w.add_argument("--beat", action="store_true", help="also run the scheduler in this process")
+    w.set_defaults(handler=worker)
+    commands.add_parser("beat", help="the Celery beat scheduler (sweeps and registry ticks)").set_defaults(handler=beat)
+
+    d = commands.add_parser("db", help="database migrations")
+    d.add_argument("action", choices=["upgrade"])
+    d.set_defaults(handler=db)
+
+    k = commands.add_parser("keys", help="API keys")
+    k.add_argument("action", choices=["create"])
+    k.add_argument("--tenant", required=True, help="tenant the key acts for (created if new)")
+    k.set_defaults(handler=keys)
+
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def _celery(*args: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", *args]
+
+
+def worker_command(concurrency: int = 1, beat: bool = False) -> list[str]:
+    settings = get_settings()
+    command = _celery("worker", "-Q", settings.queue, "-c", str(concurrency), "--loglevel", "INFO",
+                      "-n", f"mixq-{settings.queue}-{os.getpid()}@%h")
+    if beat:
+        command += ["-B", "-s", str(settings.data_dir / "beat-schedule")]
+    return command
+
+
+def db(args) -> int:
+
+    upgrade()
+    print(f"database at head: {get_settings().database_url.split('@')[-1]}")
+    return 0
+
+
+def keys(args) -> int:
+    with session_scope() as session:
+        key = create_key(session, args.tenant)
+    print(key)
+    print(f"(API key for tenant {args.tenant!r}; it is shown once and only its hash is stored)", file=sys.stderr)
+    return 0
+
+
+def worker(args) -> int:
+    os.execv(sys.executable, worker_command(args.concurrency, args.beat))
+
+
+def beat(args) -> int:
+    settings = get_settings()
+    os.execv(sys.executable, _celery("beat", "-s", str(settings.data_dir / "beat-schedule"), "--loglevel", "INFO"))
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = get_settings()
+    loopback = args.host in LOOPBACK
+    embedded = settings.embedded_broker and settings.database_url.startswith("sqlite")
+    if settings.auth_disabled and not loopback:
+        print(f"mixq: error: MIXQ_AUTH_DISABLED is only allowed on a loopback address, not {args.host}",
+              file=sys.stderr)
+        return 2
+    auth_disabled = loopback and (embedded if settings.auth_disabled is None else settings.auth_disabled)
+    if auth_disabled and args.workers > 1:
+        print("mixq: error: --workers above 1 serves with API keys: bind to another address, or set "
+              "MIXQ_AUTH_DISABLED=false", file=sys.stderr)
+        return 2
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade()
+    if auth_disabled:
+        print(f"mixq: AUTH DISABLED - embedded mode on {args.host}: every request acts as tenant 'local'. "
+              "Bind to another address or use Postgres/Redis to require API keys.", file=sys.stderr)
+    print(f"mixq: database {settings.database_url.split('@')[-1]}, broker {settings.broker_url.split('@')[-1]}",
+          file=sys.stderr)
+    worker_process = None
+    if not args.no_worker:
+        worker_process = subprocess.Popen(worker_command(beat=True), preexec_fn=_die_with_parent)
+    try:
+        if args.workers > 1:  # one process per core; each builds the production app (keys required)
+            _serve_processes(args.host, args.port, args.workers)
+        else:
+            uvicorn.run(create_app(auth_disabled=auth_disabled), host=args.host, port=args.port, log_level="info")
+    finally:
+        if worker_process is not None:
+            worker_process.terminate()
+            try:
+                worker_process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker_process.kill()
+    return 0
+
+
+def _serve_processes(host: str, port: int, workers: int) -> None:
+    """uvicorn's multi-process server, on a listening socket made with its protocol (IPPROTO_TCP). Made
+    without it, as uvicorn does, asyncio never sets TCP_NODELAY on the accepted connections, and each
+    keep-alive response then waits about 40 ms for the client's delayed ACK."""
+    import socket
+
+    from uvicorn import Config
+    from uvicorn.supervisors import Multiprocess
+
+    config = Config("app.main:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    Multiprocess(config, sockets=[sock]).run()
+
+
+def _die_with_parent() -> None:
+    """The embedded worker gets SIGTERM when `mixq serve` dies, however it dies (uvicorn re-raises
+    SIGTERM after its own shutdown, so serve's cleanup does not always run)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

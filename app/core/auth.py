@@ -1,0 +1,92 @@
+"""API keys: random tokens shown once; only their SHA-256 is stored (they are high-entropy, so no KDF).
+
+A key's tenant is looked up once and remembered by the process for `key_cache_seconds` (default 5):
+a poll costs no key query, and a revoked key stops working everywhere within that time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .models import ApiKey, Tenant
+from .settings import get_settings
+
+LOCAL_TENANT = "local"  # owner of every job when auth is disabled (embedded default on localhost)
+
+
+@dataclass(frozen=True)
+class CallerTenant:
+    """Who is calling: plain data, safe to remember across requests (an ORM object is not)."""
+
+    id: int
+    name: str
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def get_or_create_tenant(session: Session, name: str) -> Tenant:
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        tenant = Tenant(name=name)
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+def create_key(session: Session, tenant_name: str) -> str:
+    key = "mixq_" + secrets.token_urlsafe(32)
+    tenant = get_or_create_tenant(session, tenant_name)
+    session.add(ApiKey(tenant_id=tenant.id, prefix=key[:12], key_hash=hash_key(key)))
+    return key
+
+
+class _Remembered:
+    """A small time-limited memo of lookups, shared by the request threads of one process."""
+
+    def __init__(self):
+        self.entries: dict[str, tuple[float, CallerTenant | None]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, key: str, lookup) -> CallerTenant | None:
+        now = time.monotonic()
+        with self.lock:
+            found = self.entries.get(key)
+        if found is not None and found[0] > now:
+            return found[1]
+        value = lookup()
+        with self.lock:
+            if len(self.entries) > 10_000:  # bounded: drop everything rather than grow on junk keys
+                self.entries.clear()
+            self.entries[key] = (now + get_settings().key_cache_seconds, value)
+        return value
+
+
+_remembered = _Remembered()
+
+
+def tenant_for_key(session: Session, key: str) -> CallerTenant | None:
+    def lookup():
+        row = session.execute(select(Tenant.id, Tenant.name).join(ApiKey, ApiKey.tenant_id == Tenant.id).where(
+            ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))).first()
+        return CallerTenant(*row) if row else None
+
+    digest = hash_key(key)
+    return _remembered.get(digest, lookup)
+
+
+def local_tenant(session: Session) -> CallerTenant:
+    def lookup():
+        tenant = get_or_create_tenant(session, LOCAL_TENANT)
+        session.commit()
+        return CallerTenant(tenant.id, tenant.name)
+
+    return _remembered.get(f"tenant:{LOCAL_TENANT}", lookup)

@@ -1,0 +1,204 @@
+"""A job's life in one place: every status change goes through these functions.
+
+    queued --claim--> running --finish--> succeeded
+      |                 |  |--fail----> failed
+      |                 |  '--cancel--> cancelled   (at the worker's next step boundary)
+      |--cancel-------> cancelled                   (at once: no worker has it)
+      '--fail---------> failed                      (it cannot be run)
+    running --requeue (heartbeat stale)--> queued
+
+Exactly once without trusting the broker: `claim` is a conditional UPDATE (only a queued job, or a
+running one whose heartbeat is stale, can be taken), and a worker writes progress and results only while
+it still holds the claim. The jobs table is also the outbox: a job is stored first and its message
+published after (`publish`); the sweeper publishes whatever was not. Every terminal transition notifies
+(webhooks, registry regressions) exactly once, through `_ended`.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from . import notifications, queue
+from .db import session_scope
+from .models import CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, SUCCEEDED, Artifact, Job, utcnow
+from .settings import Settings, get_settings
+
+log = logging.getLogger("mixq.jobs")
+
+
+class IdempotencyConflict(ValueError):
+    """The Idempotency-Key was used before with a different request."""
+
+
+def new(session: Session, tenant_id: int, request: dict, idempotency_key: str | None = None,
+        registry_entry_id: str | None = None, message: str = "queued") -> Job:
+    """A queued job in the caller's transaction; the caller commits, then publishes it (`publish`)."""
+    # Marked published up front (one write per submission): a failed publish clears the mark, and a process
+    # that dies in between leaves a job the sweeper publishes again once it has waited unclaimed too long.
+    job = Job(tenant_id=tenant_id, model=request["model"], request=request, idempotency_key=idempotency_key,
+              priority=request["priority"], webhook_url=request.get("webhook_url"),
+              registry_entry_id=registry_entry_id, status=QUEUED, phases={}, message=message, enqueued_at=utcnow())
+    session.add(job)
+    return job
+
+
+def submit(session: Session, tenant_id: int, request: dict, idempotency_key: str | None = None
+           ) -> tuple[Job, bool]:
+    """Store a queued job (committed), or find the one an earlier request with the same key stored; says
+    whether it is new (and so still to be published)."""
+    if idempotency_key:
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id,
+                                                    Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            if existing.request != request:
+                raise IdempotencyConflict("Idempotency-Key was already used with a different request")
+            return existing, False
+    job = new(session, tenant_id, request, idempotency_key)
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent request with the same key won the race
+        session.rollback()
+        return submit(session, tenant_id, request, idempotency_key)
+    return job, True
+
+
+def publish(job_id: str, priority: int) -> bool:
+    """Send the job's message to the broker. A failure is logged (the broker's own words stay in the log)
+    and leaves the job to the sweeper."""
+    try:
+        queue.run_job(job_id, priority)
+    except Exception:
+        log.warning("could not publish job %s; the sweeper will retry", job_id, exc_info=True)
+        with session_scope() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=None))
+        return False
+    return True
+
+
+def claim(job_id: str, worker: str, settings: Settings | None = None) -> Job | None:
+    settings = settings or get_settings()
+    now = utcnow()
+    stale = now - timedelta(seconds=settings.stale_after_seconds)
+    with session_scope() as session:
+        taken = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.cancel_requested.is_(False),
+                   or_(Job.status == QUEUED, (Job.status == RUNNING) & (Job.heartbeat_at < stale)))
+            .values(status=RUNNING, worker=worker, heartbeat_at=now, attempts=Job.attempts + 1,
+                    started_at=now, message="running", error=None)
+        ).rowcount
+        return session.get(Job, job_id) if taken == 1 else None
+
+
+def update_if_mine(job_id: str, worker: str, **values) -> bool:
+    """Progress and heartbeats: written only while `worker` holds the claim."""
+    with session_scope() as session:
+        return session.execute(
+            update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == RUNNING).values(**values)
+        ).rowcount == 1
+
+
+def cancel_requested(job_id: str) -> bool:
+    with session_scope() as session:
+        return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def finish(job_id: str, worker: str, report: dict, bundle: dict) -> bool:
+    """Store the results in one transaction, only if `worker` still holds the claim."""
+    with session_scope() as session:
+        job = session.scalar(select(Job).where(Job.id == job_id, Job.worker == worker, Job.status == RUNNING)
+                             .with_for_update())
+        if job is None:
+            return False
+        job.artifacts.clear()
+        session.flush()
+        session.add(Artifact(job_id=job_id, kind="bundle", **bundle))
+        job.status, job.finished_at, job.progress, job.phase = SUCCEEDED, utcnow(), 1.0, "done"
+        job.message = report["message"]
+        job.report, job.phases, job.result_status = report, report["phases"], report["status"]
+        job.baseline_metric, job.final_metric = report["baseline"]["metric"], report["final"]["metric"]
+        job.latency_reduction = report["latency_reduction"]
+    _ended(job_id)
+    return True
+
+
+def end_running(job_id: str, worker: str, status: str, message: str | None = None, error: str | None = None) -> bool:
+    """A worker ends the job it holds as failed or cancelled."""
+    if update_if_mine(job_id, worker, status=status, finished_at=utcnow(), message=message or status, error=error):
+        _ended(job_id)
+        return True
+    return False
+
+
+def fail(job_id: str, error: str) -> bool:
+    """End a job that no worker holds (it cannot be run) as failed."""
+    with session_scope() as session:
+        ended = session.execute(update(Job).where(Job.id == job_id, Job.status.not_in(FINISHED)).values(
+            status=FAILED, finished_at=utcnow(), message=FAILED, error=error)).rowcount == 1
+    if ended:
+        _ended(job_id)
+    return ended
+
+
+def cancel(session: Session, job: Job) -> Job:
+    """A queued job is cancelled at once (a late delivery finds nothing to claim); a running one is asked
+    to stop at its next step boundary."""
+    if job.status in FINISHED:
+        raise ValueError(f"job already {job.status}")
+    queued = session.execute(update(Job).where(Job.id == job.id, Job.status == QUEUED).values(
+        cancel_requested=True, status=CANCELLED, finished_at=utcnow(),
+        message="cancelled before it started")).rowcount == 1
+    if not queued:
+        session.execute(update(Job).where(Job.id == job.id).values(
+            cancel_requested=True, message="cancellation requested: stops at the next step boundary"))
+    session.commit()
+    session.refresh(job)
+    if queued:
+        _ended(job.id)
+    return job
+
+
+def sweep(settings: Settings | None = None) -> dict[str, int]:
+    """The scheduler's periodic repair: running jobs whose worker went silent go back to the queue, and
+    queued jobs that were never published, or not claimed long after, are published (again)."""
+    settings = settings or get_settings()
+    now = utcnow()
+    stale = now - timedelta(seconds=settings.stale_after_seconds)
+    with session_scope() as session:
+        requeued = list(session.scalars(select(Job).where(Job.status == RUNNING, Job.heartbeat_at < stale)
+                                        .with_for_update(skip_locked=True)))
+        for job in requeued:
+            job.status, job.worker, job.message = QUEUED, None, "requeued: its worker stopped responding"
+        session.flush()
+        requeued = [(job.id, job.priority) for job in requeued]
+        unpublished = now - timedelta(seconds=settings.publish_grace_seconds)
+        unclaimed = now - timedelta(seconds=settings.unclaimed_after_seconds)
+        deadline = now - timedelta(seconds=settings.publish_deadline_seconds)
+        abandoned = list(session.scalars(select(Job.id).where(Job.status == QUEUED, Job.enqueued_at.is_(None),
+                                                                Job.created_at < deadline)))
+        waiting = session.execute(select(Job.id, Job.priority).where(Job.status == QUEUED, or_(
+            Job.enqueued_at.is_(None) & (Job.created_at < unpublished), Job.enqueued_at < unclaimed)).order_by(
+            Job.created_at)).all()
+    for job_id in abandoned:
+        fail(job_id, f"the job could not be queued for {settings.publish_deadline_seconds:.0f} s: the broker is "
+                     "unreachable")
+    again = dict(requeued) | {job_id: priority for job_id, priority in waiting if job_id not in abandoned}
+    published = 0
+    for job_id, priority in again.items():
+        if publish(job_id, priority):
+            published += 1
+            with session_scope() as session:
+                session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+    return {"requeued": len(requeued), "published": published, "failed": len(abandoned)}
+
+
+def _ended(job_id: str) -> None:
+    try:
+        notifications.job_ended(job_id)
+    except Exception:  # a notification problem never changes the job's outcome
+        log.exception("notifications for job %s failed", job_id)
