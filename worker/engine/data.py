@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import numpy as np
 import torch
 
 from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION
+from . import hub
 from .errors import InputError
-from .paths import HF_REPO_ID, resolve_under_root
+from .paths import HF_CONFIG, HF_REPO_ID, SPLIT_NAME, resolve_under_root
 
 Batch = dict[str, torch.Tensor]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -43,6 +45,23 @@ class DataOptions:
 
 
 SPLITS = ("calibration", "evaluation", "test")
+
+
+def _missing(what: str) -> Callable[[], object]:
+    def fail():
+        raise InputError(f"the model has no {what}")
+    return fail
+
+
+@dataclass
+class Preprocessing:
+    """How raw text or images become model inputs. Each is loaded only when the data needs it, so a model
+    saved without tokenizer or image-processor files still runs on ready-made inputs (.npz, synthetic)."""
+
+    load_tokenizer: Callable[[], object] = _missing("tokenizer to prepare text")
+    load_image_processor: Callable[[], object] = _missing("image processor to prepare images; use an .npz of "
+                                                          "pixel_values")
+    vocab_size: int = 30522  # for synthetic token ids
 
 
 @dataclass
@@ -96,17 +115,18 @@ def tokenize(tokenizer, texts: list[str], seq_len: int) -> dict[str, torch.Tenso
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
-def load_dataset_for(task: str, options: DataOptions, model_root: Path, tokenizer=None, image_processor=None,
+def load_dataset_for(task: str, options: DataOptions, model_root: Path | None, cache_dir: Path,
+                     preprocessing: Preprocessing | None = None,
                      image_shape: tuple[int, ...] | None = None) -> Dataset:
     """Data for a non-builtin model, from `options.spec` or (explicitly) synthetic."""
+    preprocessing = preprocessing or Preprocessing()
     if options.synthetic:
-        return synthetic(task, options, tokenizer, image_shape)
+        return synthetic(task, options, preprocessing.vocab_size, image_shape)
     if not options.spec:
         raise InputError("this model brings no data: pass --data (an HF dataset ID or a file under the model root), "
                          "or --synthetic-data to measure on random inputs")
     if options.spec.startswith("hf:"):
-        texts, images, labels = _read_hf_dataset(options, task)
-        where = options.spec
+        texts, images, labels, where = _read_hf_dataset(options, task, cache_dir)
     else:
         path = resolve_under_root(options.spec, model_root, what="data")
         texts, images, labels, arrays = _read_local(path, options, task)
@@ -116,24 +136,27 @@ def load_dataset_for(task: str, options: DataOptions, model_root: Path, tokenize
     if task == IMAGE_CLASSIFICATION:
         if images is None:
             raise InputError(f"{where} has no images for an image classifier")
-        if image_processor is None:
-            raise InputError("the model has no image processor to prepare images; use an .npz of pixel_values")
-        pixels = image_processor(images=[img.convert("RGB") for img in images], return_tensors="pt")["pixel_values"]
+        processor = preprocessing.load_image_processor()
+        pixels = processor(images=[img.convert("RGB") for img in images], return_tensors="pt")["pixel_values"]
         inputs = {"pixel_values": pixels}
     else:
         if texts is None:
             raise InputError(f"{where} has no text column {options.text_column!r}")
-        inputs = tokenize(tokenizer, texts, options.seq_len)
+        inputs = tokenize(preprocessing.load_tokenizer(), texts, options.seq_len)
     if task == FEATURE_EXTRACTION:
         labels = None  # embeddings are scored by fidelity to the fp32 model
     return split_batches(inputs, labels, options, where)
 
 
 def _labels_tensor(values: list) -> torch.Tensor:
-    try:
-        return torch.tensor([int(v) for v in values])
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"labels must be integers: {exc}") from None
+    labels = []
+    for row, value in enumerate(values):
+        try:
+            labels.append(int(value))
+        except (TypeError, ValueError):  # the value itself is never echoed: data may be confidential
+            raise InputError(f"labels must be integers: row {row} holds a {type(value).__name__} that is not "
+                             "one") from None
+    return torch.tensor(labels)
 
 
 def _read_local(path: Path, options: DataOptions, task: str):
@@ -192,18 +215,27 @@ def parse_hf_dataset_id(spec: str) -> tuple[str, str | None]:
     name, _, config = body.partition("@")
     if not HF_REPO_ID.fullmatch(name):
         raise InputError(f"invalid HF dataset ID {name!r}")
+    if config and not HF_CONFIG.fullmatch(config):
+        raise InputError(f"invalid HF dataset config {config!r}")
     return name, config or None
 
 
-def _read_hf_dataset(options: DataOptions, task: str):
+def _read_hf_dataset(options: DataOptions, task: str, cache_dir: Path):
+    """Returns (texts, images, labels, description) from a Hub dataset, downloaded first (hub.py)."""
     import datasets
 
     name, config = parse_hf_dataset_id(options.spec)
+    if not SPLIT_NAME.fullmatch(options.split):
+        raise InputError(f"invalid split {options.split!r}: a split is a name such as train or validation")
+    folder, sha = hub.download(name, None, cache_dir, repo_type=hub.DATASET)
+    where = f"hf:{name}@{sha[:12]}"
     limit = options.calibration_samples + options.eval_samples + options.test_samples
     try:
-        ds = datasets.load_dataset(name, config, split=f"{options.split}[:{limit}]")
-    except Exception as exc:  # the hub, a missing split or column: report, do not crash
-        raise InputError(f"could not load dataset {name!r} split {options.split!r}: {exc}") from None
+        ds = datasets.load_dataset(str(folder), config, split=f"{options.split}[:{limit}]",
+                                   cache_dir=str(Path(cache_dir) / "datasets"))
+    except Exception as exc:  # a missing split or config, unreadable files: say which, never echo the data
+        raise InputError(f"could not load split {options.split!r} of dataset {where} "
+                         f"({type(exc).__name__})") from None
     columns = ds.column_names
     labels = None
     if options.label_column and options.label_column in columns:
@@ -211,22 +243,23 @@ def _read_hf_dataset(options: DataOptions, task: str):
     if task == IMAGE_CLASSIFICATION:
         if options.image_column not in columns:
             raise InputError(f"dataset has no image column {options.image_column!r} (columns: {columns})")
-        return None, list(ds[options.image_column]), labels
+        return None, list(ds[options.image_column]), labels, where
     if options.text_column not in columns:
         raise InputError(f"dataset has no text column {options.text_column!r} (columns: {columns})")
-    return list(ds[options.text_column]), None, labels
+    return list(ds[options.text_column]), None, labels, where
 
 
-def synthetic(task: str, options: DataOptions, tokenizer=None, image_shape: tuple[int, ...] | None = None) -> Dataset:
+def synthetic(task: str, options: DataOptions, vocab_size: int = 30522,
+              image_shape: tuple[int, ...] | None = None) -> Dataset:
     """Random inputs: only for latency work or smoke tests; the metric is fidelity to the fp32 model."""
     n = options.calibration_samples + options.eval_samples + options.test_samples
     generator = torch.Generator().manual_seed(options.seed)
     if task == IMAGE_CLASSIFICATION:
         inputs = {"pixel_values": torch.randn((n, *(image_shape or (3, 224, 224))), generator=generator)}
     else:
-        vocab = getattr(tokenizer, "vocab_size", None) or 30522
         inputs = {
-            "input_ids": torch.randint(1000, vocab, (n, options.seq_len), generator=generator),
+            "input_ids": torch.randint(min(1000, vocab_size // 2), vocab_size, (n, options.seq_len),
+                                       generator=generator),
             "attention_mask": torch.ones(n, options.seq_len, dtype=torch.long),
         }
     return split_batches(inputs, None, options, "synthetic random inputs", synthetic=True)

@@ -8,8 +8,16 @@ from pathlib import Path
 from .errors import InputError
 
 # Hub naming rules: [namespace/]name from letters, digits, '-', '_', '.', never '..' or a leading '.'/'-'.
-HF_REPO_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?")
-HF_REVISION = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_./-]{0,99}")
+# The patterns are also the API schema's (JSON Schema has no lookahead, so '..' is refused separately).
+HF_REPO_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?"
+HF_REVISION_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_./-]{0,99}"
+HF_CONFIG_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+# A dataset split is a name: no `train+test` or `train[:90%]`, which would escape the sample limits.
+SPLIT_PATTERN = r"[A-Za-z0-9_]{1,64}"
+HF_REPO_ID = re.compile(r"(?!.*\.\.)" + HF_REPO_PATTERN)
+HF_REVISION = re.compile(r"(?!.*\.\.)" + HF_REVISION_PATTERN)
+HF_CONFIG = re.compile(HF_CONFIG_PATTERN)
+SPLIT_NAME = re.compile(SPLIT_PATTERN)
 
 
 def resolve_under_root(value: str, root: Path | None, what: str) -> Path:

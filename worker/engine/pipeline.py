@@ -280,9 +280,8 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
                      step=evaluated, steps=cap)
 
     with track.phase("search"):
-        if not order:
-            raise InputError(f"no layer of {source} saves measurable time in low precision on this machine")
-        result = search(order, evaluate, baseline_metric, options.budget, on_step=on_step)
+        # Nothing to trade: spending accuracy on layers that save no time would only make the model worse.
+        result = search(order, evaluate, baseline_metric, options.budget, on_step=on_step) if order else None
 
     with track.phase("final"):
         fastest = min(latencies, key=lambda key: latencies[key].median) if latencies else ()
@@ -291,12 +290,13 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
             baseline_latency = measure(baseline, example, options.latency)
             latencies[fastest] = measure(models[fastest], example, options.latency)
         faster = bool(fastest) and latencies[fastest].median < baseline_latency.median
-        status = "compressed" if faster else ("no_speedup" if latencies else "none_fit")
+        status = ("compressed" if faster else "no_speedup" if latencies else "none_fit" if result
+                  else "no_saving")
         final_low = list(fastest) if faster else []
         final_model = models[fastest] if faster else baseline
         final_plan = bench.plan(final_low, options.low_precision)
-        final_metric = next((s.metric for s in result.steps if s.accepted and s.low(order) == final_low),
-                            baseline_metric)
+        steps = result.steps if result else []
+        final_metric = next((s.metric for s in steps if s.accepted and s.low(order) == final_low), baseline_metric)
         # The one look at the test split: no decision above used it.
         final_test = evaluator.metric(final_model, "test") if final_low else baseline_test
         final = Final(metric=final_metric, test_metric=final_test,
@@ -307,7 +307,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         if final_low and not options.budget.accepts(final.test_drop):
             warnings.append(f"on the test split the plan drops {final.test_drop:.4f}, over the budget of "
                             f"{options.budget.max_drop} that it meets on the evaluation split ({final.drop:.4f})")
-        for step in result.steps:
+        for step in steps:
             step.chosen = bool(final_low) and step.accepted and step.low(order) == final_low
 
     data = evaluator.data
@@ -337,13 +337,13 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
             "selection": options.selection,
             "order": order,
             "method": analysis.method,
-            "latency_model": _latency_model(profile, result.steps),
-            "evaluations": result.evaluations,
+            "latency_model": _latency_model(profile, steps),
+            "evaluations": len(steps),
             "max_evaluations": max_evaluations(len(order), REFINEMENT_STEPS),
-            "refinement_evaluations": sum(s.stage == "refinement" for s in result.steps),
-            "best_k": result.best_k,
-            "search_status": result.status,
-            "steps": [asdict(s) for s in result.steps],
+            "refinement_evaluations": sum(s.stage == "refinement" for s in steps),
+            "best_k": result.best_k if result else 0,
+            "search_status": result.status if result else "no_saving",
+            "steps": [asdict(s) for s in steps],
         },
         plan=final_plan,
     )

@@ -18,6 +18,7 @@ STATUS_MESSAGES = {
     "compressed": "mixed-precision plan within budget and faster than the baseline",
     "no_speedup": "plans within budget were measured, none beat the baseline: the baseline is returned",
     "none_fit": "even one low-precision layer exceeds the budget: the baseline is returned",
+    "no_saving": "no layer saves measurable time in low precision on this machine: the baseline is returned",
 }
 
 

@@ -27,6 +27,7 @@ from .adapters import eager_attention
 from .evaluation import Evaluator
 from .hessian import Blocks, GaussNewtonTrace, HessianTrace, TraceEstimate
 from .kernels import Simulation, hooks, weighted
+from .sizing import HESSIAN_BATCHES
 
 ORDERINGS = ("augmented", "hessian", "random")
 INTERLAYER = ("conditional", "pairwise")
@@ -44,7 +45,7 @@ class SensitivityOptions:
     hutchinson_max_samples: int = 16
     hutchinson_min_samples: int = 4
     hutchinson_tol: float = 0.1
-    hessian_batches: int = 2
+    hessian_batches: int = HESSIAN_BATCHES
     interlayer_batches: int = 4
     seed: int = 0
 

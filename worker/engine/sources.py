@@ -1,9 +1,12 @@
 """Loading what a SOURCE names (the grammar is in spec.py): the model, its task, revision and data.
 
-- `hf:<repo_id>[@revision]`: transformers Auto classes chosen by the config's architecture;
-  remote code is never trusted and only safetensors weights are loaded.
+- `hf:<repo_id>[@revision]`: the Hub only; hub.py downloads the commit's safetensors, configs and
+  tokenizer files into the cache, and the model loads from that snapshot.
 - `local:<path>` (or a plain path): a directory in HF format under the allowed root.
 - `builtin:<name>`: offline models built by the project (see builtins.py).
+
+Either folder loads with transformers Auto classes chosen by the config's architecture; remote code is
+never trusted and only safetensors weights are read.
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from . import builtins
+from . import builtins, hub
 from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION
-from .data import DataOptions, Dataset, load_dataset_for
+from .data import DataOptions, Dataset, Preprocessing, load_dataset_for
 from .errors import InputError
 from .paths import resolve_under_root
-from .spec import ModelSpec, directory_revision, hf_load_kwargs
+from .spec import LOAD_KWARGS, ModelSpec, directory_revision
 
 
 @dataclass
@@ -47,44 +50,65 @@ def task_for_config(config) -> str:
 
 def load_model(spec: ModelSpec, data_options: DataOptions, model_root: Path | None, cache_dir: Path,
                revision: str | None = None) -> LoadedModel:
-    """`revision`, when the caller already resolved it (resolve_revision), is not computed again."""
+    """`revision`, when the caller already resolved it (resolve_revision), is the one loaded: a Hub branch
+    that moves in between does not change what this job measures."""
     if spec.kind == "builtin":
         built = builtins.load_builtin(spec.id, data_options, cache_dir)
         if data_options.spec or data_options.synthetic:
-            built.data = load_dataset_for(built.task, data_options, model_root, tokenizer=built.tokenizer,
+            preprocessing = Preprocessing(vocab_size=getattr(built.tokenizer, "vocab_size", 30522))
+            if built.tokenizer is not None:
+                preprocessing.load_tokenizer = lambda: built.tokenizer
+            built.data = load_dataset_for(built.task, data_options, model_root, cache_dir, preprocessing,
                                           image_shape=_image_shape(built.data))
             built.metric = None
         return LoadedModel(spec, built.model, built.task, built.version, built.data, built.metric)
-    location = str(resolve_under_root(spec.id, model_root, what="model")) if spec.kind == "local" else spec.id
-    return _load_transformers(spec, location, data_options, model_root, revision)
+    if spec.kind == "local":
+        folder = resolve_under_root(spec.id, model_root, what="model")
+        revision = revision or directory_revision(folder)
+    else:
+        folder, revision = hub.download(spec.id, revision or spec.revision, cache_dir)
+    return _load_transformers(spec, folder, revision, data_options, model_root, cache_dir)
 
 
-def _load_transformers(spec: ModelSpec, location: str, data_options: DataOptions, model_root: Path | None,
-                       revision: str | None):
+def _load_transformers(spec: ModelSpec, folder: Path, revision: str, data_options: DataOptions,
+                       model_root: Path | None, cache_dir: Path) -> LoadedModel:
     from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification,
                               AutoModelForSequenceClassification, AutoTokenizer)
 
-    kwargs = hf_load_kwargs(spec)
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{spec} has no config.json: expected a model saved with save_pretrained")
     try:
-        config = AutoConfig.from_pretrained(location, **kwargs)
-    except Exception as exc:  # unreachable hub, missing repo, not an HF folder
-        raise InputError(f"cannot load model config for {spec}: {exc}") from None
+        config = AutoConfig.from_pretrained(folder, **LOAD_KWARGS)
+    except Exception as exc:  # unknown architecture, malformed config
+        raise InputError(f"cannot load the model config of {spec}: {type(exc).__name__}: {exc}") from None
     task = task_for_config(config)
     auto = {IMAGE_CLASSIFICATION: AutoModelForImageClassification,
             SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification}.get(task, AutoModel)
+    if not any(folder.glob("*.safetensors")):
+        raise InputError(f"{spec} has no .safetensors weights: mixq loads only safetensors (pickled weights can "
+                         "run code on load)")
     try:
-        # Safetensors only: pickled .bin weights can execute code on load.
-        model = auto.from_pretrained(location, use_safetensors=True, **kwargs).eval()
+        model = auto.from_pretrained(folder, use_safetensors=True, **LOAD_KWARGS).eval()
     except Exception as exc:
-        raise InputError(f"cannot load model weights for {spec} (safetensors required): {exc}") from None
-    tokenizer = image_processor = None
-    if task == IMAGE_CLASSIFICATION:
-        image_processor = AutoImageProcessor.from_pretrained(location, **kwargs)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    data = load_dataset_for(task, data_options, model_root, tokenizer=tokenizer, image_processor=image_processor,
+        raise InputError(f"cannot load the weights of {spec}: {type(exc).__name__}: {exc}") from None
+
+    def processor(auto_class, files: str):
+        def load():
+            try:
+                return auto_class.from_pretrained(folder, **LOAD_KWARGS)
+            except (OSError, ValueError, TypeError):
+                raise InputError(f"{spec} has no {files}: it is needed to prepare this data") from None
+        return load
+
+    preprocessing = Preprocessing(
+        load_tokenizer=processor(AutoTokenizer, "tokenizer files (tokenizer.json or vocab.txt with "
+                                                "tokenizer_config.json)"),
+        load_image_processor=processor(AutoImageProcessor, "image processor (preprocessor_config.json); pass an "
+                                                           ".npz of pixel_values instead"),
+        vocab_size=getattr(config, "vocab_size", None) or 30522)
+    data = load_dataset_for(task, data_options, model_root, cache_dir, preprocessing,
                             image_shape=_config_image_shape(config))
-    return LoadedModel(spec, model, task, revision or _revision(spec, location, model), data)
+    return LoadedModel(spec, model, task, revision, data)
 
 
 def _image_shape(data: Dataset) -> tuple[int, ...] | None:
@@ -95,12 +119,3 @@ def _image_shape(data: Dataset) -> tuple[int, ...] | None:
 def _config_image_shape(config) -> tuple[int, ...]:
     size = getattr(config, "image_size", 224)
     return (getattr(config, "num_channels", 3), size, size)
-
-
-def _revision(spec: ModelSpec, location: str, model: torch.nn.Module) -> str:
-    if spec.kind == "local":
-        return directory_revision(Path(location))
-    commit = getattr(model.config, "_commit_hash", None)
-    return commit or spec.revision or "main"
-
-

@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import hub
 from .catalogue import BUILTIN_NAMES, builtin_version
 from .errors import InputError
 from .paths import HF_REPO_ID, HF_REVISION, resolve_under_root
@@ -51,14 +52,9 @@ def parse_source(source: str) -> ModelSpec:
     raise InputError(f"unknown model source {scheme!r}: use hf:<repo_id>[@revision], local:<dir> or builtin:<name>")
 
 
-def hf_load_kwargs(spec: ModelSpec) -> dict:
-    """Arguments for every transformers `from_pretrained` call on a user-supplied source."""
-    kwargs = {"trust_remote_code": False}
-    if spec.kind == "hf" and spec.revision:
-        kwargs["revision"] = spec.revision
-    if spec.kind == "local":
-        kwargs["local_files_only"] = True
-    return kwargs
+# Every transformers `from_pretrained` on a user-supplied model reads a folder already on disk (a local
+# source, or a Hub snapshot fetched by hub.py) and never runs code shipped with it.
+LOAD_KWARGS = {"trust_remote_code": False, "local_files_only": True}
 
 
 def directory_revision(path: Path) -> str:
@@ -73,15 +69,10 @@ def directory_revision(path: Path) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def resolve_revision(spec: ModelSpec, model_root: Path | None) -> str:
+def resolve_revision(spec: ModelSpec, model_root: Path | None, timeout: float = hub.DEFAULT_TIMEOUT) -> str:
     """The model's current revision, without loading it: what the registry compares between firings."""
     if spec.kind == "builtin":
         return builtin_version(spec.id)
     if spec.kind == "local":
         return directory_revision(resolve_under_root(spec.id, model_root, what="model"))
-    from huggingface_hub import HfApi
-
-    try:
-        return HfApi().model_info(spec.id, revision=spec.revision).sha
-    except Exception as exc:  # offline, private or missing repo
-        raise InputError(f"cannot resolve the revision of {spec}: {exc}") from None
+    return hub.resolve(spec.id, spec.revision, timeout=timeout)
