@@ -58,7 +58,7 @@ class Stack:
     def __init__(self, tmp: Path):
         self.env = {**os.environ, "MIXQ_DATABASE_URL": PG_URL, "MIXQ_BROKER_URL": REDIS_URL,
                     "MIXQ_DATA_DIR": str(tmp), "MIXQ_QUEUE": f"it-{os.getpid()}", "MIXQ_HEARTBEAT_SECONDS": "0.5",
-                    "MIXQ_STALE_AFTER_SECONDS": "5", "MIXQ_AUTH_DISABLED": "false"}
+                    "MIXQ_STALE_AFTER_SECONDS": "5", "MIXQ_AUTH_DISABLED": "false", "MIXQ_METRICS_TOKEN": "it-metrics"}
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.logs = tmp
@@ -152,8 +152,30 @@ def test_job_over_http_runs_on_a_worker_and_lands_in_postgres(stack, servers):
     rows = _rows(servers, job["id"])
     assert rows == {"layers": 13, "steps": len(report["search"]["steps"]), "artifacts": 1, "attempts": 1,
                     "report_type": "object"}
+    # Postgres aggregates the run-time histogram (its own interval arithmetic, not SQLite's julianday).
+    scrape = httpx.get(f"{stack.url}/metrics", headers={"Authorization": "Bearer it-metrics"}).text
+    count = next(line for line in scrape.splitlines() if line.startswith("mixq_job_duration_seconds_count"))
+    assert float(count.split()[-1]) >= 1
+    assert httpx.get(f"{stack.url}/metrics", headers={"Authorization": f"Bearer {stack.key}"}).status_code == 401
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait()
+
+
+def test_postgres_schema_from_migrations_matches_the_models(stack, servers):
+    """Migrations and models agree (types included), and an artifact over 2 GiB fits its size column."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from app.core.models import Base
+
+    with servers.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}),
+                                       Base.metadata)
+        assert differences == []
+        job = connection.execute(text("SELECT id FROM jobs LIMIT 1")).scalar()
+        connection.execute(text("INSERT INTO artifacts (job_id, kind, path, size_bytes, sha256) "
+                                "VALUES (:job, 'huge', '/x', :size, 'x')"), {"job": job, "size": 3 * 2**30})
+        connection.rollback()
 
 
 def test_worker_killed_mid_job_finishes_exactly_once(stack, servers):

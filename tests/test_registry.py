@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from app.core.db import session_scope
 from app.core.migrate import upgrade
 from app.core.models import Job, RegistryEntry, RegistryRun
 from app.core.settings import get_settings
-from conftest import SMALL_JOB, Receiver, auth, tiny_bert, verified
+from conftest import SMALL_JOB, Receiver, auth, tiny_bert, verified, webhook_secret
 from worker import runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,9 +70,9 @@ def test_due_entry_fires_once_then_skips_an_unchanged_revision(client, keys):
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(Job).where(
             Job.registry_entry_id == entry["id"])) == 1
-    history = client.get(f"/v1/registry/{entry['id']}/history", headers=auth(keys["a"])).json()
-    assert [h["outcome"] for h in history] == ["enqueued", "skipped", "skipped"]
-    assert history[0]["job_status"] == "succeeded" and history[0]["latency_reduction"] is not None
+    history = client.get(f"/v1/registry/{entry['id']}/history", headers=auth(keys["a"])).json()["runs"]
+    assert [h["outcome"] for h in history] == ["skipped", "skipped", "enqueued"]  # newest first
+    assert history[-1]["job_status"] == "succeeded" and history[-1]["latency_reduction"] is not None
 
 
 def test_changed_local_model_files_enqueue_a_new_job(client, keys, tmp_path, monkeypatch):
@@ -138,7 +139,8 @@ def test_webhooks_are_signed_and_flag_regressions(client, keys, receiver):
     job_id = latest_job(entry["id"])
     assert runner.run(job_id, worker="t") == "succeeded"
     headers, body = Receiver.received[-1]
-    payload = verified(headers, body)
+    secret = webhook_secret(client, keys["a"])
+    payload = verified(headers, body, secret)
     assert headers["X-Mixq-Event"] == "job.succeeded" and payload["job_id"] == job_id
     assert payload["registry_entry_id"] == entry["id"] and payload["latency_reduction"] is not None
 
@@ -154,10 +156,16 @@ def test_webhooks_are_signed_and_flag_regressions(client, keys, receiver):
                                 options_hash="x", outcome="enqueued", job_id=worse.id))
         worse_id = worse.id
     notifications.job_ended(worse_id)
-    events = {h["X-Mixq-Event"]: verified(h, b) for h, b in Receiver.received}
+    events = {h["X-Mixq-Event"]: verified(h, b, secret) for h, b in Receiver.received}
     assert events["registry.regression"]["delta_reduction"] == pytest.approx(-0.2)
-    history = client.get(f"/v1/registry/{entry['id']}/history", headers=auth(keys["a"])).json()
-    assert [h["regression"] for h in history if h["job_status"] == "succeeded"] == [False, True]
+    history = client.get(f"/v1/registry/{entry['id']}/history", headers=auth(keys["a"])).json()["runs"]
+    assert [h["regression"] for h in history if h["job_status"] == "succeeded"] == [True, False]  # newest first
+    # A page of one still knows the run before it: the deltas reach back past the page.
+    newest = client.get(f"/v1/registry/{entry['id']}/history", params={"limit": 1}, headers=auth(keys["a"])).json()
+    assert newest["runs"][0]["regression"] is True and newest["next_cursor"] is not None
+    older = client.get(f"/v1/registry/{entry['id']}/history", params={"limit": 1, "cursor": newest["next_cursor"]},
+                       headers=auth(keys["a"])).json()
+    assert older["runs"][0]["run_id"] < newest["runs"][0]["run_id"]
 
 
 def test_webhook_targets_must_be_allow_listed(client, keys, monkeypatch):
@@ -181,7 +189,7 @@ def test_crud_pause_resume_validation_and_isolation(client, keys):
     a, b = auth(keys["a"]), auth(keys["b"])
     entry = register(client, keys["a"], schedule={"cron": "0 3 * * *"})
     assert entry["schedule"] == {"cron": "0 3 * * *"} and at(entry).hour == 3
-    assert entry["id"] in [e["id"] for e in client.get("/v1/registry", headers=a).json()]
+    assert entry["id"] in [e["id"] for e in client.get("/v1/registry", headers=a).json()["entries"]]
     assert client.post(f"/v1/registry/{entry['id']}/pause", headers=a).json()["paused"] is True
     registry.tick(at(entry, 10))
     assert runs(entry["id"]) == []  # paused entries do not fire
@@ -197,7 +205,7 @@ def test_crud_pause_resume_validation_and_isolation(client, keys):
                          ("get", "/history")]:
         kwargs = {"json": {}} if method == "patch" else {}
         assert getattr(client, method)(f"/v1/registry/{entry['id']}{path}", headers=b, **kwargs).status_code == 404
-    assert entry["id"] not in [e["id"] for e in client.get("/v1/registry", headers=b).json()]
+    assert entry["id"] not in [e["id"] for e in client.get("/v1/registry", headers=b).json()["entries"]]
     assert client.delete(f"/v1/registry/{entry['id']}", headers=a).status_code == 204
     assert client.get(f"/v1/registry/{entry['id']}", headers=a).status_code == 404
 
@@ -251,3 +259,32 @@ def test_two_schedulers_on_one_postgres_enqueue_one_job_per_slot(tmp_path):
         assert connection.execute(text("SELECT count(*) FROM registry_runs")).scalar() == 3
         assert connection.execute(text("SELECT count(*) FROM jobs")).scalar() == 3
         assert connection.execute(text("SELECT count(DISTINCT registry_entry_id) FROM jobs")).scalar() == 3
+
+
+def test_a_slow_revision_lookup_holds_no_lock(client, keys, monkeypatch):
+    """The Hub can take its time: while it does, the entry (on SQLite, the whole database) stays writable."""
+    entry = register(client, keys["a"])
+    looking_up, release = threading.Event(), threading.Event()
+    real = registry.resolve_revision
+
+    def slow(*args):
+        looking_up.set()
+        release.wait()
+        return real(*args)
+
+    monkeypatch.setattr(registry, "resolve_revision", slow)
+    answers = {}
+    run = threading.Thread(target=lambda: answers.update(
+        run=client.post(f"/v1/registry/{entry['id']}/run", headers=auth(keys["a"]))))
+    run.start()
+    assert looking_up.wait(30)
+    patch = threading.Thread(target=lambda: answers.update(
+        patch=client.patch(f"/v1/registry/{entry['id']}", json={"paused": True}, headers=auth(keys["a"]))))
+    patch.start()
+    patch.join(timeout=20)
+    finished_during_lookup = not patch.is_alive()
+    release.set()
+    run.join()
+    patch.join()
+    assert finished_during_lookup and answers["patch"].status_code == 200
+    assert answers["run"].status_code == 200 and answers["run"].json()["outcome"] == "enqueued"

@@ -45,7 +45,7 @@ def sensitivity_key(request: dict, revision: str) -> str:
 def warm_start(job_id: str, request: dict, settings: Settings) -> tuple[str | None, Sensitivity | None, Job | None]:
     """Record the job's revision; find an earlier analysis of the same revision and data to reuse."""
     try:
-        revision = resolve_revision(parse_source(request["model"]), settings.model_root)
+        revision = resolve_revision(parse_source(request["model"]), settings.model_root, settings.hub_timeout_seconds)
     except InputError:
         return None, None, None  # the pipeline reports the real problem when it loads the model
     key = sensitivity_key(request, revision)
@@ -109,39 +109,48 @@ def run(job_id: str, worker: str, settings: Settings | None = None) -> str | Non
     settings = settings or get_settings()
     job = jobs.claim(job_id, worker, settings)
     if job is None:
-        log.info("job %s not claimable (finished, cancelled or running elsewhere)", job_id)
+        log.info("job %s not claimable (finished, cancelled, out of attempts or running elsewhere)", job_id)
         return None
     out_dir = Path(settings.artifacts_dir) / job_id / f"attempt-{job.attempts}"
     heartbeat = Heartbeat(job_id, worker, settings.heartbeat_seconds)
-    heartbeat.start()
+    heartbeat.start()  # beats until the results are stored: zipping and hashing a large bundle takes a while
     try:
-        revision, reused, donor = warm_start(job_id, job.request, settings)
-        options = CompressOptions.from_request(job.request, device=settings.device, threads=settings.threads,
-                                               model_root=settings.model_root, cache_dir=settings.cache_dir,
-                                               out_dir=out_dir, profile_seconds=settings.profile_seconds_per_layer)
-        options.reuse_sensitivity, options.revision = reused, revision
-        report = compress(job.model, options, progress=ProgressWriter(job_id, worker, heartbeat))
-        if donor is not None and report.search["method"].get("reused"):
-            report.warm_start = {"reused_from_job": donor.id, "saved_seconds": round(
-                donor.phases.get("sensitivity", 0.0) - report.phases["sensitivity"], 3)}
+        report = _compress(job, settings, out_dir, ProgressWriter(job_id, worker, heartbeat))
+        bundle = _bundle(out_dir)
+        stored = jobs.finish(job_id, worker, report.to_dict(), {
+            "path": str(bundle), "size_bytes": bundle.stat().st_size, "sha256": _sha256(bundle)})
     except Cancelled as exc:
         return _end(job_id, worker, CANCELLED, message=str(exc))
     except InputError as exc:
         return _end(job_id, worker, FAILED, error=str(exc))
     except SoftTimeLimitExceeded:
         return _end(job_id, worker, FAILED, error=f"time limit exceeded ({settings.job_soft_time_limit}s)")
+    except OSError as exc:  # a full disk or a lost volume while writing the model or its bundle
+        log.exception("job %s could not store its results", job_id)
+        return _end(job_id, worker, FAILED, error=f"could not store the results: {exc.strerror or exc}")
     except Exception as exc:
         log.exception("job %s failed", job_id)
         return _end(job_id, worker, FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
     finally:
         heartbeat.stop.set()
-    bundle = _bundle(out_dir)
-    if not jobs.finish(job_id, worker, report.to_dict(), {"path": str(bundle), "size_bytes": bundle.stat().st_size,
-                                                           "sha256": _sha256(bundle)}):
+    if not stored:
         log.warning("job %s: lost the claim before storing results; discarding this run", job_id)
         shutil.rmtree(out_dir, ignore_errors=True)
         return None
     return SUCCEEDED
+
+
+def _compress(job: Job, settings: Settings, out_dir: Path, progress: ProgressWriter):
+    revision, reused, donor = warm_start(job.id, job.request, settings)
+    options = CompressOptions.from_request(job.request, device=settings.device, threads=settings.threads,
+                                           model_root=settings.model_root, cache_dir=settings.cache_dir,
+                                           out_dir=out_dir, profile_seconds=settings.profile_seconds_per_layer)
+    options.reuse_sensitivity, options.revision = reused, revision
+    report = compress(job.model, options, progress=progress)
+    if donor is not None and report.search["method"].get("reused"):
+        report.warm_start = {"reused_from_job": donor.id, "saved_seconds": round(
+            donor.phases.get("sensitivity", 0.0) - report.phases["sensitivity"], 3)}
+    return report
 
 
 def _end(job_id: str, worker: str, status: str, message: str | None = None, error: str | None = None) -> str:

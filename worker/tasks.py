@@ -23,8 +23,8 @@ def sweep() -> None:
 
 @app.task(name=queue.DELIVER_WEBHOOK, autoretry_for=(httpx.HTTPError,), retry_backoff=5, retry_backoff_max=600,
           retry_jitter=True, max_retries=8)
-def deliver_webhook(url: str, event: str, payload: dict, delivery_id: str) -> None:
-    webhooks.post(url, event, payload, delivery_id)
+def deliver_webhook(url: str, event: str, payload: dict, delivery_id: str, tenant_id: int) -> None:
+    webhooks.post(url, event, payload, delivery_id, tenant_id)
 
 
 @app.task(name=queue.REGISTRY_TICK)

@@ -1,15 +1,23 @@
-"""A registry entry's runs in order, with each successful run's deltas to the previous one and whether
-it regressed."""
+"""A registry entry's runs, a page at a time, with each successful run's deltas to the previous successful
+one and whether it regressed."""
 
 from __future__ import annotations
 
-from .models import SUCCEEDED, RegistryEntry
+from sqlalchemy import select
+
+from .models import SUCCEEDED, Job, RegistryEntry, RegistryRun
 
 
-def history(session, entry: RegistryEntry) -> list[dict]:
-    """Runs in order, with each successful run's deltas to the previous successful one."""
-    rows, previous = [], None
-    for run in entry.runs:
+def _previous_success(session, entry_id: str, before_run_id: int) -> Job | None:
+    return session.scalar(select(Job).join(RegistryRun, RegistryRun.job_id == Job.id).where(
+        RegistryRun.entry_id == entry_id, RegistryRun.id < before_run_id, Job.status == SUCCEEDED)
+        .order_by(RegistryRun.id.desc()).limit(1))
+
+
+def rows(session, entry: RegistryEntry, runs: list[RegistryRun]) -> list[dict]:
+    """`runs` (oldest first) as history rows; the deltas of the first reach back past the page."""
+    out, previous = [], _previous_success(session, entry.id, runs[0].id) if runs else None
+    for run in runs:
         job = run.job
         row = {"run_id": run.id, "fired_at": run.fired_at, "trigger": run.trigger, "revision": run.revision,
                "outcome": run.outcome, "reason": run.reason, "job_id": run.job_id,
@@ -25,5 +33,16 @@ def history(session, entry: RegistryEntry) -> list[dict]:
                 row["regression"] = (row["delta_reduction"] < -entry.regression_threshold
                                      or drop > entry.regression_threshold)
             previous = job
-        rows.append(row)
-    return rows
+        out.append(row)
+    return out
+
+
+def history(session, entry: RegistryEntry, limit: int, before: int | None = None) -> tuple[list[dict], int | None]:
+    """Newest first: up to `limit` runs older than run id `before`, and the cursor of the next page."""
+    query = select(RegistryRun).where(RegistryRun.entry_id == entry.id)
+    if before is not None:
+        query = query.where(RegistryRun.id < before)
+    page = list(session.scalars(query.order_by(RegistryRun.id.desc()).limit(limit + 1)))
+    more = len(page) > limit
+    page = page[:limit]
+    return rows(session, entry, page[::-1])[::-1], page[-1].id if more else None

@@ -4,8 +4,9 @@
       |                 |  |--fail----> failed
       |                 |  '--cancel--> cancelled   (at the worker's next step boundary)
       |--cancel-------> cancelled                   (at once: no worker has it)
-      '--fail---------> failed                      (it cannot be run)
+      '--fail---------> failed                      (it cannot be run, or was tried max_attempts times)
     running --requeue (heartbeat stale)--> queued
+    running, heartbeat stale, cancel requested --> cancelled
 
 Exactly once without trusting the broker: `claim` is a conditional UPDATE (only a queued job, or a
 running one whose heartbeat is stale, can be taken), and a worker writes progress and results only while
@@ -17,9 +18,9 @@ published after (`publish`); the sweeper publishes whatever was not. Every termi
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -33,6 +34,19 @@ log = logging.getLogger("mixq.jobs")
 
 class IdempotencyConflict(ValueError):
     """The Idempotency-Key was used before with a different request."""
+
+
+class QuotaExceeded(ValueError):
+    """The tenant already has as many queued and running jobs as it may (MIXQ_MAX_ACTIVE_JOBS_PER_TENANT)."""
+
+
+def check_quota(session: Session, tenant_id: int, settings: Settings | None = None) -> None:
+    settings = settings or get_settings()
+    active = session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id,
+                                                                        Job.status.in_((QUEUED, RUNNING))))
+    if active >= settings.max_active_jobs_per_tenant:
+        raise QuotaExceeded(f"this tenant already has {active} queued or running jobs, the most it may have: "
+                            "retry once some have finished, or cancel some")
 
 
 def new(session: Session, tenant_id: int, request: dict, idempotency_key: str | None = None,
@@ -58,6 +72,7 @@ def submit(session: Session, tenant_id: int, request: dict, idempotency_key: str
             if existing.request != request:
                 raise IdempotencyConflict("Idempotency-Key was already used with a different request")
             return existing, False
+    check_quota(session, tenant_id)
     job = new(session, tenant_id, request, idempotency_key)
     try:
         session.commit()
@@ -80,19 +95,37 @@ def publish(job_id: str, priority: int) -> bool:
     return True
 
 
+def _claimable(stale: datetime):
+    return or_(Job.status == QUEUED, (Job.status == RUNNING) & (Job.heartbeat_at < stale))
+
+
 def claim(job_id: str, worker: str, settings: Settings | None = None) -> Job | None:
+    """Take the job if no live worker has it and it has attempts left; a job out of attempts fails."""
     settings = settings or get_settings()
     now = utcnow()
     stale = now - timedelta(seconds=settings.stale_after_seconds)
     with session_scope() as session:
         taken = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.cancel_requested.is_(False),
-                   or_(Job.status == QUEUED, (Job.status == RUNNING) & (Job.heartbeat_at < stale)))
+            .where(Job.id == job_id, Job.cancel_requested.is_(False), Job.attempts < settings.max_attempts,
+                   _claimable(stale))
             .values(status=RUNNING, worker=worker, heartbeat_at=now, attempts=Job.attempts + 1,
                     started_at=now, message="running", error=None)
         ).rowcount
-        return session.get(Job, job_id) if taken == 1 else None
+        if taken == 1:
+            return session.get(Job, job_id)
+        exhausted = session.scalar(select(Job).where(Job.id == job_id, Job.attempts >= settings.max_attempts,
+                                                     _claimable(stale)))
+        reason = exhausted and gave_up(exhausted, settings)
+    if reason:  # a redelivered message of a job that keeps killing its workers
+        fail(job_id, reason)
+    return None
+
+
+def gave_up(job: Job, settings: Settings) -> str:
+    return (f"gave up after {job.attempts} attempts (MIXQ_MAX_ATTEMPTS): each time its worker stopped without "
+            f"reporting (out of memory, the hard time limit of {settings.job_time_limit} s, or a lost machine); "
+            f"last seen in phase {job.phase or 'start'!r}")
 
 
 def update_if_mine(job_id: str, worker: str, **values) -> bool:
@@ -136,10 +169,14 @@ def end_running(job_id: str, worker: str, status: str, message: str | None = Non
 
 
 def fail(job_id: str, error: str) -> bool:
-    """End a job that no worker holds (it cannot be run) as failed."""
+    """End a job that no live worker holds (it cannot be run) as failed."""
+    return _end_unheld(job_id, FAILED, FAILED, error)
+
+
+def _end_unheld(job_id: str, status: str, message: str, error: str | None = None) -> bool:
     with session_scope() as session:
         ended = session.execute(update(Job).where(Job.id == job_id, Job.status.not_in(FINISHED)).values(
-            status=FAILED, finished_at=utcnow(), message=FAILED, error=error)).rowcount == 1
+            status=status, finished_at=utcnow(), message=message, error=error, worker=None)).rowcount == 1
     if ended:
         _ended(job_id)
     return ended
@@ -164,14 +201,19 @@ def cancel(session: Session, job: Job) -> Job:
 
 
 def sweep(settings: Settings | None = None) -> dict[str, int]:
-    """The scheduler's periodic repair: running jobs whose worker went silent go back to the queue, and
-    queued jobs that were never published, or not claimed long after, are published (again)."""
+    """The scheduler's periodic repair. A running job whose worker went silent is cancelled if that was
+    asked for, failed if out of attempts, and otherwise goes back to the queue; queued jobs that were never
+    published, or not claimed long after, are published (again)."""
     settings = settings or get_settings()
     now = utcnow()
     stale = now - timedelta(seconds=settings.stale_after_seconds)
     with session_scope() as session:
-        requeued = list(session.scalars(select(Job).where(Job.status == RUNNING, Job.heartbeat_at < stale)
-                                        .with_for_update(skip_locked=True)))
+        silent = list(session.scalars(select(Job).where(Job.status == RUNNING, Job.heartbeat_at < stale)
+                                      .with_for_update(skip_locked=True)))
+        cancelled = [job.id for job in silent if job.cancel_requested]
+        exhausted = {job.id: gave_up(job, settings) for job in silent
+                     if not job.cancel_requested and job.attempts >= settings.max_attempts}
+        requeued = [job for job in silent if job.id not in exhausted and job.id not in cancelled]
         for job in requeued:
             job.status, job.worker, job.message = QUEUED, None, "requeued: its worker stopped responding"
         session.flush()
@@ -184,6 +226,10 @@ def sweep(settings: Settings | None = None) -> dict[str, int]:
         waiting = session.execute(select(Job.id, Job.priority).where(Job.status == QUEUED, or_(
             Job.enqueued_at.is_(None) & (Job.created_at < unpublished), Job.enqueued_at < unclaimed)).order_by(
             Job.created_at)).all()
+    for job_id in cancelled:
+        _end_unheld(job_id, CANCELLED, "cancelled: its worker stopped before it could stop the job itself")
+    for job_id, reason in exhausted.items():
+        fail(job_id, reason)
     for job_id in abandoned:
         fail(job_id, f"the job could not be queued for {settings.publish_deadline_seconds:.0f} s: the broker is "
                      "unreachable")
@@ -194,7 +240,8 @@ def sweep(settings: Settings | None = None) -> dict[str, int]:
             published += 1
             with session_scope() as session:
                 session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
-    return {"requeued": len(requeued), "published": published, "failed": len(abandoned)}
+    return {"requeued": len(requeued), "published": published, "cancelled": len(cancelled),
+            "failed": len(exhausted) + len(abandoned)}
 
 
 def _ended(job_id: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -84,7 +84,7 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     report: Mapped[dict | None] = mapped_column(JSONType)
-    result_status: Mapped[str | None] = mapped_column(String(32))  # compressed | no_speedup | none_fit
+    result_status: Mapped[str | None] = mapped_column(String(32))  # compressed | no_speedup | none_fit | no_saving
     baseline_metric: Mapped[float | None] = mapped_column(Float)
     final_metric: Mapped[float | None] = mapped_column(Float)
     latency_reduction: Mapped[float | None] = mapped_column(Float)
@@ -99,7 +99,7 @@ class Artifact(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(32))  # bundle (zip of report, plan and weights)
     path: Mapped[str] = mapped_column(Text)
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)  # bundles of large models pass 2 GiB
     sha256: Mapped[str] = mapped_column(String(64))
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from sqlalchemy import select
+
 from . import webhooks
 from .db import session_scope
-from .history import history
-from .models import SUCCEEDED, Job, RegistryEntry
+from .history import rows
+from .models import SUCCEEDED, Job, RegistryEntry, RegistryRun
 
 
 def job_ended(job_id: str) -> None:
@@ -17,12 +19,13 @@ def job_ended(job_id: str) -> None:
         regression = None
         if job.registry_entry_id and job.status == SUCCEEDED:
             entry = session.get(RegistryEntry, job.registry_entry_id)
-            latest = next((row for row in reversed(history(session, entry)) if row["job_id"] == job.id), None)
+            run = session.scalar(select(RegistryRun).where(RegistryRun.job_id == job.id))
+            latest = rows(session, entry, [run])[0] if run else None
             if latest and latest["regression"]:
                 regression = {**summary, "delta_metric": latest["delta_metric"],
                               "delta_reduction": latest["delta_reduction"],
                               "threshold": entry.regression_threshold}
-        url = job.webhook_url
-    webhooks.send(url, f"job.{summary['status']}", summary)
+        url, tenant_id = job.webhook_url, job.tenant_id
+    webhooks.send(url, f"job.{summary['status']}", summary, tenant_id)
     if regression:
-        webhooks.send(url, "registry.regression", regression)
+        webhooks.send(url, "registry.regression", regression, tenant_id)

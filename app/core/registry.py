@@ -2,7 +2,8 @@
 
 A scheduler tick (Celery beat in production, the embedded worker's beat locally) fires each due
 entry: it resolves the model's current revision and enqueues a job only when the revision or the
-job options changed since the last enqueued run; otherwise it records a skipped run.
+job options changed since the last enqueued run, or that run's job failed; otherwise it records a
+skipped run.
 
 Two schedulers never fire the same slot: the firing is a compare-and-set on `next_run_at`. Two
 firings of one entry (a tick and a manual run) are serialised by taking the entry's row lock first,
@@ -24,7 +25,7 @@ from worker.engine.spec import parse_source, resolve_revision
 
 from . import jobs
 from .db import session_scope
-from .models import QUEUED, RUNNING, Job, RegistryEntry, RegistryRun, utcnow
+from .models import FAILED, QUEUED, RUNNING, Job, RegistryEntry, RegistryRun, utcnow
 from .settings import get_settings
 
 log = logging.getLogger("mixq.registry")
@@ -46,7 +47,8 @@ def current_revision(entry: RegistryEntry) -> tuple[str | None, str | None]:
     """The model's revision now, or why it could not be resolved. Resolved before any lock is taken:
     a Hub lookup or hashing a large folder can take a while."""
     try:
-        return resolve_revision(parse_source(entry.model), get_settings().model_root), None
+        settings = get_settings()
+        return resolve_revision(parse_source(entry.model), settings.model_root, settings.hub_timeout_seconds), None
     except InputError as exc:
         return None, str(exc)
 
@@ -64,6 +66,11 @@ def fire(session, entry: RegistryEntry, now: datetime, trigger: str, revision: t
     if error is not None:
         run.outcome, run.reason = "error", error
         return run, None
+    try:
+        jobs.check_quota(session, entry.tenant_id)
+    except jobs.QuotaExceeded as exc:
+        run.reason = str(exc)
+        return run, None
     active = session.scalar(select(Job).join(RegistryRun, RegistryRun.job_id == Job.id).where(
         RegistryRun.entry_id == entry.id, RegistryRun.revision == run.revision, RegistryRun.options_hash == digest,
         Job.status.in_((QUEUED, RUNNING))))
@@ -72,15 +79,18 @@ def fire(session, entry: RegistryEntry, now: datetime, trigger: str, revision: t
         return run, None
     last = session.scalar(select(RegistryRun).where(RegistryRun.entry_id == entry.id,
                                                     RegistryRun.outcome == "enqueued").order_by(RegistryRun.id.desc()))
-    if not force and last is not None and last.revision == run.revision and last.options_hash == digest:
+    unchanged = last is not None and last.revision == run.revision and last.options_hash == digest
+    retry = unchanged and last.job is not None and last.job.status == FAILED
+    if unchanged and not (force or retry):
         run.reason = "revision and options unchanged since the last run"
         return run, None
     job = jobs.new(session, entry.tenant_id, {**entry.request, "webhook_url": entry.webhook_url},
                    registry_entry_id=entry.id, message="queued by the registry")
     session.flush()
     run.job_id, run.outcome = job.id, "enqueued"
-    run.reason = "forced" if force and last and last.revision == run.revision else (
-        "first run" if last is None else "new revision" if last.revision != run.revision else "options changed")
+    run.reason = ("forced" if force and unchanged else "the last job failed: trying again" if retry else
+                  "first run" if last is None else "new revision" if last.revision != run.revision else
+                  "options changed")
     return run, job
 
 

@@ -1,0 +1,59 @@
+"""What a job will cost, from its request alone: checked at submission, before a worker loads anything.
+
+Each field of a request is capped, but not their product: 100k samples of synthetic 224x224 images are
+120 GB before the first forward pass. Two estimates bound a job:
+
+- memory: the inputs held for every sample (calibration, evaluation and test), plus one batch's
+  attention scores for text models; a builtin's input shape is known, other models are assumed to
+  take 3x224x224 images or `seq_len` tokens, whichever costs more (their config is not read here);
+- work: sample forward passes, summed over the phases that scale with the request.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .catalogue import BUILTIN_INPUTS
+from .errors import InputError
+from .search import REFINEMENT_STEPS, max_evaluations
+
+DEFAULT_IMAGE = (3, 224, 224)
+ATTENTION_HEADS = 12  # BERT-base's: the attention-score term of a batch
+HESSIAN_BATCHES = 2  # calibration batches the Hessian trace averages over
+HESSIAN_PASSES = 3  # a Hessian-vector product costs about a forward and two backward passes
+# Baseline, bisection over up to 512 candidate layers with refinement, and the final plan.
+SEARCH_EVALUATIONS = max_evaluations(512, REFINEMENT_STEPS) + 2
+
+
+@dataclass(frozen=True)
+class JobSize:
+    memory_bytes: int
+    sample_passes: int
+
+
+def estimate(request: dict) -> JobSize:
+    samples = request["calibration_samples"] + request["eval_samples"] + request["test_samples"]
+    batch, seq_len = request["batch_size"], request["seq_len"]
+    kind, shape = BUILTIN_INPUTS.get(request["model"].removeprefix("builtin:"), (None, DEFAULT_IMAGE))
+    image = samples * math.prod(shape) * 4  # float32 pixels
+    text = samples * seq_len * 2 * 8 + batch * ATTENTION_HEADS * seq_len ** 2 * 4  # int64 ids and mask
+    memory = image if kind == "image" else text if kind == "text" else max(image, text)
+    passes = (request["calibration_samples"] + SEARCH_EVALUATIONS * request["eval_samples"]
+              + 2 * request["test_samples"]
+              + HESSIAN_PASSES * request["hutchinson_samples"] * HESSIAN_BATCHES * batch)
+    return JobSize(memory, passes)
+
+
+def check(request: dict, max_memory_bytes: int, max_sample_passes: int) -> JobSize:
+    """The estimate, or an InputError saying which limit it passes and what to lower."""
+    size = estimate(request)
+    if size.memory_bytes > max_memory_bytes:
+        raise InputError(f"this job would hold about {size.memory_bytes / 2**30:.1f} GiB of inputs, over the "
+                         f"limit of {max_memory_bytes / 2**30:.1f} GiB: lower calibration_samples, eval_samples or "
+                         "test_samples (or batch_size and seq_len for text models)")
+    if size.sample_passes > max_sample_passes:
+        raise InputError(f"this job would run about {size.sample_passes:,} sample forward passes, over the limit "
+                         f"of {max_sample_passes:,}: lower eval_samples (each search step scores all of them), "
+                         "or hutchinson_samples and batch_size")
+    return size
