@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI
+import json
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.routing import Match, Route
 
-from app.api.routes import health, jobs, models, registry
-from app.core.settings import get_settings
+from app.api.routes import health, jobs, models, registry, webhooks
+from app.core.settings import Settings, get_settings
+
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "[::1]"]
 
 STATIC = Path(__file__).parent / "static"
 
@@ -46,16 +57,60 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class EscapedJSONResponse(JSONResponse):
+    """ASCII-only JSON: a 422 that echoes input holding a lone surrogate still encodes (as \\ud800)."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _finite(value):
+    """JSON has no NaN or Infinity: an echoed non-finite input is shown as its name."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return EscapedJSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's 405 lists only the methods of the first route on the path; list every route's."""
+    if exc.status_code == 405:
+        methods = {method for route in request.app.router.routes if isinstance(route, Route)
+                   and route.matches(request.scope)[0] is not Match.NONE for method in route.methods or ()}
+        exc.headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(methods))}
+    return await http_exception_handler(request, exc)
+
+
+def allowed_hosts(settings: Settings, auth_disabled: bool) -> list[str]:
+    """Without keys, the bind address is not enough: a page the browser loaded from attacker.example can
+    rebind that name to 127.0.0.1, and only the Host header it sends still says attacker.example."""
+    if settings.allowed_hosts:
+        return [host.strip() for host in settings.allowed_hosts.split(",") if host.strip()]
+    return LOOPBACK_HOSTS if auth_disabled else ["*"]
+
+
 def create_app(auth_disabled: bool = False) -> FastAPI:
     """The app requires API keys unless told otherwise by `mixq serve`, the one caller that knows the
     address it binds to; the uvicorn factory used in production always gets keys."""
     settings = get_settings()
-    app = FastAPI(title="mixq", version="1", description="Fastest mixed-precision model within an accuracy budget")
+    # Operation ids are the route functions' names: the OpenAPI links (app.api.openapi) refer to them.
+    app = FastAPI(title="mixq", version="1", description="Fastest mixed-precision model within an accuracy budget",
+                  generate_unique_id_function=lambda route: route.name)
     app.state.auth_disabled = auth_disabled
     app.include_router(jobs.router)
     app.include_router(models.router)
     app.include_router(registry.router)
+    app.include_router(webhooks.router)
     app.include_router(health.router)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -63,4 +118,5 @@ def create_app(auth_disabled: bool = False) -> FastAPI:
         return FileResponse(STATIC / "index.html")
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(settings, auth_disabled))
     return app

@@ -96,3 +96,17 @@ def test_path_escaping_the_root_exits_2(tmp_path):
     result = run("compress", "local:../", "--budget", "0.01", env={"MIXQ_MODEL_ROOT": str(tmp_path / "root")})
     assert result.returncode == 2
     assert "outside the allowed root" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_workers_run_from_their_own_folder_with_absolute_paths(tmp_path):
+    """A relative MIXQ_DATA_DIR is resolved once, where the operator started mixq; the worker then runs
+    elsewhere, so nothing a job names can resolve against the operator's current directory."""
+    probe = ("from app.cli.service import worker_process; command, env, work = worker_process(); "
+             "print(work); print(env['MIXQ_DATA_DIR']); print(env['MIXQ_DATABASE_URL']); print(env['MIXQ_BROKER_URL'])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIXQ_")}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**env, "MIXQ_DATA_DIR": "state", "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.returncode == 0, result.stderr
+    work, data_dir, database, broker = result.stdout.split()
+    assert work == str(tmp_path / "state" / "work") and data_dir == str(tmp_path / "state")
+    assert database == f"sqlite:///{tmp_path}/state/mixq.db" and broker == f"sqla+sqlite:///{tmp_path}/state/broker.db"

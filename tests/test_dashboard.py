@@ -158,7 +158,7 @@ def test_registry_page_lists_entries_with_history(page, server):
         "calibration_samples": 32, "eval_samples": 64, "hutchinson_samples": 2}).json()
     httpx.post(f"{server}/v1/registry/{entry['id']}/run")
     deadline = time.time() + 300
-    while httpx.get(f"{server}/v1/registry/{entry['id']}/history").json()[0]["job_status"] != "succeeded":
+    while httpx.get(f"{server}/v1/registry/{entry['id']}/history").json()["runs"][0]["job_status"] != "succeeded":
         assert time.time() < deadline
         time.sleep(1)
     page.goto(f"{server}/#/registry")

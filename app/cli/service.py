@@ -6,12 +6,15 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
-from app.core.auth import create_key
+from app.core.auth import create_key, list_keys, revoke_key
 from app.core.db import session_scope
 from app.core.migrate import upgrade
 from app.core.settings import get_settings
+
 from .arguments import positive_int
+
 
 def runs_engine(args) -> bool:
     """Whether this command runs the engine here or in its children (and so needs the allocator setting)."""
@@ -37,9 +40,10 @@ def add_commands(commands) -> None:
     d.add_argument("action", choices=["upgrade"])
     d.set_defaults(handler=db)
 
-    k = commands.add_parser("keys", help="API keys")
-    k.add_argument("action", choices=["create"])
-    k.add_argument("--tenant", required=True, help="tenant the key acts for (created if new)")
+    k = commands.add_parser("keys", help="API keys: create, list or revoke")
+    k.add_argument("action", choices=["create", "list", "revoke"])
+    k.add_argument("key", nargs="?", help="revoke: the key's prefix as `keys list` shows it, or the whole key")
+    k.add_argument("--tenant", help="create: the tenant the key acts for (created if new); list: only its keys")
     k.set_defaults(handler=keys)
 
 
@@ -50,13 +54,18 @@ def _celery(*args: str) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "worker.celery_app", *args]
 
 
-def worker_command(concurrency: int = 1, beat: bool = False) -> list[str]:
+def worker_process(concurrency: int = 1, beat: bool = False) -> tuple[list[str], dict[str, str], Path]:
+    """A worker's command, environment and working directory: its own folder under the data directory, with
+    every path in the environment absolute, so nothing a job names can resolve against the operator's
+    current directory."""
     settings = get_settings()
     command = _celery("worker", "-Q", settings.queue, "-c", str(concurrency), "--loglevel", "INFO",
                       "-n", f"mixq-{settings.queue}-{os.getpid()}@%h")
     if beat:
         command += ["-B", "-s", str(settings.data_dir / "beat-schedule")]
-    return command
+    work = settings.data_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    return command, {**os.environ, **settings.environment()}, work
 
 
 def db(args) -> int:
@@ -67,6 +76,25 @@ def db(args) -> int:
 
 
 def keys(args) -> int:
+    if args.action == "list":
+        with session_scope() as session:
+            for key in list_keys(session, args.tenant):
+                state = f"revoked {key['revoked_at']:%Y-%m-%d %H:%M}" if key["revoked_at"] else "active"
+                print(f"{key['prefix']}  {key['name']:<24} created {key['created_at']:%Y-%m-%d %H:%M}  {state}")
+        return 0
+    if args.action == "revoke":
+        if not args.key:
+            return _usage("keys revoke needs the key's prefix (see `mixq keys list`) or the key")
+        try:
+            with session_scope() as session:
+                tenant = revoke_key(session, args.key)
+        except LookupError as exc:
+            return _usage(str(exc))
+        print(f"revoked; tenant {tenant!r}'s requests with it are refused within "
+              f"{get_settings().key_cache_seconds:g} s", file=sys.stderr)
+        return 0
+    if not args.tenant:
+        return _usage("keys create needs --tenant")
     with session_scope() as session:
         key = create_key(session, args.tenant)
     print(key)
@@ -74,8 +102,15 @@ def keys(args) -> int:
     return 0
 
 
+def _usage(message: str) -> int:
+    print(f"mixq: error: {message}", file=sys.stderr)
+    return 2
+
+
 def worker(args) -> int:
-    os.execv(sys.executable, worker_command(args.concurrency, args.beat))
+    command, environment, work = worker_process(args.concurrency, args.beat)
+    os.chdir(work)
+    os.execve(sys.executable, command, environment)
 
 
 def beat(args) -> int:
@@ -107,21 +142,22 @@ def serve(args) -> int:
               "Bind to another address or use Postgres/Redis to require API keys.", file=sys.stderr)
     print(f"mixq: database {settings.database_url.split('@')[-1]}, broker {settings.broker_url.split('@')[-1]}",
           file=sys.stderr)
-    worker_process = None
+    worker_child = None
     if not args.no_worker:
-        worker_process = subprocess.Popen(worker_command(beat=True), preexec_fn=_die_with_parent)
+        command, environment, work = worker_process(beat=True)
+        worker_child = subprocess.Popen(command, env=environment, cwd=work, preexec_fn=_die_with_parent)
     try:
         if args.workers > 1:  # one process per core; each builds the production app (keys required)
             _serve_processes(args.host, args.port, args.workers)
         else:
             uvicorn.run(create_app(auth_disabled=auth_disabled), host=args.host, port=args.port, log_level="info")
     finally:
-        if worker_process is not None:
-            worker_process.terminate()
+        if worker_child is not None:
+            worker_child.terminate()
             try:
-                worker_process.wait(timeout=30)
+                worker_child.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                worker_process.kill()
+                worker_child.kill()
     return 0
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .models import ApiKey, Tenant
+from .models import ApiKey, Tenant, utcnow
 from .settings import get_settings
 
 LOCAL_TENANT = "local"  # owner of every job when auth is disabled (embedded default on localhost)
@@ -47,6 +47,27 @@ def create_key(session: Session, tenant_name: str) -> str:
     tenant = get_or_create_tenant(session, tenant_name)
     session.add(ApiKey(tenant_id=tenant.id, prefix=key[:12], key_hash=hash_key(key)))
     return key
+
+
+def list_keys(session: Session, tenant_name: str | None = None) -> list[dict]:
+    query = select(ApiKey.prefix, Tenant.name, ApiKey.created_at, ApiKey.revoked_at).join(Tenant)
+    if tenant_name:
+        query = query.where(Tenant.name == tenant_name)
+    return [row._asdict() for row in session.execute(query.order_by(ApiKey.created_at))]
+
+
+def revoke_key(session: Session, key_or_prefix: str) -> str:
+    """Revoke one key, named by the prefix `keys list` shows or by the key itself; returns its tenant's name.
+    Processes that remember it stop accepting it within `key_cache_seconds`."""
+    match = (ApiKey.key_hash == hash_key(key_or_prefix)) if len(key_or_prefix) > 16 else (
+        ApiKey.prefix == key_or_prefix)
+    found = session.execute(select(ApiKey, Tenant.name).join(Tenant).where(match, ApiKey.revoked_at.is_(None))).all()
+    if len(found) != 1:
+        raise LookupError(f"no active key with prefix {key_or_prefix!r}" if not found else
+                          f"{len(found)} active keys share the prefix {key_or_prefix!r}: give the whole key")
+    key, tenant_name = found[0]
+    key.revoked_at = utcnow()
+    return tenant_name
 
 
 class _Remembered:

@@ -3,26 +3,65 @@ registry's create and patch; the public views of jobs, layers, steps and registr
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import datetime, timezone
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from worker.engine import sizing
+from worker.engine.catalogue import BUILTIN_NAMES
 from worker.engine.errors import InputError
+from worker.engine.paths import HF_CONFIG_PATTERN, HF_REPO_PATTERN, HF_REVISION_PATTERN, SPLIT_PATTERN
 from worker.engine.spec import parse_source
 
-from .models import STATUSES
-from .webhooks import check_target
+from .models import STATUSES, utcnow
+from .settings import get_settings
+from .webhooks import CONTROL_CHARACTERS, check_target
+
+# The database keeps naive UTC; answers say so (RFC 3339 needs the offset, and browsers read a bare time as local).
+UtcDateTime = Annotated[datetime, AfterValidator(lambda value: value.replace(tzinfo=value.tzinfo or timezone.utc))]
+
+# The SOURCE and data grammars as patterns, so the schema says what the validators accept (the validators
+# still check what a pattern cannot: '..' in Hub names, paths under the model root).
+MODEL_PATTERN = (rf"^(builtin:({'|'.join(BUILTIN_NAMES)})|hf:{HF_REPO_PATTERN}(@{HF_REVISION_PATTERN})?"
+                 r"|local:[^\x00]+|[^:\x00]+)$")
+DATA_PATTERN = rf"^(hf:{HF_REPO_PATTERN}(@{HF_CONFIG_PATTERN})?|[^:\x00]+)$"
+WEBHOOK_PATTERN = rf"^https?://[^\s{CONTROL_CHARACTERS}]+$"
+
+
+def _valid_unicode(value) -> None:
+    """JSON may carry lone surrogates (\\ud800) that no database or response can encode: refuse them."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode: lone surrogates such as \\ud800 are refused") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _valid_unicode(key)
+            _valid_unicode(item)
+    elif isinstance(value, list):
+        for item in value:
+            _valid_unicode(item)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields, NaN, infinities and invalid Unicode are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, values):
+        _valid_unicode(values)
+        return values
 
 
 class BudgetIn(Strict):
     max_drop: float = Field(gt=0, lt=1, description="largest allowed metric drop, in (0, 1)")
-    min_drop: float = Field(0.0, ge=0, lt=1, description="lower edge of the range: stop once a drop reaches it")
+    min_drop: float = Field(0.0, ge=0, lt=1, description="lower edge of the range: stop once a drop reaches it; "
+                                                         "at most max_drop")
     mode: Literal["relative", "absolute"] = "relative"
 
     @model_validator(mode="after")
@@ -33,11 +72,12 @@ class BudgetIn(Strict):
 
 
 class DataIn(Strict):
-    spec: str | None = Field(None, description="HF dataset ID (hf:name[@config]) or a file under the model root")
-    split: str = "train"
-    text_column: str = "text"
-    label_column: str | None = "label"
-    image_column: str = "image"
+    spec: str | None = Field(None, max_length=1000, pattern=DATA_PATTERN,
+                             description="HF dataset ID (hf:name[@config]) or a file under the model root")
+    split: str = Field("train", pattern=f"^{SPLIT_PATTERN}$", description="a split name such as train")
+    text_column: str = Field("text", max_length=200)
+    label_column: str | None = Field("label", max_length=200)
+    image_column: str = Field("image", max_length=200)
     synthetic: bool = False
 
 
@@ -55,26 +95,24 @@ class JobOptions(Strict):
     eval_samples: int = Field(256, ge=1, le=100_000)
     test_samples: int = Field(256, ge=1, le=100_000, description="held out from every decision; scores the final plan")
     hutchinson_samples: int = Field(16, ge=2, le=1000)
-    precisions: list[Literal["int8", "fp8"]] = Field(default_factory=lambda: ["int8"], min_length=1)
+    precisions: list[Literal["int8", "fp8"]] = Field(
+        default_factory=lambda: ["int8"], min_length=1, max_length=1,
+        description="one low precision per job: ['int8'] on CPU, ['int8'] or ['fp8'] on GPU workers")
     priority: int = Field(5, ge=0, le=9)
     data: DataIn | None = None
-    webhook_url: str | None = Field(None, max_length=2000, description="notified (HMAC-signed) when the job ends")
+    webhook_url: str | None = Field(None, max_length=2000, pattern=WEBHOOK_PATTERN,
+                                    description="notified (HMAC-signed per tenant) when the job ends")
 
     @field_validator("webhook_url")
     @classmethod
     def _allowed_webhook(cls, value: str | None) -> str | None:
         return None if value is None else check_target(value)
 
-    @field_validator("precisions")
-    @classmethod
-    def _one_low_precision(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != 1:
-            raise ValueError("one low precision per job for now: ['int8'] on CPU, ['int8'] or ['fp8'] on GPU")
-        return value
-
 
 class JobCreate(JobOptions):
-    model: str = Field(description="hf:<repo_id>[@revision], local:<dir> or builtin:<name>", max_length=300)
+    # The pattern documents the grammar; parse_source enforces it, with a message that says what is wrong.
+    model: str = Field(description="hf:<repo_id>[@revision], local:<dir> or builtin:<name>", max_length=300,
+                       json_schema_extra={"pattern": MODEL_PATTERN})
 
     @model_validator(mode="before")
     @classmethod
@@ -90,6 +128,16 @@ class JobCreate(JobOptions):
             return str(parse_source(value))
         except InputError as exc:
             raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "JobCreate":
+        """The product of the sample counts is capped, not only each count (sizing.py)."""
+        settings = get_settings()
+        try:
+            sizing.check(self.model_dump(), settings.max_job_memory_bytes, settings.max_job_sample_passes)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 def partial(model: type[BaseModel], name: str) -> type[BaseModel]:
@@ -114,9 +162,9 @@ class JobOut(BaseModel):
     request: dict
     phases: dict
     attempts: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UtcDateTime
+    started_at: UtcDateTime | None
+    finished_at: UtcDateTime | None
     result_status: str | None
     baseline_metric: float | None
     final_metric: float | None
@@ -161,30 +209,57 @@ class StepOut(BaseModel):
     skipped: list[str] = []
 
 
-class ScheduleIn(Strict):
-    cron: str | None = Field(None, description="5-field cron expression, UTC", max_length=100)
-    interval_seconds: int | None = Field(None, ge=10, le=366 * 86400)
+class CronSchedule(Strict):
+    cron: str = Field(description="5-field cron expression, UTC", max_length=100)
 
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "ScheduleIn":
-        from croniter import croniter
+    @field_validator("cron")
+    @classmethod
+    def _fires(cls, value: str) -> str:
+        from croniter import CroniterError, croniter
 
-        if (self.cron is None) == (self.interval_seconds is None):
-            raise ValueError("give exactly one of cron or interval_seconds")
-        if self.cron is not None and not croniter.is_valid(self.cron):
-            raise ValueError(f"invalid cron expression {self.cron!r}")
-        return self
+        if not croniter.is_valid(value):
+            raise ValueError(f"invalid cron expression {value!r}")
+        try:
+            croniter(value, utcnow()).get_next(datetime)
+        except CroniterError:  # e.g. 0 0 30 2 *: valid fields, but February has no 30th
+            raise ValueError(f"cron expression {value!r} never fires") from None
+        return value
 
     def to_dict(self) -> dict:
-        return {"cron": self.cron} if self.cron else {"interval_seconds": self.interval_seconds}
+        return {"cron": self.cron}
+
+
+class IntervalSchedule(Strict):
+    interval_seconds: int = Field(ge=10, le=366 * 86400)
+
+    def to_dict(self) -> dict:
+        return {"interval_seconds": self.interval_seconds}
+
+
+def _schedule_kind(value) -> str | None:
+    if isinstance(value, dict):
+        return "cron" if "cron" in value else "interval"
+    return {CronSchedule: "cron", IntervalSchedule: "interval"}.get(type(value))
+
+
+# Tagged by the key given, so a bad cron expression is reported once, not also as an unknown interval key.
+Schedule = Annotated[Annotated[CronSchedule, Tag("cron")] | Annotated[IntervalSchedule, Tag("interval")],
+                     Discriminator(_schedule_kind)]
 
 
 class RegistrySettings(Strict):
     """When a registry entry re-runs its job and when it raises a regression."""
 
-    schedule: ScheduleIn
+    schedule: Schedule = Field(description="exactly one of cron or interval_seconds")
     regression_threshold: float = Field(0.01, gt=0, lt=1, description="reduction or relative metric drop that flags")
     paused: bool = False
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _one_kind(cls, value):
+        if isinstance(value, dict) and ("cron" in value) == ("interval_seconds" in value):
+            raise ValueError("give exactly one of cron or interval_seconds")
+        return value
 
 
 class RegistryCreate(JobCreate, RegistrySettings):
@@ -207,18 +282,23 @@ class RegistryOut(BaseModel):
     request: dict
     schedule: dict
     paused: bool
-    next_run_at: datetime
+    next_run_at: UtcDateTime
     webhook_url: str | None
     regression_threshold: float
     last_revision: str | None
-    last_run_at: datetime | None
-    created_at: datetime
+    last_run_at: UtcDateTime | None
+    created_at: UtcDateTime
     links: dict[str, str]
+
+
+class RegistryList(BaseModel):
+    entries: list[RegistryOut]
+    next_cursor: str | None
 
 
 class RunOut(BaseModel):
     run_id: int
-    fired_at: datetime
+    fired_at: UtcDateTime
     trigger: str
     revision: str | None
     outcome: str
@@ -231,3 +311,15 @@ class RunOut(BaseModel):
     delta_metric: float | None
     delta_reduction: float | None
     regression: bool
+
+
+class RunList(BaseModel):
+    runs: list[RunOut]
+    next_cursor: int | None
+
+
+class WebhookSecretOut(BaseModel):
+    secret: str = Field(description="this tenant's signing key; every other tenant has its own")
+    header: str
+    scheme: str
+    replay_window_seconds: int

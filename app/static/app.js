@@ -316,28 +316,30 @@ async function cancelJob(id) {
 // ---- registry ----
 const scheduleText = (s) => (s.cron ? `cron ${s.cron}` : `every ${s.interval_seconds} s`);
 
+const HISTORY_RUNS = 50;  // the latest runs of each entry, oldest first for the chart
+
 async function renderRegistry() {
-  const response = await api("/v1/registry");
-  const entries = response.ok ? await response.json() : [];
+  const response = await api("/v1/registry?limit=100");
+  const entries = response.ok ? (await response.json()).entries : [];
   const rows = await Promise.all(entries.map(async (entry) => {
-    const history = await (await api(`/v1/registry/${entry.id}/history`)).json();
-    return { entry, history };
+    const page = await (await api(`/v1/registry/${entry.id}/history?limit=${HISTORY_RUNS}`)).json();
+    return { entry, history: page.runs.slice().reverse(), more: page.next_cursor !== null };
   }));
   show(
     el("h1", {}, "Registry: scheduled re-compression"),
     el("p", { class: "muted" }, "Register models with POST /v1/registry; each firing compresses a new revision and skips an unchanged one."),
     el("div", { class: "table-wrap" }, el("table", { id: "registry-table" },
       el("thead", {}, el("tr", {}, ...["Model", "Schedule", "Next run", "Last revision", "Runs", "Latency reduction per run", ""].map((h) => el("th", { scope: "col" }, h)))),
-      el("tbody", {}, ...(rows.length ? rows.map(({ entry, history }) => el("tr", { "data-entry": entry.id },
+      el("tbody", {}, ...(rows.length ? rows.map(({ entry, history, more }) => el("tr", { "data-entry": entry.id },
         el("td", {}, entry.model, entry.paused ? el("span", { class: "status cancelled" }, " paused") : null),
         el("td", {}, scheduleText(entry.schedule)),
         el("td", {}, entry.paused ? "–" : when(entry.next_run_at)),
         el("td", {}, el("code", {}, (entry.last_revision || "–").slice(0, 24))),
-        el("td", {}, `${history.filter((h) => h.outcome === "enqueued").length} jobs, ${history.filter((h) => h.outcome === "skipped").length} skipped`,
+        el("td", {}, `${history.filter((h) => h.outcome === "enqueued").length} jobs, ${history.filter((h) => h.outcome === "skipped").length} skipped${more ? ` (last ${HISTORY_RUNS} runs)` : ""}`,
            history.some((h) => h.regression) ? el("span", { class: "status failed" }, " regression") : null),
         el("td", {}, el("div", { class: "spark" }, el("canvas", { id: `spark-${entry.id}`, role: "img", "aria-label": `latency reduction history of ${entry.model}` }))),
         el("td", {},
-          el("button", { class: "secondary", onclick: async () => { await api(`/v1/registry/${entry.id}/run`, { method: "POST" }); renderRegistry(); } }, "Run now"), " ",
+          el("button", { class: "secondary", onclick: async () => { const run = await api(`/v1/registry/${entry.id}/run`, { method: "POST" }); if (!run.ok) alert((await run.json()).detail); renderRegistry(); } }, "Run now"), " ",
           el("button", { class: "secondary", onclick: async () => { await api(`/v1/registry/${entry.id}/${entry.paused ? "resume" : "pause"}`, { method: "POST" }); renderRegistry(); } }, entry.paused ? "Resume" : "Pause"))))
         : [el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No registered models."))])))));
   destroyCharts();

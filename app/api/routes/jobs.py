@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime
+from pathlib import Path
+from typing import Literal
 
 from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import and_, or_, select
 
 from app.api.deps import SessionDep, TenantDep
+from app.api.openapi import errors, invalid, links
 from app.core import jobs
 from app.core.auth import CallerTenant
 from app.core.models import STATUSES, SUCCEEDED, Artifact, Job
@@ -19,7 +22,9 @@ from worker.engine.errors import InputError
 from worker.engine.paths import resolve_under_root
 from worker.engine.spec import parse_source
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=errors(400, 401))
+JOB_OPERATIONS = ("get_job", "get_report", "get_layers", "get_steps", "get_artifact", "cancel_job")
+RETRY_AFTER_SECONDS = 30  # a tenant at its quota: about how long before a job of its finishes or starts
 
 
 def job_out(job: Job) -> JobOut:
@@ -37,20 +42,26 @@ def owned_job(job_id: str, session, tenant: CallerTenant) -> Job:
     return job
 
 
+def too_many(exc: jobs.QuotaExceeded) -> HTTPException:
+    return HTTPException(429, str(exc), headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
 def check_local_paths(body: JobCreate) -> None:
     """Refuse, at submission, model or data paths that escape the allowed root (not later in a worker)."""
     root = get_settings().model_root
-    try:
-        spec = parse_source(body.model)
-        if spec.kind == "local":
-            resolve_under_root(spec.id, root, what="model")
-        if body.data and body.data.spec and not body.data.spec.startswith("hf:"):
-            resolve_under_root(body.data.spec, root, what="data")
-    except InputError as exc:
-        raise HTTPException(422, str(exc)) from None
+    spec = parse_source(body.model)  # already valid: the schema parsed it
+    paths = [(("body", "model"), spec.id, "model")] if spec.kind == "local" else []
+    if body.data and body.data.spec and not body.data.spec.startswith("hf:"):
+        paths.append((("body", "data", "spec"), body.data.spec, "data"))
+    for location, path, what in paths:
+        try:
+            resolve_under_root(path, root, what=what)
+        except InputError as exc:
+            raise invalid(location, str(exc)) from None
 
 
-@router.post("", status_code=202, response_model=JobOut)
+@router.post("", status_code=202, response_model=JobOut, responses={
+    202: {"links": links("job_id", "$response.body#/id", *JOB_OPERATIONS)}, **errors(409, 413, 429)})
 def submit_job(body: JobCreate, response: Response, session: SessionDep, tenant: TenantDep,
                background: BackgroundTasks, idempotency_key: str | None = Header(None, max_length=200)) -> JobOut:
     check_local_paths(body)
@@ -58,45 +69,46 @@ def submit_job(body: JobCreate, response: Response, session: SessionDep, tenant:
         job, created = jobs.submit(session, tenant.id, body.model_dump(mode="json"), idempotency_key)
     except jobs.IdempotencyConflict as exc:
         raise HTTPException(409, str(exc)) from None
+    except jobs.QuotaExceeded as exc:
+        raise too_many(exc) from None
     if created:  # published after the response: the broker is off the request path
         background.add_task(jobs.publish, job.id, job.priority)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_out(job)
 
 
-def _encode_cursor(job: Job) -> str:
-    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
+def encode_cursor(created_at: datetime, row_id: str) -> str:
+    """A page boundary in (created_at, id) order: opaque to clients."""
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{row_id}".encode()).decode()
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
         return datetime.fromisoformat(created), job_id
     except Exception:
-        raise HTTPException(422, "invalid cursor: pass back next_cursor from a previous page") from None
+        raise invalid(("query", "cursor"), "invalid cursor: pass back next_cursor from a previous page") from None
 
 
 @router.get("", response_model=JobList)
 async def list_jobs(session: SessionDep, tenant: TenantDep,
-              status: str | None = Query(None, description=f"one of {', '.join(STATUSES)}"),
+              status: Literal[STATUSES] | None = Query(None),
               model: str | None = Query(None, max_length=300), limit: int = Query(20, ge=1, le=100),
-              cursor: str | None = None) -> JobList:
-    if status is not None and status not in STATUSES:
-        raise HTTPException(422, f"unknown status {status!r}; use one of {', '.join(STATUSES)}")
+              cursor: str | None = Query(None, max_length=200)) -> JobList:
     query = select(Job).where(Job.tenant_id == tenant.id)
     if status:
         query = query.where(Job.status == status)
     if model:
         query = query.where(Job.model == model)
     if cursor:
-        created, job_id = _decode_cursor(cursor)
+        created, job_id = decode_cursor(cursor)
         query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
     found = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
-    next_cursor = _encode_cursor(found[limit - 1]) if len(found) > limit else None
+    next_cursor = encode_cursor(found[limit - 1].created_at, found[limit - 1].id) if len(found) > limit else None
     return JobList(jobs=[job_out(j) for j in found[:limit]], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/{job_id}", response_model=JobOut, responses=errors(404))
 async def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
     return job_out(owned_job(job_id, session, tenant))
 
@@ -106,37 +118,41 @@ def _succeeded(job: Job, what: str) -> None:
         raise HTTPException(409, f"{what} not available: job is {job.status}")
 
 
-@router.get("/{job_id}/report")
+@router.get("/{job_id}/report", responses=errors(404, 409))
 async def get_report(job_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     job = owned_job(job_id, session, tenant)
     _succeeded(job, "report")
     return job.report
 
 
-@router.get("/{job_id}/layers", response_model=list[LayerOut])
+@router.get("/{job_id}/layers", response_model=list[LayerOut], responses=errors(404))
 async def get_layers(job_id: str, session: SessionDep, tenant: TenantDep):
     report = owned_job(job_id, session, tenant).report or {}
     return [{**layer, "position": i} for i, layer in enumerate(report.get("layers", []))]
 
 
-@router.get("/{job_id}/steps", response_model=list[StepOut])
+@router.get("/{job_id}/steps", response_model=list[StepOut], responses=errors(404))
 async def get_steps(job_id: str, session: SessionDep, tenant: TenantDep):
     report = owned_job(job_id, session, tenant).report or {}
     return [{**step, "position": i} for i, step in enumerate(report.get("search", {}).get("steps", []))]
 
 
-@router.get("/{job_id}/artifact")
+@router.get("/{job_id}/artifact", responses={
+    200: {"content": {"application/zip": {}}, "description": "the bundle: report, plan and weights"},
+    **errors(404, 409, 410)})
 async def get_artifact(job_id: str, session: SessionDep, tenant: TenantDep):
     job = owned_job(job_id, session, tenant)
     _succeeded(job, "artifact")
     bundle = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.kind == "bundle"))
     if bundle is None:
         raise HTTPException(404, "this job has no artifact")
+    if not Path(bundle.path).is_file():  # removed from storage (retention, a lost volume) after the job ended
+        raise HTTPException(410, "this job's artifact is no longer stored on the server; run the job again")
     return FileResponse(bundle.path, media_type="application/zip", filename=f"mixq-{job.id}.zip",
                         headers={"X-Content-SHA256": bundle.sha256})
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=errors(404, 409))
 async def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
     try:
         return job_out(jobs.cancel(session, owned_job(job_id, session, tenant)))

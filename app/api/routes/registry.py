@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Query, Response
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 
 from app.api.deps import SessionDep, TenantDep
-from app.api.routes.jobs import check_local_paths
+from app.api.openapi import errors, links
+from app.api.routes.jobs import check_local_paths, decode_cursor, encode_cursor, too_many
 from app.core import jobs, registry
 from app.core.auth import CallerTenant
-from app.core.history import history
-from app.core.models import RegistryEntry, utcnow
-from app.core.schemas import JobCreate, RegistryCreate, RegistryOut, RegistryPatch, RegistrySettings, RunOut
+from app.core.history import history, rows
+from app.core.models import RegistryEntry, RegistryRun, utcnow
+from app.core.schemas import (JobCreate, RegistryCreate, RegistryList, RegistryOut, RegistryPatch, RegistrySettings,
+                              RunList, RunOut)
 
-router = APIRouter(prefix="/v1/registry", tags=["registry"])
+router = APIRouter(prefix="/v1/registry", tags=["registry"], responses=errors(400, 401))
+ENTRY_OPERATIONS = ("get_entry", "patch_entry", "delete_entry", "pause", "resume", "run_now", "get_history")
 
 
-def entry_out(entry: RegistryEntry) -> RegistryOut:
+def entry_out(session, entry: RegistryEntry) -> RegistryOut:
     base = f"/v1/registry/{entry.id}"
-    last = entry.runs[-1] if entry.runs else None
+    latest = select(RegistryRun).where(RegistryRun.entry_id == entry.id).order_by(RegistryRun.id.desc()).limit(1)
+    last = session.scalar(latest)
+    resolved = session.scalar(latest.where(RegistryRun.revision.is_not(None)))
     return RegistryOut(
         id=entry.id, model=entry.model, request=entry.request, schedule=entry.schedule, paused=entry.paused,
         next_run_at=entry.next_run_at, webhook_url=entry.webhook_url, regression_threshold=entry.regression_threshold,
-        last_revision=next((r.revision for r in reversed(entry.runs) if r.revision), None),
+        last_revision=resolved.revision if resolved else None,
         last_run_at=last.fired_at if last else None, created_at=entry.created_at,
         links={"self": base, "history": f"{base}/history", "run": f"{base}/run", "pause": f"{base}/pause",
                "resume": f"{base}/resume"})
@@ -36,7 +41,8 @@ def owned_entry(entry_id: str, session, tenant: CallerTenant) -> RegistryEntry:
     return entry
 
 
-@router.post("", status_code=201, response_model=RegistryOut)
+@router.post("", status_code=201, response_model=RegistryOut, responses={
+    201: {"links": links("entry_id", "$response.body#/id", *ENTRY_OPERATIONS)}, **errors(413)})
 async def register(body: RegistryCreate, response: Response, session: SessionDep,
                    tenant: TenantDep) -> RegistryOut:
     check_local_paths(body)
@@ -47,22 +53,29 @@ async def register(body: RegistryCreate, response: Response, session: SessionDep
     session.add(entry)
     session.commit()
     response.headers["Location"] = f"/v1/registry/{entry.id}"
-    return entry_out(entry)
+    return entry_out(session, entry)
 
 
-@router.get("", response_model=list[RegistryOut])
-async def list_entries(session: SessionDep, tenant: TenantDep):
-    entries = session.scalars(select(RegistryEntry).where(RegistryEntry.tenant_id == tenant.id)
-                              .order_by(RegistryEntry.created_at))
-    return [entry_out(e) for e in entries]
+@router.get("", response_model=RegistryList)
+async def list_entries(session: SessionDep, tenant: TenantDep, limit: int = Query(20, ge=1, le=100),
+                       cursor: str | None = Query(None, max_length=200)) -> RegistryList:
+    """Oldest first, a page at a time: pass `next_cursor` back as `cursor`."""
+    query = select(RegistryEntry).where(RegistryEntry.tenant_id == tenant.id)
+    if cursor:
+        created, entry_id = decode_cursor(cursor)
+        query = query.where(or_(RegistryEntry.created_at > created,
+                                and_(RegistryEntry.created_at == created, RegistryEntry.id > entry_id)))
+    found = list(session.scalars(query.order_by(RegistryEntry.created_at, RegistryEntry.id).limit(limit + 1)))
+    next_cursor = encode_cursor(found[limit - 1].created_at, found[limit - 1].id) if len(found) > limit else None
+    return RegistryList(entries=[entry_out(session, e) for e in found[:limit]], next_cursor=next_cursor)
 
 
-@router.get("/{entry_id}", response_model=RegistryOut)
+@router.get("/{entry_id}", response_model=RegistryOut, responses=errors(404))
 async def get_entry(entry_id: str, session: SessionDep, tenant: TenantDep):
-    return entry_out(owned_entry(entry_id, session, tenant))
+    return entry_out(session, owned_entry(entry_id, session, tenant))
 
 
-@router.patch("/{entry_id}", response_model=RegistryOut)
+@router.patch("/{entry_id}", response_model=RegistryOut, responses=errors(404))
 async def patch_entry(entry_id: str, body: RegistryPatch, session: SessionDep,
                       tenant: TenantDep) -> RegistryOut:
     entry = owned_entry(entry_id, session, tenant)
@@ -79,10 +92,10 @@ async def patch_entry(entry_id: str, body: RegistryPatch, session: SessionDep,
     if options:  # re-validate the whole job request, so a patch can never store an invalid one
         entry.request = JobCreate(**{**entry.request, **options}).model_dump(mode="json", exclude={"webhook_url"})
     session.commit()
-    return entry_out(entry)
+    return entry_out(session, entry)
 
 
-@router.delete("/{entry_id}", status_code=204)
+@router.delete("/{entry_id}", status_code=204, responses=errors(404))
 async def delete_entry(entry_id: str, session: SessionDep, tenant: TenantDep):
     session.delete(owned_entry(entry_id, session, tenant))
     session.commit()
@@ -99,33 +112,41 @@ def _set_paused(entry_id: str, paused: bool, session, tenant: CallerTenant) -> R
     entry = owned_entry(entry_id, session, tenant)
     _pause(entry, paused)
     session.commit()
-    return entry_out(entry)
+    return entry_out(session, entry)
 
 
-@router.post("/{entry_id}/pause", response_model=RegistryOut)
+@router.post("/{entry_id}/pause", response_model=RegistryOut, responses=errors(404))
 async def pause(entry_id: str, session: SessionDep, tenant: TenantDep):
     return _set_paused(entry_id, True, session, tenant)
 
 
-@router.post("/{entry_id}/resume", response_model=RegistryOut)
+@router.post("/{entry_id}/resume", response_model=RegistryOut, responses=errors(404))
 async def resume(entry_id: str, session: SessionDep, tenant: TenantDep):
     return _set_paused(entry_id, False, session, tenant)
 
 
-@router.post("/{entry_id}/run", response_model=RunOut)
+@router.post("/{entry_id}/run", response_model=RunOut, responses={
+    200: {"links": links("job_id", "$response.body#/job_id", "get_job", "cancel_job")}, **errors(404, 429)})
 def run_now(entry_id: str, session: SessionDep, tenant: TenantDep, background: BackgroundTasks,
             force: bool = Query(False, description="enqueue even if nothing changed")) -> RunOut:
     entry = owned_entry(entry_id, session, tenant)
+    try:
+        jobs.check_quota(session, tenant.id)
+    except jobs.QuotaExceeded as exc:
+        raise too_many(exc) from None
     # Before any lock, and in a worker thread (a plain def): a Hub lookup can take a while.
     revision = registry.current_revision(entry)
     run, job = registry.fire(session, entry, utcnow(), "manual", revision, force=force)
     session.commit()
     if job is not None:  # published after the response, as for POST /v1/jobs
         background.add_task(jobs.publish, job.id, job.priority)
-    session.refresh(entry)
-    return next(RunOut(**row) for row in history(session, entry) if row["run_id"] == run.id)
+    return RunOut(**rows(session, entry, [run])[0])
 
 
-@router.get("/{entry_id}/history", response_model=list[RunOut])
-async def get_history(entry_id: str, session: SessionDep, tenant: TenantDep):
-    return [RunOut(**row) for row in history(session, owned_entry(entry_id, session, tenant))]
+@router.get("/{entry_id}/history", response_model=RunList, responses=errors(404))
+async def get_history(entry_id: str, session: SessionDep, tenant: TenantDep, limit: int = Query(50, ge=1, le=500),
+                      cursor: int | None = Query(None, ge=0, le=2**63 - 1,
+                                                 description="next_cursor of the previous page")) -> RunList:
+    """Newest first, each successful run with its deltas to the one before it."""
+    found, next_cursor = history(session, owned_entry(entry_id, session, tenant), limit, cursor)
+    return RunList(runs=[RunOut(**row) for row in found], next_cursor=next_cursor)
