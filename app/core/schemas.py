@@ -210,7 +210,8 @@ class StepOut(BaseModel):
 
 
 class CronSchedule(Strict):
-    cron: str = Field(description="5-field cron expression, UTC", max_length=100)
+    cron: str = Field(description="5-field cron expression, UTC", max_length=100,
+                      json_schema_extra={"pattern": r"^\S+( \S+){4}$"})  # _fires says what is wrong, field by field
 
     @field_validator("cron")
     @classmethod
