@@ -12,13 +12,17 @@ import subprocess
 import time
 
 from common import ROOT, parser, save
+
 ARGS = ["--budget", "0.01", "--hutchinson-samples", "4", "--calibration-samples", "32", "--eval-samples", "128",
         "--test-samples", "128", "--latency-repeats", "7", "--json"]
 
 
-def run(model: str) -> dict:
+def run(model: str, extra: tuple[str, ...] = ()) -> dict:
+    """`mixq compress builtin:<model>` with ARGS (and `extra`) in its own process: its report, wall time and
+    peak memory."""
+    command = ["compress", f"builtin:{model}", *ARGS, *extra]
     started = time.perf_counter()
-    process = subprocess.Popen([str(ROOT / ".venv" / "bin" / "mixq"), "compress", f"builtin:{model}", *ARGS],
+    process = subprocess.Popen([str(ROOT / ".venv" / "bin" / "mixq"), *command],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
     out = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
@@ -26,7 +30,7 @@ def run(model: str) -> dict:
         raise SystemExit(f"{model}: mixq compress failed with status {status}")
     report = json.loads(out)
     report["bench"] = {"wall_seconds": round(time.perf_counter() - started, 1),
-                       "peak_rss_gb": round(usage.ru_maxrss / 1024 ** 2, 2), "command": ["mixq", "compress", model, *ARGS]}
+                       "peak_rss_gb": round(usage.ru_maxrss / 1024 ** 2, 2), "command": ["mixq", *command]}
     return report
 
 

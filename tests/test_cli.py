@@ -54,7 +54,7 @@ def test_compress_digits_resnet_within_budget_with_measured_latency(digits_run):
     assert {"ordering", "evaluations", "steps"} <= search.keys()
     assert search["evaluations"] == len(search["steps"]) <= search["max_evaluations"]
     assert all({"k", "metric", "latency_ms", "accepted"} <= step.keys() for step in search["steps"])
-    assert set(report["phases"]) == {"load", "baseline", "sensitivity", "profile", "search", "final", "export"}
+    assert set(report["phases"]) == {"load", "baseline", "sensitivity", "profile", "search", "final", "onnx", "export"}
     assert "top1_accuracy (eval)" in result.stdout and "(test)" in result.stdout
     # No library noise (torchao's missing GPU extensions, pytree notices, progress bars of weight loading).
     noise = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("[", "wrote "))]

@@ -150,7 +150,8 @@ def test_job_over_http_runs_on_a_worker_and_lands_in_postgres(stack, servers):
         report = client.get(f"/v1/jobs/{job['id']}/report").json()
     assert report["final"]["drop"] <= 0.01 and report["baseline"]["latency_ms"]["median"] > 0
     rows = _rows(servers, job["id"])
-    assert rows == {"layers": 13, "steps": len(report["search"]["steps"]), "artifacts": 1, "attempts": 1,
+    formats = 3 if report["exports"]["onnx"].get("file") else 2  # bundle, safetensors and, when compressed, onnx
+    assert rows == {"layers": 13, "steps": len(report["search"]["steps"]), "artifacts": formats, "attempts": 1,
                     "report_type": "object"}
     # Postgres aggregates the run-time histogram (its own interval arithmetic, not SQLite's julianday).
     scrape = httpx.get(f"{stack.url}/metrics", headers={"Authorization": "Bearer it-metrics"}).text
@@ -198,7 +199,7 @@ def test_worker_killed_mid_job_finishes_exactly_once(stack, servers):
     rows = _rows(servers, job_id)
     assert rows["attempts"] == 2
     assert rows["layers"] == len(layers) == 36 and len({l["name"] for l in layers}) == 36
-    assert rows["steps"] == len(report["search"]["steps"]) and rows["artifacts"] == 1
+    assert rows["steps"] == len(report["search"]["steps"]) and rows["artifacts"] == (3 if report["exports"]["onnx"].get("file") else 2)
 
 
 def test_cli_client_submits_and_waits(stack):

@@ -58,7 +58,8 @@ def test_minilm_search_bisects_within_budget(cache_dir, tmp_path):
     assert int8 == {n for n, p in report["plan"]["layers"].items() if p == "int8"}
     fractions = [e.fraction for e in events]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert {e.phase for e in events} == {"load", "baseline", "sensitivity", "profile", "search", "final", "export"}
+    assert {e.phase for e in events} == {"load", "baseline", "sensitivity", "profile", "search", "final", "onnx",
+                                         "export"}
     assert (tmp_path / "report.json").exists() and (tmp_path / "artifact" / "plan.json").exists()
     assert Report.read(tmp_path / "report.json").to_dict() == report
 

@@ -116,9 +116,7 @@ def run(job_id: str, worker: str, settings: Settings | None = None) -> str | Non
     heartbeat.start()  # beats until the results are stored: zipping and hashing a large bundle takes a while
     try:
         report = _compress(job, settings, out_dir, ProgressWriter(job_id, worker, heartbeat))
-        bundle = _bundle(out_dir)
-        stored = jobs.finish(job_id, worker, report.to_dict(), {
-            "path": str(bundle), "size_bytes": bundle.stat().st_size, "sha256": _sha256(bundle)})
+        stored = jobs.finish(job_id, worker, report.to_dict(), _artifacts(out_dir, report))
     except Cancelled as exc:
         return _end(job_id, worker, CANCELLED, message=str(exc))
     except InputError as exc:
@@ -156,6 +154,18 @@ def _compress(job: Job, settings: Settings, out_dir: Path, progress: ProgressWri
 def _end(job_id: str, worker: str, status: str, message: str | None = None, error: str | None = None) -> str:
     jobs.end_running(job_id, worker, status, message, error)
     return status
+
+
+def _artifacts(out_dir: Path, report) -> dict[str, dict]:
+    """Each downloadable file by kind: the bundle (everything), and the deployable files inside it."""
+    files = {"bundle": _bundle(out_dir)}
+    if report.artifact:
+        files["safetensors"] = out_dir / report.artifact["weights"]
+    onnx = report.exports.get("onnx") or {}
+    if onnx.get("file") and not onnx.get("error"):
+        files["onnx"] = out_dir / onnx["file"]
+    return {kind: {"path": str(path), "size_bytes": path.stat().st_size, "sha256": _sha256(path)}
+            for kind, path in files.items()}
 
 
 def _bundle(out_dir: Path) -> Path:

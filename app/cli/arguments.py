@@ -49,6 +49,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--seq-len", type=positive_int, default=128)
     parser.add_argument("--priority", type=int, default=5, help="0-9, higher runs first (service jobs)")
+    parser.add_argument("--export", choices=["onnx", "none"], default=None,
+                        help="also write model.onnx, quantized by onnxruntime and measured there (service jobs: "
+                             "onnx unless none; mixq compress: only when asked, with --out)")
 
 
 def job_request(args) -> dict:
@@ -63,4 +66,5 @@ def job_request(args) -> dict:
             "ordering": args.ordering, "selection": args.selection, "interlayer": args.interlayer,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "calibration_samples": args.calibration_samples,
             "eval_samples": args.eval_samples, "test_samples": args.test_samples,
-            "hutchinson_samples": args.hutchinson_samples, "priority": args.priority, "data": data}
+            "hutchinson_samples": args.hutchinson_samples, "priority": args.priority, "data": data,
+            **({} if args.export is None else {"exports": [] if args.export == "none" else [args.export]})}

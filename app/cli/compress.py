@@ -31,7 +31,9 @@ def add_commands(commands) -> None:
 
 def _validated(args) -> dict:
     """The request, validated as the API validates it; raises ValueError with the first problem."""
-    request = job_request(args)
+    request = {"exports": [], **job_request(args)}  # in this process, ONNX only when asked
+    if request["exports"] and not args.out:
+        raise ValueError("--export onnx writes files: give --out DIR")
     budget = request["budget"]
     Budget(budget["max_drop"], budget["min_drop"], budget["mode"])  # the budget's own words for its range
     try:

@@ -141,7 +141,7 @@ def cancel_requested(job_id: str) -> bool:
         return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
-def finish(job_id: str, worker: str, report: dict, bundle: dict) -> bool:
+def finish(job_id: str, worker: str, report: dict, artifacts: dict[str, dict]) -> bool:
     """Store the results in one transaction, only if `worker` still holds the claim."""
     with session_scope() as session:
         job = session.scalar(select(Job).where(Job.id == job_id, Job.worker == worker, Job.status == RUNNING)
@@ -150,7 +150,7 @@ def finish(job_id: str, worker: str, report: dict, bundle: dict) -> bool:
             return False
         job.artifacts.clear()
         session.flush()
-        session.add(Artifact(job_id=job_id, kind="bundle", **bundle))
+        session.add_all(Artifact(job_id=job_id, kind=kind, **artifact) for kind, artifact in artifacts.items())
         job.status, job.finished_at, job.progress, job.phase = SUCCEEDED, utcnow(), 1.0, "done"
         job.message = report["message"]
         job.report, job.phases, job.result_status = report, report["phases"], report["status"]

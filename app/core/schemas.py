@@ -99,6 +99,9 @@ class JobOptions(Strict):
         default_factory=lambda: ["int8"], min_length=1, max_length=1,
         description="one low precision per job: ['int8'] on CPU, ['int8'] or ['fp8'] on GPU workers")
     priority: int = Field(5, ge=0, le=9)
+    exports: list[Literal["onnx"]] = Field(
+        default_factory=lambda: ["onnx"], max_length=1,
+        description="deployable formats besides the torch artifact, each verified in its own runtime")
     data: DataIn | None = None
     webhook_url: str | None = Field(None, max_length=2000, pattern=WEBHOOK_PATTERN,
                                     description="notified (HMAC-signed per tenant) when the job ends")

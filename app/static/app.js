@@ -2,7 +2,7 @@
 "use strict";
 
 const PHASE_COLOURS = { load: "#6b7a99", baseline: "#8f6bd6", sensitivity: "#2f6fde", profile: "#0f8f8f", search: "#1a8f4c",
-                        final: "#b7791f", export: "#5b6478" };
+                        final: "#b7791f", onnx: "#a23b72", export: "#5b6478" };
 const view = document.getElementById("view");
 let refreshTimer = null;
 const charts = {};
@@ -189,10 +189,12 @@ async function renderJob(id) {
       el("div", { class: "actions" },
         job.finished ? null : el("button", { class: "danger", id: "cancel-job", onclick: () => cancelJob(id) }, "Cancel job"),
         report ? el("button", { class: "secondary", onclick: () => download(`/v1/jobs/${id}/report`, `mixq-report-${id}.json`) }, "Download report") : null,
-        report ? el("button", { class: "secondary", onclick: () => download(`/v1/jobs/${id}/artifact`, `mixq-${id}.zip`) }, "Download artifact") : null)),
+        report ? el("button", { class: "secondary", onclick: () => download(`/v1/jobs/${id}/artifact`, `mixq-${id}.zip`) }, "Download artifact") : null,
+        onnxReady(report) ? el("button", { class: "secondary", id: "download-onnx", onclick: () => download(`/v1/jobs/${id}/artifact?format=onnx`, `mixq-${id}.onnx`) }, "Download ONNX") : null)),
     job.status === "failed" ? el("div", { class: "panel error-panel", role: "alert", id: "error-panel" }, el("h2", { style: "margin-top:0" }, "Job failed"), el("p", {}, job.error || "no reason recorded")) : null,
     report ? warningsPanel(report) : null,
     report ? summary(report) : null,
+    report ? onnxPanel(report) : null,
     report ? el("div", { class: "charts" },
       el("div", { class: "panel" }, el("h2", { style: "margin-top:0" }, "Search: metric at each evaluated k"), el("div", { class: "chart-box" }, el("canvas", { id: "search-chart", role: "img", "aria-label": "metric versus number of int8 layers for every evaluated point" }))),
       el("div", { class: "panel" }, el("h2", { style: "margin-top:0" }, "Sensitivity per layer (network order)"), el("div", { class: "chart-box" }, el("canvas", { id: "layer-chart", role: "img", "aria-label": "sensitivity score per layer split into Hessian and inter-layer parts, coloured by precision" })))) : null,
@@ -226,6 +228,23 @@ function summary(report) {
     card("Latency reduction", pct(report.latency_reduction), report.message),
     card("Size", `${(b.size_bytes / 1e6).toFixed(1)} → ${(f.size_bytes / 1e6).toFixed(1)} MB`, `${f.k}/${report.layers.length} layers ${report.backend.low_precision}`),
     card("Search", `${report.search.evaluations} evaluations`, `max ${report.search.max_evaluations} (${report.search.refinement_evaluations} refinement), ${report.search.ordering} ordering, ${report.search.selection} selection, Hessian ${report.search.method.hessian || "–"}`));
+}
+
+const onnxReady = (report) => Boolean(report && report.exports && report.exports.onnx && report.exports.onnx.file && !report.exports.onnx.error);
+
+// The plan as deployed in onnxruntime: its own metric and speed-up, beside torch's.
+function onnxPanel(report) {
+  const onnx = report.exports && report.exports.onnx;
+  if (!onnx) return null;
+  if (!onnxReady(report)) return el("div", { class: "panel", id: "onnx" }, el("h2", { style: "margin-top:0" }, "ONNX"), el("p", { class: "muted" }, onnx.error ? `No ONNX export: ${onnx.error}` : onnx.skipped));
+  const card = (label, value, sub) => el("div", { class: "card" }, el("div", { class: "label" }, label), el("div", { class: "value" }, value), el("div", { class: "sub" }, sub));
+  return el("div", { class: "panel", id: "onnx" },
+    el("h2", { style: "margin-top:0" }, `ONNX in onnxruntime ${onnx.runtime.onnxruntime} (${onnx.runtime.providers[0]})`),
+    el("div", { class: "cards" },
+      card(`Metric (${report.metric.name})`, `${num(onnx.metric)} eval, ${num(onnx.test_metric)} test`, `drop ${num(onnx.drop)} (torch ${num(report.final.drop)})`),
+      card("Latency median", `${onnx.latency_ms.float.toFixed(2)} → ${onnx.latency_ms.quantized.toFixed(2)} ms`, "float ONNX → int8 ONNX, same batch, interleaved"),
+      card("Latency reduction in onnxruntime", pct(onnx.latency_reduction), `torch: ${pct(report.latency_reduction)}`),
+      card("File", `${(onnx.size_bytes / 1e6).toFixed(1)} MB`, `${onnx.int8_layers} int8 layers, opset ${onnx.opset}`)));
 }
 
 function searchChart(report) {

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from . import allocator
+from . import allocator, export
 from . import sensitivity as sens
 from .adapters import adapt, attention_implementation, quantizable_layers
 from .data import DataOptions
@@ -32,7 +32,7 @@ from .search import REFINEMENT_STEPS, SELECTIONS, Budget, cost_aware_order, max_
 from .sources import load_model
 from .spec import parse_source
 
-PHASES = ("load", "baseline", "sensitivity", "profile", "search", "final", "export")
+PHASES = ("load", "baseline", "sensitivity", "profile", "search", "final", "onnx", "export")
 
 # Below this many test samples the test-split figure is too coarse to lean on.
 MIN_TEST_SAMPLES = 50
@@ -51,8 +51,8 @@ class Progress:
 
 
 # Share of the job's progress bar each phase takes (sensitivity and search dominate the time).
-PHASE_WEIGHTS = {"load": 0.05, "baseline": 0.05, "sensitivity": 0.35, "profile": 0.1, "search": 0.3, "final": 0.1,
-                 "export": 0.05}
+PHASE_WEIGHTS = {"load": 0.05, "baseline": 0.05, "sensitivity": 0.3, "profile": 0.1, "search": 0.3, "final": 0.1,
+                 "onnx": 0.05, "export": 0.05}
 
 
 @dataclass
@@ -62,6 +62,7 @@ class CompressOptions:
     data: DataOptions = field(default_factory=DataOptions)
     latency: LatencyOptions = field(default_factory=LatencyOptions)
     selection: str = "cost-aware"  # how the order trades accuracy cost against measured speed
+    exports: tuple[str, ...] = ()  # deployable formats besides the torch artifact: "onnx" (needs out_dir)
     device: str = "cpu"
     low_precision: str = "int8"
     threads: int | None = None
@@ -95,6 +96,7 @@ class CompressOptions:
                              batch_size=request["batch_size"], seq_len=request["seq_len"]),
             latency=LatencyOptions(repeats=latency_repeats, profile_seconds=profile_seconds),
             selection=request.get("selection", "cost-aware"),
+            exports=tuple(request.get("exports", ())),
             low_precision=request["precisions"][0],
             **{k: v for k, v in runtime.items() if v is not None},
         )
@@ -310,6 +312,11 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         for step in steps:
             step.chosen = bool(final_low) and step.accepted and step.low(order) == final_low
 
+    with track.phase("onnx"):
+        exports = {}
+        if "onnx" in options.exports and options.out_dir:
+            exports["onnx"] = _onnx(bench, final_plan, final, baseline_metric, options, warnings)
+
     data = evaluator.data
     layers = quantizable_layers(bench.adapter)
     report = Report(
@@ -346,6 +353,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
             "steps": [asdict(s) for s in steps],
         },
         plan=final_plan,
+        exports=exports,
     )
 
     with track.phase("export"):
@@ -358,6 +366,30 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
     if options.out_dir:
         report.write(Path(options.out_dir) / "report.json")
     return report
+
+
+def _onnx(bench: Workbench, plan: Plan, final: Final, baseline_metric: float, options: CompressOptions,
+          warnings: list[str]) -> dict:
+    """The plan as ONNX, measured in onnxruntime; what goes wrong there is a warning, not a failed job."""
+    if not plan.low_precision_layers:
+        return {"error": None, "skipped": "no low-precision plan was returned, so there is nothing to quantize"}
+    try:
+        result = export.export(bench.backend.baseline, list(bench.adapter.input_names), plan, bench.evaluator,
+                               bench.calibration, Path(options.out_dir) / "artifact", options.device,
+                               options.latency.repeats)
+    except export.ExportError as exc:
+        warnings.append(f"no ONNX export: {exc}")
+        return {"error": str(exc)}
+    figures = result.to_dict()
+    figures.update(drop=options.budget.drop(baseline_metric, result.quantized.metric),
+                   test_drop=options.budget.drop(baseline_metric, result.quantized.test_metric))
+    if not options.budget.accepts(figures["drop"]):
+        warnings.append(f"in onnxruntime the plan drops {figures['drop']:.4f} on the evaluation split, over the "
+                        f"budget of {options.budget.max_drop} that it meets in torch ({final.drop:.4f})")
+    if result.latency_reduction <= 0:
+        warnings.append(f"in onnxruntime the int8 file is not faster than the float file "
+                        f"({result.quantized.latency_ms:.2f} vs {result.float.latency_ms:.2f} ms per batch)")
+    return figures
 
 
 def _to_device(data, device: str, dtype: torch.dtype):

@@ -68,6 +68,7 @@ class Report:
     phases: dict = field(default_factory=dict)
     artifact: dict | None = None
     warm_start: dict | None = None
+    exports: dict = field(default_factory=dict)  # deployable formats: {"onnx": figures measured in onnxruntime}
     format: str = REPORT_FORMAT
 
     def to_dict(self) -> dict:
@@ -128,5 +129,11 @@ def render(report: Report) -> str:
         lines += ["", f"kept in {report.baseline.precision}, no measurable latency saving: " + ", ".join(excluded)]
     if report.skipped_layers:
         lines += ["", "not candidates: " + "; ".join(f"{s['name']} ({s['reason']})" for s in report.skipped_layers)]
+    onnx = report.exports.get("onnx")
+    if onnx and onnx.get("error") is None and "file" in onnx:
+        lines += ["", f"onnx ({onnx['runtime']['providers'][0]}): {onnx['file']}, {metric} {onnx['metric']:.4f} "
+                      f"(test {onnx['test_metric']:.4f}), {onnx['latency_ms']['quantized']:.2f} ms against "
+                      f"{onnx['latency_ms']['float']:.2f} ms for the float file: "
+                      f"{onnx['latency_reduction'] * 100:.1f}% faster in onnxruntime"]
     lines += ["", "phases: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in report.phases.items())]
     return "\n".join(line for line in lines if line is not None)

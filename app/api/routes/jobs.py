@@ -137,19 +137,31 @@ async def get_steps(job_id: str, session: SessionDep, tenant: TenantDep):
     return [{**step, "position": i} for i, step in enumerate(report.get("search", {}).get("steps", []))]
 
 
+ARTIFACT_FORMATS = {  # format -> media type, file name, what it holds
+    "bundle": ("application/zip", "mixq-{id}.zip", "report, plan, torch weights and ONNX files"),
+    "onnx": ("application/octet-stream", "mixq-{id}.onnx", "the quantized ONNX model (onnxruntime)"),
+    "safetensors": ("application/octet-stream", "mixq-{id}.safetensors", "the torch weights (with plan.json)"),
+}
+
+
 @router.get("/{job_id}/artifact", responses={
-    200: {"content": {"application/zip": {}}, "description": "the bundle: report, plan and weights"},
+    200: {"content": {media: {} for media, _, _ in ARTIFACT_FORMATS.values()},
+          "description": "; ".join(f"{name}: {what}" for name, (_, _, what) in ARTIFACT_FORMATS.items())},
     **errors(404, 409, 410)})
-async def get_artifact(job_id: str, session: SessionDep, tenant: TenantDep):
+async def get_artifact(job_id: str, session: SessionDep, tenant: TenantDep,
+                       format: Literal["bundle", "onnx", "safetensors"] = "bundle"):
     job = owned_job(job_id, session, tenant)
     _succeeded(job, "artifact")
-    bundle = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.kind == "bundle"))
-    if bundle is None:
-        raise HTTPException(404, "this job has no artifact")
-    if not Path(bundle.path).is_file():  # removed from storage (retention, a lost volume) after the job ended
+    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.kind == format))
+    if artifact is None:
+        onnx = (job.report or {}).get("exports", {}).get("onnx") or {}
+        why = onnx.get("error") or onnx.get("skipped") if format == "onnx" else None
+        raise HTTPException(404, f"this job has no {format} artifact" + (f": {why}" if why else ""))
+    if not Path(artifact.path).is_file():  # removed from storage (retention, a lost volume) after the job ended
         raise HTTPException(410, "this job's artifact is no longer stored on the server; run the job again")
-    return FileResponse(bundle.path, media_type="application/zip", filename=f"mixq-{job.id}.zip",
-                        headers={"X-Content-SHA256": bundle.sha256})
+    media, name, _ = ARTIFACT_FORMATS[format]
+    return FileResponse(artifact.path, media_type=media, filename=name.format(id=job.id),
+                        headers={"X-Content-SHA256": artifact.sha256})
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=errors(404, 409))

@@ -1,0 +1,229 @@
+"""ONNX export of a plan, quantized by onnxruntime's own tooling and verified in onnxruntime.
+
+The float model is exported once (`torch.onnx.export`, the adapter's inputs and output, a dynamic batch);
+onnxruntime's quantizer then makes exactly the plan's low-precision layers int8: dynamic quantization for
+Linear-only models (the x86 dynamic backend's counterpart), static QDQ with the job's calibration batches for
+conv nets (the FX static backend's). Both files are loaded in onnxruntime and measured there with the job's
+metric, batch and inputs, so the reported speed-up is the one a deployment gets, not torch's.
+"""
+
+from __future__ import annotations
+
+import ast
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import onnx
+import onnxruntime
+import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+from .evaluation import Evaluator
+from .kernels import DYNAMIC, FX_STATIC
+from .latency import paired
+from .plan import Plan
+
+OPSET = 18
+PROTOBUF_LIMIT_BYTES = 2**31 - 2**26  # below 2 GiB, with room for the graph itself
+FLOAT_FILE = "model.float.onnx"
+QUANTIZED_FILE = "model.onnx"
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv")  # where a Linear or Conv2d's weight lands in the graph
+ELEMENTWISE = ("Relu", "Clip", "Add")  # onnxruntime fuses these into the int8 kernels around them
+LAYER_CALLS = {"aten.linear.default", "aten.conv2d.default"}
+SCOPES, CALLS = "pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy"
+QUANTIZATION = {
+    DYNAMIC: "onnxruntime.quantization.quantize_dynamic: per-channel int8 weights, activations quantized per "
+             "call (uint8)",
+    FX_STATIC: "onnxruntime.quantization.quantize_static, QDQ: per-channel int8 weights, uint8 activations with "
+               "ranges from the job's calibration batches",
+}
+
+
+class ExportError(Exception):
+    """Why this model or plan has no ONNX export; the job still succeeds with its torch artifact."""
+
+
+@dataclass
+class Runtime:
+    """One ONNX file in onnxruntime, measured like the torch models were."""
+
+    metric: float
+    test_metric: float
+    latency_ms: float  # median per batch, from interleaved rounds
+    size_bytes: int
+
+
+@dataclass
+class OnnxExport:
+    file: str  # relative to the job's output folder
+    float_file: str
+    float: Runtime
+    quantized: Runtime
+    latency_reduction: float  # of the quantized file against the float file, both in onnxruntime
+    int8_layers: int
+    quantization: str
+    opset: int = OPSET
+    runtime: dict = field(default_factory=dict)
+    export_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        # The figures a caller reads first: the deployable file's own.
+        data.update(metric=self.quantized.metric, test_metric=self.quantized.test_metric,
+                    latency_ms={"float": self.float.latency_ms, "quantized": self.quantized.latency_ms},
+                    size_bytes=self.quantized.size_bytes, error=None)
+        return data
+
+
+def export_float(model: torch.nn.Module, names: list[str], example: tuple[torch.Tensor, ...], path: Path) -> None:
+    """The float baseline (BatchNorm already folded where the backend folds it) with the adapter's inputs and
+    one output, batch size left free."""
+    from torch.export import Dim
+
+    batch = Dim("batch")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(model, example, str(path), input_names=names, output_names=["output"],
+                      dynamic_shapes={name: {0: batch} for name in names}, opset_version=OPSET, dynamo=True,
+                      external_data=external_data(model), verbose=False)
+
+
+def external_data(model: torch.nn.Module) -> bool:
+    """One self-contained file unless protobuf's 2 GiB limit forces the weights into a side file."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) > PROTOBUF_LIMIT_BYTES
+
+
+def layer_nodes(graph, layers: list[str]) -> dict[str, str]:
+    """Layer name -> the ONNX node holding its weight, read from the scope metadata the exporter writes on
+    every node: the module path it came from (the deepest one that is a layer: a fused Conv+ReLU keeps its
+    conv one level down) and the call it lowers. Each layer has exactly one such node."""
+    wanted = set(layers)
+    nodes: dict[str, list[str]] = {}
+    for node in graph.node:
+        if node.op_type not in WEIGHT_OPS:
+            continue
+        metadata = {prop.key: prop.value for prop in node.metadata_props}
+        scopes, calls = ast.literal_eval(metadata.get(SCOPES, "[]")), ast.literal_eval(metadata.get(CALLS, "[]"))
+        owner = next((scope for scope in reversed(scopes) if scope in wanted), None)
+        if owner is not None and calls and calls[-1] in LAYER_CALLS:
+            nodes.setdefault(owner, []).append(node.name)
+    ambiguous = sorted(name for name, found in nodes.items() if len(found) != 1)
+    if ambiguous:
+        raise ExportError(f"layers exported as more than one weight node: {ambiguous[:3]}")
+    return {name: found[0] for name, found in nodes.items()}
+
+
+class _Calibration(CalibrationDataReader):
+    """The job's calibration batches, as onnxruntime's static quantizer reads them."""
+
+    def __init__(self, names: list[str], batches: list[tuple[torch.Tensor, ...]]):
+        self.batches = [_feeds(names, batch) for batch in batches]
+        self.rewind()
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+    def rewind(self):
+        self.feeds = iter(self.batches)
+
+
+def with_elementwise(graph, low_nodes: list[str]) -> list[str]:
+    """The low layers' nodes plus the element-wise ops whose every computed input comes from one of them (or
+    from such an op): as the FX backend does, an activation or residual add runs in int8 only where its
+    inputs already are, so a float layer's neighbourhood stays float."""
+    chosen = set(low_nodes)
+    produced_by = {output: node for node in graph.node for output in node.output}
+    for node in graph.node:  # ONNX graphs are topologically sorted
+        if node.op_type not in ELEMENTWISE:
+            continue
+        computed = [produced_by[name] for name in node.input if name in produced_by
+                    and produced_by[name].op_type != "Constant"]
+        if computed and all(source.name in chosen for source in computed):
+            chosen.add(node.name)
+    return [node.name for node in graph.node if node.name in chosen]
+
+
+def quantize(float_path: Path, path: Path, plan: Plan, nodes: dict[str, str], names: list[str],
+             calibration: list[tuple[torch.Tensor, ...]], large: bool = False) -> int:
+    """Quantize exactly the plan's low-precision layers; the others go in `nodes_to_exclude`. Returns how many
+    nodes were quantized."""
+    low, kept = plan.low_precision_layers, [n for n, p in plan.layers.items() if p == plan.baseline_precision]
+    missing = [name for name in low if name not in nodes]
+    if missing:
+        raise ExportError(f"no ONNX node found for layers {missing[:3]}")
+    if plan.backend not in QUANTIZATION:
+        raise ExportError(f"onnxruntime's quantizer has no counterpart of the {plan.backend} backend")
+    low_nodes = [nodes[n] for n in low]
+    common = dict(nodes_to_exclude=[nodes[n] for n in kept if n in nodes], per_channel=True,
+                  weight_type=QuantType.QInt8, use_external_data_format=large)
+    if plan.backend == DYNAMIC:
+        quantize_dynamic(float_path, path, nodes_to_quantize=low_nodes, op_types_to_quantize=list(WEIGHT_OPS),
+                         **common)
+    else:
+        graph = onnx.load(str(float_path), load_external_data=False).graph
+        quantize_static(float_path, path, _Calibration(names, calibration), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, nodes_to_quantize=with_elementwise(graph, low_nodes),
+                        op_types_to_quantize=list(WEIGHT_OPS + ELEMENTWISE), **common)
+    return len(low)
+
+
+def _feeds(names: list[str], batch: tuple[torch.Tensor, ...]) -> dict:
+    return {name: tensor.detach().cpu().numpy() for name, tensor in zip(names, batch)}
+
+
+class OrtModel:
+    """An onnxruntime session behind the adapter's call signature, so the job's Evaluator scores it."""
+
+    def __init__(self, path: Path, names: list[str], providers: list[str], threads: int):
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        # Idle threads would spin on their cores while the other session of a timed pair runs (halving its
+        # speed here); a deployment serving one session loses little without spinning.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        self.names = names
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, _feeds(self.names, inputs))[0])
+
+
+def providers(device: str) -> list[str]:
+    """The provider a worker on this device deploys with: CUDA where the job ran on a GPU, else the CPU."""
+    available = onnxruntime.get_available_providers()
+    wanted = ["CUDAExecutionProvider"] if device.startswith("cuda") else []
+    return [p for p in wanted if p in available] + ["CPUExecutionProvider"]
+
+
+def export(model: torch.nn.Module, names: list[str], plan: Plan, evaluator: Evaluator,
+           calibration: list[tuple[torch.Tensor, ...]], out_dir: Path, device: str, rounds: int) -> OnnxExport:
+    """Export the float baseline `model`, quantize the plan's layers, load both files in onnxruntime and
+    measure them on the job's splits and batch."""
+    started = time.perf_counter()
+    float_path, path = out_dir / FLOAT_FILE, out_dir / QUANTIZED_FILE
+    try:
+        export_float(model, names, calibration[0], float_path)
+    except Exception as exc:  # the exporter cannot lower every model; the error says which part
+        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc)[:300]}") from None
+    graph = onnx.load(str(float_path), load_external_data=False).graph
+    int8 = quantize(float_path, path, plan, layer_nodes(graph, list(plan.layers)), names, calibration,
+                    large=external_data(model))
+    chosen = providers(device)
+    threads = torch.get_num_threads()
+    float_model, quantized = (OrtModel(p, names, chosen, threads) for p in (float_path, path))
+    example = calibration[0]
+    timing = paired(lambda: float_model(*example), lambda: quantized(*example), rounds=rounds, inner=1)
+
+    def measured(runtime_model: OrtModel, file: Path, latency: float) -> Runtime:
+        size = sum(f.stat().st_size for f in file.parent.glob(file.name + "*"))  # with any external data file
+        return Runtime(metric=evaluator.metric(runtime_model), test_metric=evaluator.metric(runtime_model, "test"),
+                       latency_ms=latency, size_bytes=size)
+
+    return OnnxExport(
+        file=str(path.relative_to(out_dir.parent)), float_file=str(float_path.relative_to(out_dir.parent)),
+        float=measured(float_model, float_path, timing.first_ms),
+        quantized=measured(quantized, path, timing.second_ms),
+        latency_reduction=1 - timing.second_ms / timing.first_ms, int8_layers=int8,
+        quantization=QUANTIZATION[plan.backend],
+        runtime={"onnxruntime": onnxruntime.__version__, "onnx": version("onnx"), "providers": chosen[:1]},
+        export_seconds=round(time.perf_counter() - started, 3))
