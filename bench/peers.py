@@ -15,11 +15,12 @@ Wall time is the time of those evaluations plus the method's own analysis. Final
 the test split; their latencies and the baseline's are timed together in interleaved rounds (medians), so
 machine drift hits all alike. Writes bench/results/peers.{json,md}.
 
-    .venv/bin/python bench/peers.py [--models minilm,efficientnet-lite0,digits-resnet,digits-mobilenetv2]
+    .venv/bin/python bench/peers.py [--models minilm,efficientnet-lite0,digits-resnet,digits-mobilenetv2] [--keep]
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
@@ -212,9 +213,13 @@ def markdown(results: list[dict]) -> str:
 def main() -> None:
     arguments = parser(__doc__, "minilm,efficientnet-lite0,digits-resnet,digits-mobilenetv2")
     arguments.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds of the final plans")
+    arguments.add_argument("--keep", action="store_true",
+                           help="keep the committed results of models not re-run (each model's run is self-contained)")
     args = arguments.parse_args()
-    results = []
-    for model in args.models.split(","):
+    models = args.models.split(",")
+    stored = args.out / "peers.json"
+    results = [r for r in json.loads(stored.read_text()) if r["model"] not in models] if args.keep else []
+    for model in models:
         results.append(run_model(model, args.rounds))
         save(args.out, "peers", results, markdown(results))
 

@@ -3,4 +3,4 @@
 #   bash bench/worked_example.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-.venv/bin/mixq compress builtin:minilm --budget 0.01 --out var/runs/minilm 2>/dev/null | tee bench/results/worked-example.txt
+.venv/bin/mixq compress builtin:minilm --budget 0.01 --export onnx --out var/runs/minilm 2>/dev/null | tee bench/results/worked-example.txt

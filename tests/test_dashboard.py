@@ -105,7 +105,16 @@ def test_submit_watch_and_inspect_a_job(page, server):
     assert bars == [len(report["layers"])] * 3 == [50, 50, 50]
     assert savings == pytest.approx([layer["latency_saving_ms"] for layer in report["layers"]])
     assert page.locator("#layer-table tbody tr").count() == 50
-    assert page.locator("#timeline div").count() == 7
+    assert page.locator("#timeline div").count() == 8
+    onnx = report["exports"]["onnx"]
+    if onnx.get("file"):  # the plan as deployed in onnxruntime, and its download
+        assert f"{onnx['latency_reduction'] * 100:.1f}%" in page.inner_text("#onnx")
+        with page.expect_download() as download:
+            page.click("#download-onnx")
+        assert Path(download.value.path()).stat().st_size == onnx["size_bytes"]
+    else:
+        assert (onnx["error"] or onnx["skipped"]) in page.inner_text("#onnx")
+        assert page.locator("#download-onnx").count() == 0
     assert "Latency reduction" in page.inner_text("#summary")
     assert f"{report['final']['test_metric']:.4f}" in page.inner_text("#test-metric")
     assert report["warnings"] and "test split has only 20 samples" in page.inner_text("#warnings")
