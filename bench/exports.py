@@ -2,7 +2,7 @@
 `--export onnx`, so the same plan is measured in both runtimes, with the same batch, on the same machine.
 Writes bench/results/onnx.{json,md}.
 
-    .venv/bin/python bench/onnx.py [--models minilm,digits-resnet,digits-mobilenetv2,efficientnet-lite0]
+    .venv/bin/python bench/exports.py [--models minilm,digits-resnet,digits-mobilenetv2,efficientnet-lite0]
 """
 
 from __future__ import annotations
