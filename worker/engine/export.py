@@ -21,7 +21,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from .evaluation import Evaluator
-from .kernels import DYNAMIC, FX_STATIC
+from .kernels import DYNAMIC, FX_STATIC, TORCHAO_INT8
 from .latency import paired
 from .plan import Plan
 
@@ -33,9 +33,12 @@ WEIGHT_OPS = ("MatMul", "Gemm", "Conv")  # where a Linear or Conv2d's weight lan
 ELEMENTWISE = ("Relu", "Clip", "Add")  # onnxruntime fuses these into the int8 kernels around them
 LAYER_CALLS = {"aten.linear.default", "aten.conv2d.default"}
 SCOPES, CALLS = "pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy"
+DYNAMIC_QUANTIZATION = ("onnxruntime.quantization.quantize_dynamic: per-channel int8 weights, activations "
+                        "quantized per call (uint8)")
+# Each torch backend's counterpart in onnxruntime's quantizer (fp8 has none: its plans export no ONNX).
 QUANTIZATION = {
-    DYNAMIC: "onnxruntime.quantization.quantize_dynamic: per-channel int8 weights, activations quantized per "
-             "call (uint8)",
+    DYNAMIC: DYNAMIC_QUANTIZATION,
+    TORCHAO_INT8: DYNAMIC_QUANTIZATION,
     FX_STATIC: "onnxruntime.quantization.quantize_static, QDQ: per-channel int8 weights, uint8 activations with "
                "ranges from the job's calibration batches",
 }
@@ -157,14 +160,17 @@ def quantize(float_path: Path, path: Path, plan: Plan, nodes: dict[str, str], na
     low_nodes = [nodes[n] for n in low]
     common = dict(nodes_to_exclude=[nodes[n] for n in kept if n in nodes], per_channel=True,
                   weight_type=QuantType.QInt8, use_external_data_format=large)
-    if plan.backend == DYNAMIC:
-        quantize_dynamic(float_path, path, nodes_to_quantize=low_nodes, op_types_to_quantize=list(WEIGHT_OPS),
-                         **common)
-    else:
-        graph = onnx.load(str(float_path), load_external_data=False).graph
-        quantize_static(float_path, path, _Calibration(names, calibration), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, nodes_to_quantize=with_elementwise(graph, low_nodes),
-                        op_types_to_quantize=list(WEIGHT_OPS + ELEMENTWISE), **common)
+    try:
+        if QUANTIZATION[plan.backend] == DYNAMIC_QUANTIZATION:
+            quantize_dynamic(float_path, path, nodes_to_quantize=low_nodes, op_types_to_quantize=list(WEIGHT_OPS),
+                             **common)
+        else:
+            graph = onnx.load(str(float_path), load_external_data=False).graph
+            quantize_static(float_path, path, _Calibration(names, calibration), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, nodes_to_quantize=with_elementwise(graph, low_nodes),
+                            op_types_to_quantize=list(WEIGHT_OPS + ELEMENTWISE), **common)
+    except Exception as exc:  # e.g. a 16-bit graph from a GPU job, which these quantizers do not take
+        raise ExportError(f"onnxruntime's quantizer failed: {type(exc).__name__}: {str(exc)[:300]}") from None
     return len(low)
 
 
@@ -185,7 +191,7 @@ class OrtModel:
         self.names = names
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, _feeds(self.names, inputs))[0])
+        return torch.from_numpy(self.session.run(None, _feeds(self.names, inputs))[0]).to(inputs[0].device)
 
 
 def providers(device: str) -> list[str]:
@@ -209,21 +215,30 @@ def export(model: torch.nn.Module, names: list[str], plan: Plan, evaluator: Eval
     int8 = quantize(float_path, path, plan, layer_nodes(graph, list(plan.layers)), names, calibration,
                     large=external_data(model))
     chosen = providers(device)
-    threads = torch.get_num_threads()
-    float_model, quantized = (OrtModel(p, names, chosen, threads) for p in (float_path, path))
-    example = calibration[0]
-    timing = paired(lambda: float_model(*example), lambda: quantized(*example), rounds=rounds, inner=1)
-
-    def measured(runtime_model: OrtModel, file: Path, latency: float) -> Runtime:
-        size = sum(f.stat().st_size for f in file.parent.glob(file.name + "*"))  # with any external data file
-        return Runtime(metric=evaluator.metric(runtime_model), test_metric=evaluator.metric(runtime_model, "test"),
-                       latency_ms=latency, size_bytes=size)
-
+    try:
+        measured = _measure(float_path, path, names, chosen, evaluator, calibration[0], rounds)
+    except Exception as exc:  # e.g. an operator this onnxruntime build has no kernel for on this provider
+        raise ExportError(f"onnxruntime could not run the exported files: {type(exc).__name__}: "
+                          f"{str(exc)[:300]}") from None
     return OnnxExport(
         file=str(path.relative_to(out_dir.parent)), float_file=str(float_path.relative_to(out_dir.parent)),
-        float=measured(float_model, float_path, timing.first_ms),
-        quantized=measured(quantized, path, timing.second_ms),
-        latency_reduction=1 - timing.second_ms / timing.first_ms, int8_layers=int8,
+        float=measured[0], quantized=measured[1],
+        latency_reduction=1 - measured[1].latency_ms / measured[0].latency_ms, int8_layers=int8,
         quantization=QUANTIZATION[plan.backend],
         runtime={"onnxruntime": onnxruntime.__version__, "onnx": version("onnx"), "providers": chosen[:1]},
         export_seconds=round(time.perf_counter() - started, 3))
+
+
+def _measure(float_path: Path, path: Path, names: list[str], chosen: list[str], evaluator: Evaluator,
+             example: tuple[torch.Tensor, ...], rounds: int) -> tuple[Runtime, Runtime]:
+    """Both files in onnxruntime: timed in interleaved rounds, then scored on both splits."""
+    threads = torch.get_num_threads()
+    float_model, quantized = (OrtModel(p, names, chosen, threads) for p in (float_path, path))
+    timing = paired(lambda: float_model(*example), lambda: quantized(*example), rounds=rounds, inner=1)
+
+    def runtime(model: OrtModel, file: Path, latency: float) -> Runtime:
+        size = sum(f.stat().st_size for f in file.parent.glob(file.name + "*"))  # with any external data file
+        return Runtime(metric=evaluator.metric(model), test_metric=evaluator.metric(model, "test"),
+                       latency_ms=latency, size_bytes=size)
+
+    return runtime(float_model, float_path, timing.first_ms), runtime(quantized, path, timing.second_ms)
