@@ -195,9 +195,10 @@ class OrtModel:
 
 
 def providers(device: str) -> list[str]:
-    """The provider a worker on this device deploys with: CUDA where the job ran on a GPU, else the CPU."""
+    """The providers a worker on this device deploys with, best first: TensorRT, then CUDA where the job ran
+    on a GPU and this onnxruntime build has them; the CPU always last."""
     available = onnxruntime.get_available_providers()
-    wanted = ["CUDAExecutionProvider"] if device.startswith("cuda") else []
+    wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"] if device.startswith("cuda") else []
     return [p for p in wanted if p in available] + ["CPUExecutionProvider"]
 
 
