@@ -65,9 +65,10 @@ def test_exactly_the_plans_low_layers_become_int8(exported, tmp_path):
     bench, path = exported
     low = bench.candidates[::2]
     plan = bench.plan(low, "int8")
-    nodes = export.layer_nodes(onnx.load(str(path)).graph, bench.candidates)
+    graph = onnx.load(str(path)).graph
+    nodes = export.layer_nodes(graph, bench.candidates)
     out = tmp_path / export.QUANTIZED_FILE
-    assert export.quantize(path, out, plan, nodes, list(bench.adapter.input_names), bench.calibration) == len(low)
+    assert export.quantize(path, out, plan, graph, list(bench.adapter.input_names), bench.calibration) == len(low)
     int8 = _quantized_weight_nodes(onnx.load(str(out)).graph, plan.backend)
     assert int8 == {nodes[name] for name in low}
 
@@ -116,8 +117,8 @@ def test_the_readme_snippet_runs_an_exported_model(exported, tmp_path):
     readme = (ROOT / "README.md").read_text()
     snippet = re.search(r"<!-- onnx-snippet -->\s*```python\n(.*?)```", readme, re.S).group(1)
     plan = bench.plan(bench.candidates, "int8")
-    nodes = export.layer_nodes(onnx.load(str(path)).graph, bench.candidates)
-    export.quantize(path, tmp_path / "model.onnx", plan, nodes, list(bench.adapter.input_names), bench.calibration)
+    export.quantize(path, tmp_path / "model.onnx", plan, onnx.load(str(path)).graph, list(bench.adapter.input_names),
+                    bench.calibration)
     np.savez(tmp_path / "inputs.npz", **{name: t.numpy() for name, t in zip(bench.adapter.input_names,
                                                                               bench.example)})
     run = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120)

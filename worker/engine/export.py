@@ -147,10 +147,11 @@ def with_elementwise(graph, low_nodes: list[str]) -> list[str]:
     return [node.name for node in graph.node if node.name in chosen]
 
 
-def quantize(float_path: Path, path: Path, plan: Plan, nodes: dict[str, str], names: list[str],
+def quantize(float_path: Path, path: Path, plan: Plan, graph, names: list[str],
              calibration: list[tuple[torch.Tensor, ...]], large: bool = False) -> int:
-    """Quantize exactly the plan's low-precision layers; the others go in `nodes_to_exclude`. Returns how many
-    nodes were quantized."""
+    """Quantize exactly the plan's low-precision layers of the float file (whose graph is `graph`); the others
+    go in `nodes_to_exclude`. Returns how many nodes were quantized."""
+    nodes = layer_nodes(graph, list(plan.layers))
     low, kept = plan.low_precision_layers, [n for n, p in plan.layers.items() if p == plan.baseline_precision]
     missing = [name for name in low if name not in nodes]
     if missing:
@@ -165,7 +166,6 @@ def quantize(float_path: Path, path: Path, plan: Plan, nodes: dict[str, str], na
             quantize_dynamic(float_path, path, nodes_to_quantize=low_nodes, op_types_to_quantize=list(WEIGHT_OPS),
                              **common)
         else:
-            graph = onnx.load(str(float_path), load_external_data=False).graph
             quantize_static(float_path, path, _Calibration(names, calibration), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, nodes_to_quantize=with_elementwise(graph, low_nodes),
                             op_types_to_quantize=list(WEIGHT_OPS + ELEMENTWISE), **common)
@@ -213,8 +213,7 @@ def export(model: torch.nn.Module, names: list[str], plan: Plan, evaluator: Eval
     except Exception as exc:  # the exporter cannot lower every model; the error says which part
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc)[:300]}") from None
     graph = onnx.load(str(float_path), load_external_data=False).graph
-    int8 = quantize(float_path, path, plan, layer_nodes(graph, list(plan.layers)), names, calibration,
-                    large=external_data(model))
+    int8 = quantize(float_path, path, plan, graph, names, calibration, large=external_data(model))
     chosen = providers(device)
     try:
         measured = _measure(float_path, path, names, chosen, evaluator, calibration[0], rounds)

@@ -155,7 +155,7 @@ async def get_artifact(job_id: str, session: SessionDep, tenant: TenantDep,
     artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.kind == format))
     if artifact is None:
         onnx = (job.report or {}).get("exports", {}).get("onnx") or {}
-        why = onnx.get("error") or onnx.get("skipped") if format == "onnx" else None
+        why = (onnx.get("error") or onnx.get("skipped")) if format == "onnx" else None
         raise HTTPException(404, f"this job has no {format} artifact" + (f": {why}" if why else ""))
     if not Path(artifact.path).is_file():  # removed from storage (retention, a lost volume) after the job ended
         raise HTTPException(410, "this job's artifact is no longer stored on the server; run the job again")
