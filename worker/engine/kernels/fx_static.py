@@ -1,79 +1,29 @@
-"""Kernel backends: how a `Plan` becomes a model on real low-precision kernels, and a simulation of
-exactly that arithmetic for the sensitivity analysis (which tries hundreds of layer subsets, too many to
-build real models for).
-
-| backend        | where           | real kernels                          | simulated as                                  |
-|----------------|-----------------|---------------------------------------|-----------------------------------------------|
-| dynamic-int8   | CPU, Linear     | `quantize_dynamic` on x86 (fbgemm)    | per-channel symmetric int8 weights; inputs     |
-|                |                 |                                       | quantized per call to 7 bits (reduce_range)   |
-| fx-static-int8 | CPU, conv nets  | FX graph mode static int8 on oneDNN   | the same FX graph, observers calibrated once  |
-|                |                 |                                       | and replaced by switchable fake-quant nodes   |
-| torchao-*      | CUDA, Linear    | torchao `quantize_` (int8 or fp8)     | per-token int8 / per-tensor fp8 inputs,       |
-|                |                 |                                       | per-channel int8 / per-tensor fp8 weights     |
-
-Every reported metric and latency comes from `Backend.build`; only the sensitivity analysis uses
-`Backend.simulation`. On the FX path an element-wise op (add, activation, pooling) runs in int8 only
-where all its inputs are int8, so a plan with a few int8 layers is truly partial.
-"""
+"""`fx-static-int8`: CPU conv nets through FX graph mode static int8 on the oneDNN engine, and a simulation of
+that graph. A plan's int8 layers get int8 qconfigs by name; an element-wise op (add, activation, pooling)
+runs in int8 only where all its inputs are int8, so a plan with a few int8 layers is truly partial. The
+baseline is the same FX graph in fp32 with BatchNorm folded."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import operator
-import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import ModelAdapter, quantizable_layers
-from .latency import Paired, paired
-from .plan import Plan
+from ..adapters import ModelAdapter
+from ..latency import paired
+from ..plan import Plan
+from .base import Backend, Candidates, Inputs, Simulation, int8_per_channel, swapped_weights, weighted
+from .dynamic import DynamicInt8
+from .profile import LatencyProfile
+from .registry import register
 
 FX_STATIC = "fx-static-int8"
-DYNAMIC = "dynamic-int8"
-TORCHAO_INT8 = "torchao-int8"
-TORCHAO_FP8 = "torchao-fp8"
-ENGINES = {FX_STATIC: "onednn", DYNAMIC: "x86"}
-FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-Inputs = tuple[torch.Tensor, ...]
-
-
-# ---- fake quantization: the kernels' arithmetic in float -------------------------------------------
-
-def int8_per_channel(weight: torch.Tensor) -> torch.Tensor:
-    """Symmetric per-output-channel int8 with the qparams the int8 kernels' weight observer picks."""
-    from torch.ao.quantization.observer import PerChannelMinMaxObserver
-
-    observer = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
-    observer(weight.detach().float())
-    scale, zero_point = observer.calculate_qparams()
-    out = torch.fake_quantize_per_channel_affine(weight.detach().float(), scale, zero_point.int(), 0, -128, 127)
-    return out.to(weight.dtype)
-
-
-def dynamic_7bit(x: torch.Tensor) -> torch.Tensor:
-    """Per-tensor affine over [min(x, 0), max(x, 0)] with 128 levels, as fbgemm's dynamic Linear does
-    (reduce_range=True): computed per call, like the kernel."""
-    scale, zero_point = torch._choose_qparams_per_tensor(x.detach(), True)
-    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 127)
-
-
-def int8_per_token(x: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 per row (token), as torchao's dynamic int8 activations."""
-    scale = x.detach().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
-    return (x / scale).round().clamp(-127, 127) * scale
-
-
-def fp8_per_tensor(x: torch.Tensor) -> torch.Tensor:
-    """float8 e4m3 with one scale per tensor, as torchao's default fp8 configuration."""
-    scale = x.detach().abs().amax().clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
-    return (x / scale).to(torch.float8_e4m3fn).to(x.dtype) * scale
-
+ENGINE = "onednn"
 
 QParams = tuple[float, int, int, int]  # scale, zero point, quant_min, quant_max
 
@@ -101,89 +51,6 @@ class FakeQuant(nn.Module):
         return x if self.side is None else self.quantize(x, self.side)
 
 
-def weighted(module: nn.Module) -> nn.Module:
-    """The module holding the weight (a fused ConvReLU2d holds it in its first child)."""
-    return module if isinstance(getattr(module, "weight", None), torch.Tensor) else module[0]
-
-
-@contextlib.contextmanager
-def swapped_weights(weights: dict[nn.Module, torch.Tensor]):
-    saved = {module: module.weight.data for module in weights}
-    try:
-        for module, weight in weights.items():
-            module.weight.data = weight
-        yield
-    finally:
-        for module, weight in saved.items():
-            module.weight.data = weight
-
-
-@contextlib.contextmanager
-def hooks(handles: list):
-    try:
-        yield handles
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-# ---- simulations ---------------------------------------------------------------------------------
-
-class Simulation:
-    """A float model whose candidate layers can be switched to their kernels' simulated arithmetic.
-
-    `model` runs in float unless inside `quantized(names)`; `modules` maps each candidate to its module
-    in `model`, where the sensitivity analysis probes outputs.
-    """
-
-    model: nn.Module
-    modules: dict[str, nn.Module]
-
-    def quantized(self, names: Iterable[str]):
-        raise NotImplementedError
-
-    def local_errors(self, batches: list[Inputs]) -> dict[str, tuple[float, int]]:
-        """For each candidate: the squared error of its output when it alone runs low precision with
-        float inputs, summed over `batches`, and the number of output elements."""
-        totals = {name: [0.0, 0] for name in self.modules}
-
-        def record(name):
-            def hook(module, args, out):
-                error = self._error(name, module, args[0], out)
-                totals[name][0] += float(error.double().pow(2).sum())
-                totals[name][1] += out.numel()
-            return hook
-
-        with torch.inference_mode(), hooks([m.register_forward_hook(record(n)) for n, m in self.modules.items()]):
-            for inputs in batches:
-                self.model(*inputs)
-        return {name: (error, count) for name, (error, count) in totals.items()}
-
-    def _error(self, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The error in `module`'s output `out` (from input `x`) when it runs low precision."""
-        raise NotImplementedError
-
-
-class LinearSimulation(Simulation):
-    """Linear kernels that take and return float (dynamic int8, torchao): layers are independent, each
-    quantizes its weight once and its input on every call."""
-
-    def __init__(self, model: nn.Module, modules: dict[str, nn.Linear],
-                 weight: Callable[[torch.Tensor], torch.Tensor], activation: Callable[[torch.Tensor], torch.Tensor]):
-        self.model, self.modules, self.activation = model, modules, activation
-        self.low_weights = {name: weight(m.weight) for name, m in modules.items()}
-
-    @contextlib.contextmanager
-    def quantized(self, names: Iterable[str]):
-        names = list(names)
-        low = {self.modules[n]: self.low_weights[n] for n in names}
-        pre = [self.modules[n].register_forward_pre_hook(lambda _m, args: (self.activation(args[0]), *args[1:]))
-               for n in names]
-        with swapped_weights(low), hooks(pre):
-            yield
-
-    def _error(self, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.activation(x), self.low_weights[name], module.bias) - out
 
 
 class FxStaticSimulation(Simulation):
@@ -276,133 +143,25 @@ class FxStaticSimulation(Simulation):
         return low - out
 
 
-# ---- latency profiles ----------------------------------------------------------------------------
-
-@dataclass
-class LatencyProfile:
-    """What each candidate saves on the real kernels, and a linear prediction of any plan's latency:
-    `intercept_ms - slope * sum of the plan's savings`, exact at the plans it was fitted on. Every plan the
-    search times checks it again."""
-
-    method: str
-    savings: dict[str, Paired]  # per candidate: its saving (difference_ms) and how noisy that figure is
-    baseline_ms: float
-    all_low_ms: float
-    intercept_ms: float
-    slope: float
-
-    def saving(self, name: str) -> float:
-        return self.savings[name].difference_ms
-
-    def measurable(self, name: str) -> bool:
-        """A saving counts only if it stands clear of its own timing noise."""
-        timing = self.savings[name]
-        return timing.difference_ms > timing.noise_ms
-
-    def predict_ms(self, low: Iterable[str]) -> float:
-        return self.intercept_ms - self.slope * sum(self.saving(n) for n in low)
-
-    def to_dict(self) -> dict:
-        return {"method": self.method, "baseline_ms": self.baseline_ms, "all_low_ms": self.all_low_ms,
-                "intercept_ms": self.intercept_ms, "slope": self.slope}
-
-
-def capture_inputs(model: nn.Module, names: list[str], example: Inputs) -> dict[str, tuple]:
-    """The positional inputs each named module receives on one forward pass of `model`."""
-    modules = dict(model.named_modules())
-    seen = {}
-    with torch.inference_mode(), hooks([modules[n].register_forward_pre_hook(
-            lambda _m, args, n=n: seen.setdefault(n, args)) for n in names]):
-        model(*example)
-    return seen
-
-
-# ---- backends ------------------------------------------------------------------------------------
-
-@dataclass
-class Backend:
-    """One kernel path for one model: its candidates, its float baseline, its real build, its simulation."""
-
-    name: str
-    note: str
-    adapter: ModelAdapter
-    candidates: list[str]  # layer names in network order
-    baseline: nn.Module  # the float model plans are timed against, in the same execution mode
-    skipped: dict[str, str] = field(default_factory=dict)  # quantizable layers that are not candidates, and why
-    fallback: str | None = None  # set when this is not the path the model should have had, saying why
-
-    def build(self, plan: Plan, calibration: list[Inputs]) -> nn.Module:
-        raise NotImplementedError
-
-    def simulation(self, calibration: list[Inputs]) -> Simulation:
-        raise NotImplementedError
-
-    def all_low(self) -> Plan:
-        return Plan(layers={n: "int8" for n in self.candidates}, backend=self.name)
-
-    def profile(self, calibration: list[Inputs], seconds_per_layer: float = 0.5) -> LatencyProfile:
-        """Layers whose kernels take and return float (dynamic int8, torchao) save independently of each
-        other: each is timed alone, fp32 module against int8 module on the inputs it receives, and the sum
-        is scaled to one whole-model timing of the all-low plan against the baseline."""
-        example = calibration[0]
-        cuda = example[0].is_cuda
-        low_model = self.build(self.all_low(), calibration)
-        float_inputs = capture_inputs(self.adapter, self.candidates, example)
-        low_inputs = capture_inputs(low_model, self.candidates, example)
-        float_modules, low_modules = dict(self.adapter.named_modules()), dict(low_model.named_modules())
-        savings = {n: paired(lambda n=n: float_modules[n](*float_inputs[n]),
-                             lambda n=n: low_modules[n](*low_inputs[n]), cuda=cuda,
-                             rounds=_rounds(lambda n=n: float_modules[n](*float_inputs[n]), seconds_per_layer))
-                   for n in self.candidates}
-        whole = paired(lambda: self.baseline(*example), lambda: low_model(*example), rounds=7, inner=1, cuda=cuda)
-        total = sum(timing.difference_ms for timing in savings.values())
-        return LatencyProfile(
-            "each layer's fp32 and int8 modules timed alone on its captured inputs, interleaved; their sum "
-            "scaled to one whole-model timing of the all-low plan", savings, whole.first_ms, whole.second_ms,
-            intercept_ms=whole.first_ms, slope=whole.difference_ms / total if total > 0 else 1.0)
-
-
-class DynamicInt8(Backend):
-    def build(self, plan: Plan, calibration: list[Inputs]) -> nn.Module:
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        low = plan.low_precision_layers
-        if not low:
-            return self.adapter
-        torch.backends.quantized.engine = ENGINES[DYNAMIC]
-        return quantize_dynamic(copy.deepcopy(self.adapter).eval(), {n: per_channel_dynamic_qconfig for n in low},
-                                dtype=torch.qint8)
-
-    def simulation(self, calibration: list[Inputs]) -> Simulation:
-        layers = quantizable_layers(self.adapter)
-        return LinearSimulation(self.adapter, {n: layers[n] for n in self.candidates}, int8_per_channel, dynamic_7bit)
-
-
-class TorchaoLinear(Backend):
-    def build(self, plan: Plan, calibration: list[Inputs]) -> nn.Module:
-        from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig,
-                                          Int8DynamicActivationInt8WeightConfig, quantize_)
-
-        wanted = set(plan.low_precision_layers)
-        if not wanted:
-            return self.adapter
-        config = Float8DynamicActivationFloat8WeightConfig() if self.name == TORCHAO_FP8 else \
-            Int8DynamicActivationInt8WeightConfig()
-        model = copy.deepcopy(self.adapter).eval()
-        quantize_(model, config, filter_fn=lambda module, fqn: fqn in wanted and isinstance(module, nn.Linear))
-        return model
-
-    def simulation(self, calibration: list[Inputs]) -> Simulation:
-        layers = quantizable_layers(self.adapter)
-        if self.name == TORCHAO_FP8:
-            return LinearSimulation(self.adapter, {n: layers[n] for n in self.candidates}, fp8_per_tensor,
-                                    fp8_per_tensor)
-        return LinearSimulation(self.adapter, {n: layers[n] for n in self.candidates}, int8_per_channel,
-                                int8_per_token)
-
-
+@register
 class FxStaticInt8(Backend):
     """FX graph mode static int8. `graph` is the traced adapter with BatchNorm folded: the baseline."""
+
+    priority = 20  # CPU models with convolutions
+
+    @classmethod
+    def create(cls, offered: Candidates) -> "Backend | None":
+        from torch.ao.quantization.quantize_fx import fuse_fx
+
+        if offered.device.startswith("cuda") or not any(isinstance(m, nn.Conv2d) for m in offered.layers.values()):
+            return None
+        try:
+            graph = fuse_fx(copy.deepcopy(offered.adapter).eval())
+        except Exception as exc:  # FX cannot trace every architecture; Linear layers still quantize dynamically
+            why = (f"the model is not FX-traceable ({type(exc).__name__}: {str(exc)[:160]}), so convolutions stay "
+                   "fp32")
+            return DynamicInt8.linear_only(offered, skipped_convs=why, fallback=f"static int8 was not possible: {why}")
+        return cls(offered.adapter, offered.usable(), graph, offered.example, offered.skipped)
 
     def __init__(self, adapter: ModelAdapter, candidates: list[str], graph: torch.fx.GraphModule, example: Inputs,
                  skipped: dict[str, str] | None = None):
@@ -413,7 +172,7 @@ class FxStaticInt8(Backend):
         from torch.fx.passes.shape_prop import ShapeProp
 
         self.graph = graph
-        self.defaults = get_default_qconfig_mapping(ENGINES[FX_STATIC])
+        self.defaults = get_default_qconfig_mapping(ENGINE)
         with torch.inference_mode():
             ShapeProp(graph).propagate(*example)  # records which nodes produce tensors
         self.tensor_nodes = {n.name for n in graph.graph.nodes
@@ -530,7 +289,7 @@ class FxStaticInt8(Backend):
         low = set(plan.low_precision_layers)
         if not low:  # a float plan is the original model
             return self.adapter
-        torch.backends.quantized.engine = ENGINES[FX_STATIC]
+        torch.backends.quantized.engine = ENGINE
         return convert_fx(self.calibrated(low, calibration))
 
     def simulation(self, calibration: list[Inputs]) -> Simulation:
@@ -563,13 +322,6 @@ class FxStaticInt8(Backend):
             intercept_ms=whole.second_ms + total, slope=1.0)
 
 
-def _rounds(call, seconds: float) -> int:
-    """Timing rounds (of 3 calls each of two functions) that fit in about `seconds`, 5 to 30."""
-    started = time.perf_counter()
-    with torch.inference_mode():
-        call()
-    took = max(time.perf_counter() - started, 1e-6)
-    return min(30, max(5, int(seconds / (6 * took))))
 
 
 class FloatIsland(nn.Module):
@@ -606,64 +358,3 @@ def _fx_supported_ops() -> tuple[set, set]:
     return supported, shared | {nn.Dropout, F.dropout}  # dropout is the identity in eval
 
 
-def unused_layers(adapter: nn.Module, names: list[str], example: Inputs) -> list[str]:
-    """Layers whose weights do not reach the output (e.g. a pooler the task ignores)."""
-    layers = quantizable_layers(adapter)
-    weights = [layers[n].weight for n in names]
-    flags = [w.requires_grad for w in weights]
-    for w in weights:
-        w.requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            grads = torch.autograd.grad(adapter(*example).float().sum(), weights, allow_unused=True)
-    finally:
-        for w, flag in zip(weights, flags):
-            w.requires_grad_(flag)
-    return [n for n, g in zip(names, grads) if g is None]
-
-
-UNUSED = "its output does not reach the model's output for this task, so quantizing it cannot change anything"
-
-
-def choose_backend(adapter: ModelAdapter, device: str, example: Inputs) -> Backend:
-    layers = quantizable_layers(adapter)
-    unused = set(unused_layers(adapter, list(layers), example))
-    skipped = {n: UNUSED for n in layers if n in unused}
-    linear = [n for n, m in layers.items() if isinstance(m, nn.Linear) and n not in unused]
-    if device.startswith("cuda"):
-        fp8 = torch.cuda.get_device_capability() >= (8, 9)
-        convs = {n: "torchao quantizes Linear layers only" for n, m in layers.items() if not isinstance(m, nn.Linear)}
-        return TorchaoLinear(TORCHAO_FP8 if fp8 else TORCHAO_INT8, "torchao per-module quantization of Linear layers",
-                             adapter, linear, adapter, {**skipped, **convs})
-    if not any(isinstance(m, nn.Conv2d) for m in layers.values()):
-        return DynamicInt8(DYNAMIC, "dynamic int8 Linear kernels (per-channel weights, 7-bit activations)",
-                           adapter, linear, adapter, skipped)
-    from torch.ao.quantization.quantize_fx import fuse_fx
-
-    try:
-        graph = fuse_fx(copy.deepcopy(adapter).eval())
-    except Exception as exc:  # FX cannot trace every architecture; Linear layers still quantize dynamically
-        why = f"the model is not FX-traceable ({type(exc).__name__}: {str(exc)[:160]}), so convolutions stay fp32"
-        convs = {n: why for n, m in layers.items() if not isinstance(m, nn.Linear)}
-        return DynamicInt8(DYNAMIC, "dynamic int8 Linear kernels only", adapter, linear, adapter,
-                           {**skipped, **convs}, fallback=f"static int8 was not possible: {why}")
-    candidates = [n for n in layers if n not in unused]
-    return FxStaticInt8(adapter, candidates, graph, example, skipped)
-
-
-def backend_for(adapter: ModelAdapter, plan: Plan, example: Inputs) -> Backend:
-    """The backend a plan was made for, rebuilt on `adapter` (for re-applying a stored plan)."""
-    backend = choose_backend(adapter, plan.device, example)
-    if backend.name != plan.backend:
-        raise ValueError(f"the plan needs the {plan.backend} backend, but this model and device give {backend.name}")
-    return backend
-
-
-def float_model(adapter: nn.Module, precision: str, device: str) -> nn.Module:
-    """The model in the baseline precision plans are compared against: fp32 on CPU, 16-bit on GPU."""
-    return adapter.to(device=device, dtype=FLOAT_DTYPES[precision]).eval()
-
-
-def apply_plan(adapter: ModelAdapter, plan: Plan, calibration: list[Inputs]) -> nn.Module:
-    """A new model with the plan's low-precision layers on real kernels; `adapter` is left untouched."""
-    return backend_for(adapter, plan, calibration[0]).build(plan, calibration)

@@ -1,0 +1,90 @@
+"""Kernel backends: how a `Plan` becomes a model on real low-precision kernels, and a simulation of
+exactly that arithmetic for the sensitivity analysis (which tries many layer subsets, too many to build
+real models for). One module per backend, each registering itself (`registry.py`):
+
+| backend        | module           | where           | real kernels                       | simulated as                       |
+|----------------|------------------|-----------------|------------------------------------|------------------------------------|
+| dynamic-int8   | dynamic.py       | CPU, Linear     | `quantize_dynamic` on x86 (fbgemm) | per-channel int8 weights; inputs   |
+|                |                  |                 |                                    | quantized per call to 7 bits       |
+| fx-static-int8 | fx_static.py     | CPU, conv nets  | FX graph mode static int8, oneDNN  | the same FX graph, observers       |
+|                |                  |                 |                                    | replaced by switchable fake-quants |
+| torchao-*      | torchao_linear.py| CUDA, Linear    | torchao `quantize_` (int8 or fp8)  | per-token int8 / per-tensor fp8    |
+
+Every reported metric and latency comes from `Backend.build`; only the sensitivity analysis uses
+`Backend.simulation`. `profile.py` measures what each layer saves.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import torch
+from torch import nn
+
+from ..adapters import ModelAdapter, quantizable_layers
+from ..plan import Plan
+from .base import Backend, Candidates, Inputs, Simulation, capture_inputs, hooks, int8_per_channel, weighted
+from .profile import LatencyProfile
+from .registry import BACKENDS
+
+# Every backend module registers itself on import.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from .dynamic import DYNAMIC  # noqa: E402
+from .fx_static import FX_STATIC  # noqa: E402
+from .torchao_linear import TORCHAO_FP8, TORCHAO_INT8  # noqa: E402
+
+FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+UNUSED = "its output does not reach the model's output for this task, so quantizing it cannot change anything"
+
+__all__ = ["BACKENDS", "DYNAMIC", "FX_STATIC", "TORCHAO_FP8", "TORCHAO_INT8", "Backend", "Inputs", "LatencyProfile",
+           "Simulation", "apply_plan", "backend_for", "capture_inputs", "choose_backend", "float_model", "hooks",
+           "int8_per_channel", "unused_layers", "weighted"]
+
+
+def unused_layers(adapter: nn.Module, names: list[str], example: Inputs) -> list[str]:
+    """Layers whose weights do not reach the output (e.g. a pooler the task ignores)."""
+    layers = quantizable_layers(adapter)
+    weights = [layers[n].weight for n in names]
+    flags = [w.requires_grad for w in weights]
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            grads = torch.autograd.grad(adapter(*example).float().sum(), weights, allow_unused=True)
+    finally:
+        for w, flag in zip(weights, flags):
+            w.requires_grad_(flag)
+    return [n for n, g in zip(names, grads) if g is None]
+
+
+def choose_backend(adapter: ModelAdapter, device: str, example: Inputs) -> Backend:
+    """The first registered backend, by priority, that takes this model on this device."""
+    layers = quantizable_layers(adapter)
+    skipped = {n: UNUSED for n in unused_layers(adapter, list(layers), example)}
+    offered = Candidates(adapter, device, example, layers, skipped)
+    for backend in BACKENDS:
+        chosen = backend.create(offered)
+        if chosen is not None:
+            return chosen
+    raise ValueError(f"no kernel backend takes this model on {device}")
+
+
+def backend_for(adapter: ModelAdapter, plan: Plan, example: Inputs) -> Backend:
+    """The backend a plan was made for, rebuilt on `adapter` (for re-applying a stored plan)."""
+    backend = choose_backend(adapter, plan.device, example)
+    if backend.name != plan.backend:
+        raise ValueError(f"the plan needs the {plan.backend} backend, but this model and device give {backend.name}")
+    return backend
+
+
+def float_model(adapter: nn.Module, precision: str, device: str) -> nn.Module:
+    """The model in the baseline precision plans are compared against: fp32 on CPU, 16-bit on GPU."""
+    return adapter.to(device=device, dtype=FLOAT_DTYPES[precision]).eval()
+
+
+def apply_plan(adapter: ModelAdapter, plan: Plan, calibration: list[Inputs]) -> nn.Module:
+    """A new model with the plan's low-precision layers on real kernels; `adapter` is left untouched."""
+    return backend_for(adapter, plan, calibration[0]).build(plan, calibration)

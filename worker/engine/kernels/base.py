@@ -1,0 +1,180 @@
+"""What every kernel backend shares: the `Backend` interface, the simulation base class and the fake
+quantizers more than one backend uses, and the bits of module plumbing (hooks, swapped weights, captured
+inputs) they are built from."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters import ModelAdapter
+from ..plan import Plan
+
+Inputs = tuple[torch.Tensor, ...]
+
+
+# ---- fake quantization shared by several backends -------------------------------------------------
+
+def int8_per_channel(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-output-channel int8 with the qparams the int8 kernels' weight observer picks."""
+    from torch.ao.quantization.observer import PerChannelMinMaxObserver
+
+    observer = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    observer(weight.detach().float())
+    scale, zero_point = observer.calculate_qparams()
+    out = torch.fake_quantize_per_channel_affine(weight.detach().float(), scale, zero_point.int(), 0, -128, 127)
+    return out.to(weight.dtype)
+
+
+def weighted(module: nn.Module) -> nn.Module:
+    """The module holding the weight (a fused ConvReLU2d holds it in its first child)."""
+    return module if isinstance(getattr(module, "weight", None), torch.Tensor) else module[0]
+
+
+@contextlib.contextmanager
+def swapped_weights(weights: dict[nn.Module, torch.Tensor]):
+    saved = {module: module.weight.data for module in weights}
+    try:
+        for module, weight in weights.items():
+            module.weight.data = weight
+        yield
+    finally:
+        for module, weight in saved.items():
+            module.weight.data = weight
+
+
+@contextlib.contextmanager
+def hooks(handles: list):
+    try:
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def capture_inputs(model: nn.Module, names: list[str], example: Inputs) -> dict[str, tuple]:
+    """The positional inputs each named module receives on one forward pass of `model`."""
+    modules = dict(model.named_modules())
+    seen = {}
+    with torch.inference_mode(), hooks([modules[n].register_forward_pre_hook(
+            lambda _m, args, n=n: seen.setdefault(n, args)) for n in names]):
+        model(*example)
+    return seen
+
+
+# ---- simulations ---------------------------------------------------------------------------------
+
+class Simulation:
+    """A float model whose candidate layers can be switched to their kernels' simulated arithmetic.
+
+    `model` runs in float unless inside `quantized(names)`; `modules` maps each candidate to its module
+    in `model`, where the sensitivity analysis probes outputs.
+    """
+
+    model: nn.Module
+    modules: dict[str, nn.Module]
+
+    def quantized(self, names: Iterable[str]):
+        raise NotImplementedError
+
+    def local_errors(self, batches: list[Inputs]) -> dict[str, tuple[float, int]]:
+        """For each candidate: the squared error of its output when it alone runs low precision with
+        float inputs, summed over `batches`, and the number of output elements."""
+        totals = {name: [0.0, 0] for name in self.modules}
+
+        def record(name):
+            def hook(module, args, out):
+                error = self._error(name, module, args[0], out)
+                totals[name][0] += float(error.double().pow(2).sum())
+                totals[name][1] += out.numel()
+            return hook
+
+        with torch.inference_mode(), hooks([m.register_forward_hook(record(n)) for n, m in self.modules.items()]):
+            for inputs in batches:
+                self.model(*inputs)
+        return {name: (error, count) for name, (error, count) in totals.items()}
+
+    def _error(self, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The error in `module`'s output `out` (from input `x`) when it runs low precision."""
+        raise NotImplementedError
+
+
+class LinearSimulation(Simulation):
+    """Linear kernels that take and return float (dynamic int8, torchao): layers are independent, each
+    quantizes its weight once and its input on every call."""
+
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Linear],
+                 weight: Callable[[torch.Tensor], torch.Tensor], activation: Callable[[torch.Tensor], torch.Tensor]):
+        self.model, self.modules, self.activation = model, modules, activation
+        self.low_weights = {name: weight(m.weight) for name, m in modules.items()}
+
+    @contextlib.contextmanager
+    def quantized(self, names: Iterable[str]):
+        names = list(names)
+        low = {self.modules[n]: self.low_weights[n] for n in names}
+        pre = [self.modules[n].register_forward_pre_hook(lambda _m, args: (self.activation(args[0]), *args[1:]))
+               for n in names]
+        with swapped_weights(low), hooks(pre):
+            yield
+
+    def _error(self, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.activation(x), self.low_weights[name], module.bias) - out
+
+
+# ---- backends ------------------------------------------------------------------------------------
+
+@dataclass
+class Candidates:
+    """What a backend factory is offered: the model, where it runs, one example batch, its quantizable
+    layers (network order) and those that are not candidates whatever the backend, with why."""
+
+    adapter: ModelAdapter
+    device: str
+    example: Inputs
+    layers: dict[str, nn.Module]
+    skipped: dict[str, str]
+
+    def linear(self) -> list[str]:
+        return [n for n, m in self.layers.items() if isinstance(m, nn.Linear) and n not in self.skipped]
+
+    def usable(self) -> list[str]:
+        return [n for n in self.layers if n not in self.skipped]
+
+
+@dataclass
+class Backend:
+    """One kernel path for one model: its candidates, its float baseline, its real build, its simulation,
+    and its latency profile (`profile.py`)."""
+
+    # Asked in descending order by `choose_backend`; `create` says whether this backend takes the model.
+    priority: ClassVar[int] = 0
+
+    name: str
+    note: str
+    adapter: ModelAdapter
+    candidates: list[str]  # layer names in network order
+    baseline: nn.Module  # the float model plans are timed against, in the same execution mode
+    skipped: dict[str, str] = field(default_factory=dict)  # quantizable layers that are not candidates, and why
+    fallback: str | None = None  # set when this is not the path the model should have had, saying why
+
+    @classmethod
+    def create(cls, offered: Candidates) -> "Backend | None":
+        raise NotImplementedError
+
+    def build(self, plan: Plan, calibration: list[Inputs]) -> nn.Module:
+        raise NotImplementedError
+
+    def simulation(self, calibration: list[Inputs]) -> Simulation:
+        raise NotImplementedError
+
+    def all_low(self) -> Plan:
+        return Plan(layers={n: "int8" for n in self.candidates}, backend=self.name)
+
+    def profile(self, calibration: list[Inputs], seconds_per_layer: float = 0.5):
+        """What each candidate saves on the real kernels: a `LatencyProfile` (profile.py)."""
+        raise NotImplementedError

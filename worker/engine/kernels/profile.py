@@ -1,0 +1,76 @@
+"""What each candidate layer saves on the real kernels, and the plan latency model built from it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+import torch
+
+from ..latency import Paired, paired
+from .base import Inputs, capture_inputs
+
+if TYPE_CHECKING:
+    from .base import Backend
+
+
+@dataclass
+class LatencyProfile:
+    """What each candidate saves on the real kernels, and a linear prediction of any plan's latency:
+    `intercept_ms - slope * sum of the plan's savings`, exact at the plans it was fitted on. Every plan the
+    search times checks it again."""
+
+    method: str
+    savings: dict[str, Paired]  # per candidate: its saving (difference_ms) and how noisy that figure is
+    baseline_ms: float
+    all_low_ms: float
+    intercept_ms: float
+    slope: float
+
+    def saving(self, name: str) -> float:
+        return self.savings[name].difference_ms
+
+    def measurable(self, name: str) -> bool:
+        """A saving counts only if it stands clear of its own timing noise."""
+        timing = self.savings[name]
+        return timing.difference_ms > timing.noise_ms
+
+    def predict_ms(self, low: Iterable[str]) -> float:
+        return self.intercept_ms - self.slope * sum(self.saving(n) for n in low)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "baseline_ms": self.baseline_ms, "all_low_ms": self.all_low_ms,
+                "intercept_ms": self.intercept_ms, "slope": self.slope}
+
+
+def rounds_within(call, seconds: float) -> int:
+    """Timing rounds (of 3 calls each of two functions) that fit in about `seconds`, 5 to 30."""
+    started = time.perf_counter()
+    with torch.inference_mode():
+        call()
+    took = max(time.perf_counter() - started, 1e-6)
+    return min(30, max(5, int(seconds / (6 * took))))
+
+
+def independent_profile(backend: "Backend", calibration: list[Inputs], seconds_per_layer: float = 0.5
+                        ) -> LatencyProfile:
+    """Layers whose kernels take and return float (dynamic int8, torchao) save independently of each other:
+    each is timed alone, fp32 module against int8 module on the inputs it receives, and the sum is scaled to
+    one whole-model timing of the all-low plan against the baseline."""
+    example = calibration[0]
+    cuda = example[0].is_cuda
+    low_model = backend.build(backend.all_low(), calibration)
+    float_inputs = capture_inputs(backend.adapter, backend.candidates, example)
+    low_inputs = capture_inputs(low_model, backend.candidates, example)
+    float_modules, low_modules = dict(backend.adapter.named_modules()), dict(low_model.named_modules())
+    savings = {n: paired(lambda n=n: float_modules[n](*float_inputs[n]),
+                         lambda n=n: low_modules[n](*low_inputs[n]), cuda=cuda,
+                         rounds=rounds_within(lambda n=n: float_modules[n](*float_inputs[n]), seconds_per_layer))
+               for n in backend.candidates}
+    whole = paired(lambda: backend.baseline(*example), lambda: low_model(*example), rounds=7, inner=1, cuda=cuda)
+    total = sum(timing.difference_ms for timing in savings.values())
+    return LatencyProfile(
+        "each layer's fp32 and int8 modules timed alone on its captured inputs, interleaved; their sum "
+        "scaled to one whole-model timing of the all-low plan", savings, whole.first_ms, whole.second_ms,
+        intercept_ms=whole.first_ms, slope=whole.difference_ms / total if total > 0 else 1.0)
