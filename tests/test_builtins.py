@@ -42,11 +42,40 @@ def test_efficientnet_lite0_has_real_imagenet_weights(efficientnet):
     assert int(espresso.argmax()) == 967 and float(espresso.max()) > 0.5
 
 
-def test_efficientnet_evaluation_split_is_varied_enough_for_top1(efficientnet):
+def test_efficientnet_default_data_is_varied_and_scored_by_a_continuous_fidelity(efficientnet):
     builtin, adapter = efficientnet
-    evaluator = Evaluator(adapter, builtin.data, builtin.task)
-    assert evaluator.metric_name == "top1_agreement"
+    evaluator = Evaluator(adapter, builtin.default_data(), builtin.task, builtin.metric)
+    assert evaluator.metric_name == "logit_cosine" and evaluator.fidelity
     assert evaluator.distinct_predictions("evaluation") >= 10
+
+
+def test_an_imagenet_folder_is_labelled_by_sorted_wordnet_ids_and_prepared_as_the_model_was_trained(
+        cache_dir, tmp_path):
+    """foolbox's 20 labelled ImageNet photographs (class index in the file name) in a 1000-folder WordNet
+    layout: each lands on its class, so the real EfficientNet-Lite0 recognises most of them; shifted labels
+    or the wrong preprocessing would score near zero."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    photos = sorted(Path(importlib.util.find_spec("foolbox").submodule_search_locations[0], "data")
+                    .glob("imagenet_*.jpg"))
+    assert len(photos) == 20
+    for index in range(1000):
+        (tmp_path / "imagenet" / f"n{index:08d}").mkdir(parents=True)
+    for photo in photos:
+        shutil.copy(photo, tmp_path / "imagenet" / f"n{int(photo.stem.split('_')[-1]):08d}" / photo.name)
+    data = DataOptions(spec="imagenet", calibration_samples=4, eval_samples=12, test_samples=4, batch_size=4)
+    loaded = load_model(parse_source("builtin:efficientnet-lite0"), data, tmp_path, cache_dir)
+    evaluator = Evaluator(adapt(loaded.model, loaded.task), loaded.data, loaded.task, loaded.metric)
+    assert evaluator.metric_name == "top1_accuracy" and loaded.data.calibration[0]["pixel_values"].shape[1:] == (
+        3, 224, 224)
+    labels = sorted(int(label) for split in ("calibration", "evaluation", "test")
+                    for batch in getattr(loaded.data, split) for label in batch["labels"])
+    assert labels == sorted(int(photo.stem.split("_")[-1]) for photo in photos)
+    correct = [score for split in ("calibration", "evaluation", "test") for score in evaluator.scores(
+        adapt(loaded.model, loaded.task), split)]
+    assert sum(correct) >= 15, correct
 
 
 @pytest.mark.parametrize("name", ["resnet50", "mobilenetv2", "bert-base"])

@@ -13,6 +13,7 @@ from worker.engine import load_artifact
 from worker.engine.adapters import adapt
 from worker.engine.builtins import load_builtin
 from worker.engine.data import DataOptions
+from worker.engine.pipeline import PHASES
 
 MIXQ = [sys.executable, "-m", "app.cli"]
 REPORT_KEYS = {"source", "revision", "environment", "baseline", "final", "latency_reduction", "layers", "search",
@@ -45,16 +46,20 @@ def test_compress_digits_resnet_within_budget_with_measured_latency(digits_run):
         assert report[side]["latency_ms"]["p90"] >= report[side]["latency_ms"]["median"]
     assert report["baseline"]["metric"] >= 0.95  # the builtin is a real classifier on held-out digits
     assert report["final"]["drop"] <= 0.01
-    assert report["final"]["latency_ms"]["median"] <= report["baseline"]["latency_ms"]["median"]
-    assert report["latency_reduction"] == pytest.approx(
-        1 - report["final"]["latency_ms"]["median"] / report["baseline"]["latency_ms"]["median"])
+    # Whether int8 beats fp32 here depends on the machine's load: the report must be consistent either way.
+    reduction = report["latency"]["reduction"]
+    assert reduction["low"] <= reduction["median"] <= reduction["high"]
+    if report["status"] == "compressed":
+        assert reduction["low"] > 0 and report["latency_reduction"] == reduction["median"]
+    else:
+        assert report["final"]["k"] == 0 and report["latency_reduction"] == 0
     assert len(report["layers"]) == 13 and all(LAYER_KEYS <= layer.keys() for layer in report["layers"])
     assert sorted(layer["rank"] for layer in report["layers"]) == list(range(13))
     search = report["search"]
     assert {"ordering", "evaluations", "steps"} <= search.keys()
     assert search["evaluations"] == len(search["steps"]) <= search["max_evaluations"]
     assert all({"k", "metric", "latency_ms", "accepted"} <= step.keys() for step in search["steps"])
-    assert set(report["phases"]) == {"load", "baseline", "sensitivity", "profile", "search", "final", "onnx", "export"}
+    assert set(report["phases"]) == set(PHASES) and set(report["cost"]["phases"]) == set(PHASES)
     assert "top1_accuracy (eval)" in result.stdout and "(test)" in result.stdout
     # No library noise (torchao's missing GPU extensions, pytree notices, progress bars of weight loading).
     noise = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("[", "wrote "))]
@@ -66,11 +71,11 @@ def test_artifact_reapplies_to_the_original_model(digits_run, cache_dir):
     out, _ = digits_run
     report = json.loads((out / "report.json").read_text())
     builtin = load_builtin("digits-resnet", DataOptions(), cache_dir)
-    adapter = adapt(builtin.model, builtin.task)
-    x = builtin.data.evaluation[0]["pixel_values"]
+    adapter, data = adapt(builtin.model, builtin.task), builtin.default_data()
+    x = data.evaluation[0]["pixel_values"]
     model = load_artifact(adapter, out / "artifact", (x,))
     with torch.inference_mode():
-        accuracy = torch.cat([model(b["pixel_values"]).argmax(-1) == b["labels"] for b in builtin.data.evaluation])
+        accuracy = torch.cat([model(b["pixel_values"]).argmax(-1) == b["labels"] for b in data.evaluation])
     assert float(accuracy.float().mean()) == pytest.approx(report["final"]["metric"])
     int8 = [layer["name"] for layer in report["layers"] if layer["precision"] == "int8"]
     assert len(int8) == report["final"]["k"]

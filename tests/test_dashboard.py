@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from worker.engine.pipeline import PHASES
+
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = (ROOT / "docs" / "screenshots" if os.environ.get("MIXQ_UPDATE_SCREENSHOTS")
          else Path(tempfile.mkdtemp(prefix="mixq-screenshots-")))
@@ -105,7 +107,7 @@ def test_submit_watch_and_inspect_a_job(page, server):
     assert bars == [len(report["layers"])] * 3 == [50, 50, 50]
     assert savings == pytest.approx([layer["latency_saving_ms"] for layer in report["layers"]])
     assert page.locator("#layer-table tbody tr").count() == 50
-    assert page.locator("#timeline div").count() == 8
+    assert page.locator("#timeline div").count() == len(PHASES)
     onnx = report["exports"]["onnx"]
     if onnx.get("file"):  # the plan as deployed in onnxruntime, and its download
         assert f"{onnx['latency_reduction'] * 100:.1f}%" in page.inner_text("#onnx")
@@ -116,6 +118,10 @@ def test_submit_watch_and_inspect_a_job(page, server):
         assert (onnx["error"] or onnx["skipped"]) in page.inner_text("#onnx")
         assert page.locator("#download-onnx").count() == 0
     assert "Latency reduction" in page.inner_text("#summary")
+    reduction = report["latency"]["reduction"]  # the timing's interval, or that nothing was timed
+    assert (f"95% interval {reduction['low'] * 100:.1f}% to {reduction['high'] * 100:.1f}%" if reduction
+            else "nothing timed") in page.inner_text("#latency-reduction")
+    assert f"{report['cost']['total']['seconds']:.0f} s" in page.inner_text("#cost")  # what the job spent
     assert f"{report['final']['test_metric']:.4f}" in page.inner_text("#test-metric")
     assert report["warnings"] and "test split has only 20 samples" in page.inner_text("#warnings")
     page.click('#layer-table th[data-key="rank"]')  # sortable: by rank, ascending

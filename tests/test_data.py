@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from worker.engine.adapters import IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION
-from worker.engine.data import DataOptions, Preprocessing, load_dataset_for, parse_hf_dataset_id, split_batches
+from worker.engine.data import (DataOptions, Preprocessing, class_indices, load_dataset_for, parse_hf_dataset_id,
+                                split_batches)
 from worker.engine.errors import InputError
 
 
@@ -52,12 +53,31 @@ def test_npz_and_image_folder(tmp_path, cache_dir):
                                                  for im in images])}
 
     images = DataOptions(spec="imgs", calibration_samples=2, eval_samples=2, test_samples=2)
+    classes = {"label2id": {"Dog": 0, "cat": 1}, "num_labels": 2}  # not the folders' sorted order
     with pytest.raises(InputError, match="no image processor to prepare images; use an .npz"):
-        load_dataset_for(IMAGE_CLASSIFICATION, images, tmp_path, cache_dir)  # .npz above needed none
+        load_dataset_for(IMAGE_CLASSIFICATION, images, tmp_path, cache_dir, Preprocessing(**classes))
     data = load_dataset_for(IMAGE_CLASSIFICATION, images, tmp_path, cache_dir,
-                            Preprocessing(load_image_processor=Processor))
-    labels = torch.cat([b["labels"] for b in data.calibration + data.evaluation + data.test])
-    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+                            Preprocessing(load_image_processor=Processor, **classes))
+    by_label = {}
+    for batch in data.calibration + data.evaluation + data.test:
+        for pixels, label in zip(batch["pixel_values"], batch["labels"]):
+            by_label.setdefault(int(label), set()).add(int(pixels[0, 0, 0]))
+    # Each folder's images carry the model's own index for its name (cat -> 1, dog -> 0), whatever the order.
+    assert by_label == {0: {0, 40, 80}, 1: {0, 40, 80}}
+    with pytest.raises(InputError, match=r"class folders \['cat', 'dog'\] are not labels of the model"):
+        load_dataset_for(IMAGE_CLASSIFICATION, images, tmp_path, cache_dir,
+                         Preprocessing(load_image_processor=Processor, label2id={"LABEL_0": 0, "LABEL_1": 1}))
+
+
+def test_class_folders_map_by_the_models_labels_or_the_full_imagenet_layout():
+    wordnet = [f"n{index:08d}" for index in range(1000)]
+    shuffled = wordnet[500:] + wordnet[:500]
+    assert class_indices(shuffled, None, 1000) == {name: int(name[1:]) for name in wordnet}  # sorted = index
+    with pytest.raises(InputError, match="100 WordNet-id folders for a model with 1000 classes"):
+        class_indices(wordnet[:100], None, 1000)  # a subset cannot be placed by sorting
+    with pytest.raises(InputError, match="1000 WordNet-id folders for a model with 10 classes"):
+        class_indices(wordnet, None, 10)
+    assert class_indices(["0", "7"], {str(d): d for d in range(10)}, 10) == {"0": 0, "7": 7}
 
 
 def test_csv_needs_its_text_column(tmp_path, cache_dir):

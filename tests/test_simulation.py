@@ -22,7 +22,7 @@ def _load(name: str, cache_dir, **data):
     sizes = {"calibration_samples": 16, "eval_samples": 8, "test_samples": 8, "seq_len": 32, **data}
     builtin = load_builtin(name, DataOptions(**sizes), cache_dir)
     adapter = adapt(builtin.model, builtin.task)
-    evaluator = Evaluator(adapter, builtin.data, builtin.task)
+    evaluator = Evaluator(adapter, builtin.default_data(), builtin.task)
     calibration = evaluator.batches("calibration")
     return adapter, evaluator, calibration, choose_backend(adapter, "cpu", calibration[0])
 

@@ -32,8 +32,8 @@ from worker.engine.spec import parse_source, resolve_revision
 log = logging.getLogger("mixq.runner")
 
 # The request fields the sensitivity analysis depends on (the budget is not one of them).
-SENSITIVITY_FIELDS = ("ordering", "interlayer", "hutchinson_samples", "calibration_samples", "batch_size", "seq_len",
-                      "data")
+SENSITIVITY_FIELDS = ("ordering", "interlayer", "analysis_loss", "hutchinson_samples", "calibration_samples",
+                      "batch_size", "seq_len", "data")
 
 
 def sensitivity_key(request: dict, revision: str) -> str:
@@ -58,7 +58,8 @@ def warm_start(job_id: str, request: dict, settings: Settings) -> tuple[str | No
         # A random ordering costs nothing to recompute: reusing one would report a saving that is not there.
         if donor is None or donor.request.get("ordering") == "random":
             return revision, None, None
-        return revision, Sensitivity.from_report(donor.report), donor
+        reused = Sensitivity.from_report(donor.report)  # None where the donor needed no analysis
+        return revision, reused, donor if reused else None
 
 
 class Heartbeat(threading.Thread):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from worker.engine.search import DEFAULT_CONFIDENCE
+
 
 def number(text: str) -> float:
     try:
@@ -29,11 +31,17 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-drop", type=number, default=0.0,
                         help="lower edge of the degradation range: stop searching once a drop lands in [min, budget]")
     parser.add_argument("--absolute", action="store_true", help="budget in absolute metric points, not relative")
+    parser.add_argument("--confidence", type=number, default=DEFAULT_CONFIDENCE,
+                        help="one-sided confidence that the plan's drop holds on new data: a plan is accepted when "
+                             "drop + z*SE <= budget (0.5: on the drop alone; default %(default)s)")
     parser.add_argument("--ordering", choices=["augmented", "hessian", "random"], default="augmented")
     parser.add_argument("--selection", choices=["cost-aware", "sensitivity"], default="cost-aware",
                         help="order layers by accuracy cost per millisecond saved (cost-aware) or by sensitivity")
     parser.add_argument("--interlayer", choices=["conditional", "pairwise"], default="conditional",
                         help="which measured inter-layer dependency term augments the Hessian")
+    parser.add_argument("--analysis-loss", choices=["fidelity", "task"], default="fidelity",
+                        help="what a labelled classifier's layers are scored on: KL to the float model (fidelity) or "
+                             "the labels' cross-entropy (task); the budget stays on the metric")
     parser.add_argument("--hutchinson-samples", type=positive_int, default=16,
                         help="cap on Hutchinson samples (at least 2)")
     parser.add_argument("--data", help="HF dataset ID (hf:name[@config]) or a file/folder under MIXQ_MODEL_ROOT")
@@ -62,8 +70,10 @@ def job_request(args) -> dict:
                 "label_column": args.label_column or None, "image_column": args.image_column,
                 "synthetic": args.synthetic_data}
     return {"model": args.source, "budget": {"max_drop": args.budget, "min_drop": args.min_drop,
-                                             "mode": "absolute" if args.absolute else "relative"},
+                                             "mode": "absolute" if args.absolute else "relative",
+                                             "confidence": args.confidence},
             "ordering": args.ordering, "selection": args.selection, "interlayer": args.interlayer,
+            "analysis_loss": args.analysis_loss,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "calibration_samples": args.calibration_samples,
             "eval_samples": args.eval_samples, "test_samples": args.test_samples,
             "hutchinson_samples": args.hutchinson_samples, "priority": args.priority, "data": data,

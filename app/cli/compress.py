@@ -35,7 +35,7 @@ def _validated(args) -> dict:
     if request["exports"] and not args.out:
         raise ValueError("--export onnx writes files: give --out DIR")
     budget = request["budget"]
-    Budget(budget["max_drop"], budget["min_drop"], budget["mode"])  # the budget's own words for its range
+    Budget(budget["max_drop"], budget["min_drop"], budget["mode"], budget["confidence"])  # its own words for its range
     try:
         return JobCreate.model_validate(request).model_dump(mode="json")
     except ValidationError as exc:

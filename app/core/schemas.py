@@ -12,6 +12,7 @@ from pydantic.fields import FieldInfo
 from worker.engine import sizing
 from worker.engine.catalogue import BUILTIN_NAMES
 from worker.engine.errors import InputError
+from worker.engine.search import DEFAULT_CONFIDENCE
 from worker.engine.paths import HF_CONFIG_PATTERN, HF_REPO_PATTERN, HF_REVISION_PATTERN, SPLIT_PATTERN
 from worker.engine.spec import parse_source
 
@@ -63,6 +64,10 @@ class BudgetIn(Strict):
     min_drop: float = Field(0.0, ge=0, lt=1, description="lower edge of the range: stop once a drop reaches it; "
                                                          "at most max_drop")
     mode: Literal["relative", "absolute"] = "relative"
+    confidence: float = Field(DEFAULT_CONFIDENCE, ge=0.5, lt=1,
+                              description="one-sided confidence that a plan's drop stays within max_drop on new data: "
+                                          "a plan is accepted when its drop plus z standard errors (paired over "
+                                          "the evaluation samples) is within max_drop; 0.5 accepts on the drop alone")
 
     @model_validator(mode="after")
     def _ordered(self) -> "BudgetIn":
@@ -89,6 +94,9 @@ class JobOptions(Strict):
     selection: Literal["cost-aware", "sensitivity"] = Field(
         "cost-aware", description="order layers by accuracy cost per millisecond saved, or by sensitivity alone")
     interlayer: Literal["conditional", "pairwise"] = "conditional"
+    analysis_loss: Literal["fidelity", "task"] = Field(
+        "fidelity", description="what a labelled classifier's layers are scored on: KL to the float model's "
+                                "predictions, or the cross-entropy with the labels (the budget is on the metric)")
     batch_size: int = Field(8, ge=1, le=512)
     seq_len: int = Field(128, ge=1, le=8192)
     calibration_samples: int = Field(128, ge=1, le=100_000)

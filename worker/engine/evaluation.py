@@ -2,15 +2,19 @@
 
 | data                       | metric (evaluation and test splits)   | loss (calibration split)          |
 |----------------------------|---------------------------------------|-----------------------------------|
-| classifier, labels         | top-1 accuracy                        | cross-entropy with the labels     |
+| classifier, labels         | top-1 accuracy                        | KL(fp32 softmax || model softmax) |
+|   (`analysis_loss="task"`) |                                       | cross-entropy with the labels     |
 | classifier, no labels      | top-1 agreement with the fp32 model   | KL(fp32 softmax || model softmax) |
 |   (`metric="logit_cosine"`)| mean cosine of the logits to fp32     | KL(fp32 softmax || model softmax) |
 | embeddings                 | mean cosine to fp32 embeddings        | 1/2 squared distance to fp32      |
 
 Without labels the metric and the loss are fidelity to the fp32 model, computed once here as the
 reference. The cosine of the logits is for classifiers whose top-1 answers barely vary (random weights):
-it moves continuously, where agreement would stay at 1.0 until it jumps. A fidelity loss is zero with zero gradient at the fp32 weights, so its Hessian there is
-exactly the Gauss-Newton matrix; `curvature_probe` samples the output-space factor of that matrix.
+it moves continuously, where agreement would stay at 1.0 until it jumps. A fidelity loss is zero with zero
+gradient at the fp32 weights, so its Hessian there is exactly the Gauss-Newton matrix; `curvature_probe`
+samples the output-space factor of that matrix. With labels the budget stays on top-1 accuracy, but the
+layers are scored on KL to fp32 by default: on the EfficientNets it predicts each layer's measured damage
+better than the cross-entropy with the labels does (docs/method.md, bench/results/simulation.md).
 """
 
 from __future__ import annotations
@@ -18,22 +22,44 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cost
 from .adapters import FEATURE_EXTRACTION, ModelAdapter
-from .data import SPLITS, Batch, Dataset
+from .data import Batch, Dataset
 
 LOGIT_COSINE = "logit_cosine"
 
 
+class _References(dict):
+    """The reference model's outputs per split, each computed on first use: the calibration split's only
+    when a fidelity loss needs them."""
+
+    def __init__(self, model: torch.nn.Module, evaluator: "Evaluator"):
+        super().__init__()
+        self.model, self.evaluator = model, evaluator
+
+    def __missing__(self, split: str) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            outputs = [self.model(*self.evaluator.inputs(b)).float() for b in getattr(self.evaluator.data, split)]
+        cost.count("forward", sum(len(out) for out in outputs))
+        self[split] = outputs
+        return outputs
+
+
 class Evaluator:
-    def __init__(self, adapter: ModelAdapter, data: Dataset, task: str, metric: str | None = None):
-        self.input_names = adapter.input_names
+    """`reference` is the float model every plan is compared against (the backend's baseline, in the
+    deployed execution mode): its outputs on each split are computed once, for the fidelity metrics and
+    losses, and they are also its own scores (`baseline_scores`), so the baseline is never run twice."""
+
+    def __init__(self, reference: torch.nn.Module, data: Dataset, task: str, metric: str | None = None,
+                 input_names: tuple[str, ...] | None = None, analysis_loss: str = "fidelity"):
+        self.input_names = input_names or reference.input_names
         self.data = data
         self.embedding = task == FEATURE_EXTRACTION
         self.labelled = data.labelled and not self.embedding
+        # The loss the sensitivity analysis scores layers on: fidelity to fp32, or the labels' cross-entropy.
+        self.task_loss = self.labelled and analysis_loss == "task"
         self.logit_cosine = metric == LOGIT_COSINE and not self.labelled and not self.embedding
-        with torch.inference_mode():
-            self.reference = {split: [adapter(*self.inputs(b)).float() for b in getattr(data, split)]
-                              for split in SPLITS}
+        self.reference = _References(reference, self)
 
     @property
     def metric_name(self) -> str:
@@ -46,7 +72,7 @@ class Evaluator:
     @property
     def fidelity(self) -> bool:
         """The loss compares the model with its own fp32 outputs (so its Hessian is Gauss-Newton)."""
-        return not self.labelled
+        return not self.task_loss
 
     def inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
         return tuple(batch[name] for name in self.input_names)
@@ -55,18 +81,31 @@ class Evaluator:
         chosen = getattr(self.data, split)
         return [self.inputs(b) for b in (chosen if limit is None else chosen[:limit])]
 
-    @torch.inference_mode()
-    def metric(self, model: torch.nn.Module, split: str = "evaluation") -> float:
-        total, count = 0.0, 0
-        for batch, reference in zip(getattr(self.data, split), self.reference[split]):
-            out = model(*self.inputs(batch)).float()
+    def _scored(self, outputs, split: str) -> list[float]:
+        scores = []
+        for batch, out, reference in zip(getattr(self.data, split), outputs, self.reference[split]):
             if self.embedding or self.logit_cosine:
-                total += F.cosine_similarity(out, reference, dim=-1).sum().item()
+                scores.append(F.cosine_similarity(out, reference, dim=-1))
             else:
                 target = batch["labels"] if self.labelled else reference.argmax(-1)
-                total += (out.argmax(-1) == target).sum().item()
-            count += len(out)
-        return total / count
+                scores.append((out.argmax(-1) == target).float())
+        return torch.cat(scores).double().tolist()
+
+    @torch.inference_mode()
+    def scores(self, model: torch.nn.Module, split: str = "evaluation") -> list[float]:
+        """The metric of every sample of a split, in order: its mean is the metric, and two models' scores
+        on the same samples pair up (the drop's standard error comes from their differences)."""
+        outputs = [model(*self.inputs(batch)).float() for batch in getattr(self.data, split)]
+        cost.count("forward", sum(len(out) for out in outputs))
+        return self._scored(outputs, split)
+
+    def baseline_scores(self, split: str = "evaluation") -> list[float]:
+        """The reference model's own scores, from the outputs already computed."""
+        return self._scored(self.reference[split], split)
+
+    def metric(self, model: torch.nn.Module, split: str = "evaluation") -> float:
+        values = self.scores(model, split)
+        return sum(values) / len(values)
 
     @torch.inference_mode()
     def distinct_predictions(self, split: str = "evaluation") -> int:
@@ -83,7 +122,7 @@ class Evaluator:
         out = out.float()
         if self.embedding:
             return 0.5 * (out - reference).pow(2).sum(-1).mean()
-        if self.labelled:
+        if self.task_loss:
             return F.cross_entropy(out, self.data.calibration[index]["labels"])
         return F.kl_div(F.log_softmax(out, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean")
 

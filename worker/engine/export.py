@@ -65,6 +65,7 @@ class OnnxExport:
     float: Runtime
     quantized: Runtime
     latency_reduction: float  # of the quantized file against the float file, both in onnxruntime
+    latency_interval: dict  # the same as a median over paired rounds with its bootstrap interval
     int8_layers: int
     quantization: str
     opset: int = OPSET
@@ -181,13 +182,15 @@ def _feeds(names: list[str], batch: tuple[torch.Tensor, ...]) -> dict:
 class OrtModel:
     """An onnxruntime session behind the adapter's call signature, so the job's Evaluator scores it."""
 
-    def __init__(self, path: Path, names: list[str], providers: list[str], threads: int):
+    def __init__(self, path: Path | bytes, names: list[str], providers: list[str], threads: int):
+        """`path`: an ONNX file, or a serialised model."""
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         # Idle threads would spin on their cores while the other session of a timed pair runs (halving its
         # speed here); a deployment serving one session loses little without spinning.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        self.session = onnxruntime.InferenceSession(path if isinstance(path, bytes) else str(path), options,
+                                                    providers=providers)
         self.names = names
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -216,29 +219,33 @@ def export(model: torch.nn.Module, names: list[str], plan: Plan, evaluator: Eval
     int8 = quantize(float_path, path, plan, graph, names, calibration, large=external_data(model))
     chosen = providers(device)
     try:
-        measured = _measure(float_path, path, names, chosen, evaluator, calibration[0], rounds)
+        measured, interval = _measure(float_path, path, names, chosen, evaluator, calibration[0], rounds)
     except Exception as exc:  # e.g. an operator this onnxruntime build has no kernel for on this provider
         raise ExportError(f"onnxruntime could not run the exported files: {type(exc).__name__}: "
                           f"{str(exc)[:300]}") from None
     return OnnxExport(
         file=str(path.relative_to(out_dir.parent)), float_file=str(float_path.relative_to(out_dir.parent)),
         float=measured[0], quantized=measured[1],
-        latency_reduction=1 - measured[1].latency_ms / measured[0].latency_ms, int8_layers=int8,
+        latency_reduction=1 - measured[1].latency_ms / measured[0].latency_ms, latency_interval=interval,
+        int8_layers=int8,
         quantization=QUANTIZATION[plan.backend],
         runtime={"onnxruntime": onnxruntime.__version__, "onnx": version("onnx"), "providers": chosen[:1]},
         export_seconds=round(time.perf_counter() - started, 3))
 
 
 def _measure(float_path: Path, path: Path, names: list[str], chosen: list[str], evaluator: Evaluator,
-             example: tuple[torch.Tensor, ...], rounds: int) -> tuple[Runtime, Runtime]:
-    """Both files in onnxruntime: timed in interleaved rounds, then scored on both splits."""
+             example: tuple[torch.Tensor, ...], rounds: int) -> tuple[tuple[Runtime, Runtime], dict]:
+    """Both files in onnxruntime: timed in interleaved rounds (with the reduction's interval), then scored on
+    both splits."""
     threads = torch.get_num_threads()
     float_model, quantized = (OrtModel(p, names, chosen, threads) for p in (float_path, path))
-    timing = paired(lambda: float_model(*example), lambda: quantized(*example), rounds=rounds, inner=1)
+    timing = paired(lambda: float_model(*example), lambda: quantized(*example), rounds=rounds, inner=1,
+                    samples=len(example[0]))
 
     def runtime(model: OrtModel, file: Path, latency: float) -> Runtime:
         size = sum(f.stat().st_size for f in file.parent.glob(file.name + "*"))  # with any external data file
         return Runtime(metric=evaluator.metric(model), test_metric=evaluator.metric(model, "test"),
                        latency_ms=latency, size_bytes=size)
 
-    return runtime(float_model, float_path, timing.first_ms), runtime(quantized, path, timing.second_ms)
+    return ((runtime(float_model, float_path, timing.first_ms), runtime(quantized, path, timing.second_ms)),
+            timing.reduction().to_dict())

@@ -1,14 +1,18 @@
-"""Measured latency: warm-up, repeated timed runs, median and p90, in the same mode for every model; and
-paired timings of two calls, interleaved so that machine drift hits both alike."""
+"""Measured latency: warm-up, repeated timed runs, median and p90, in the same mode for every model; paired
+timings of two calls, interleaved so that machine drift hits both alike; and the reduction one gives over
+the other with its uncertainty (a bootstrap interval over the rounds)."""
 
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
+
+from . import cost
 
 
 @dataclass
@@ -24,6 +28,11 @@ class Latency:
     p90: float
     runs: int
 
+    @classmethod
+    def of(cls, times: list[float]) -> "Latency":
+        deciles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+        return cls(median=statistics.median(times), p90=deciles[8], runs=len(times))
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -33,8 +42,13 @@ def _synchronise(inputs: tuple[torch.Tensor, ...]) -> None:
         torch.cuda.synchronize()
 
 
+def _samples(inputs: tuple) -> int:
+    return len(inputs[0]) if inputs else 0
+
+
 @torch.inference_mode()
 def measure(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], options: LatencyOptions) -> Latency:
+    cost.count("timed", (options.warmup + options.repeats) * _samples(inputs))
     for _ in range(options.warmup):
         model(*inputs)
     _synchronise(inputs)
@@ -44,8 +58,7 @@ def measure(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], options: L
         model(*inputs)
         _synchronise(inputs)
         times.append((time.perf_counter() - t0) * 1000)
-    deciles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
-    return Latency(median=statistics.median(times), p90=deciles[8], runs=len(times))
+    return Latency.of(times)
 
 
 def _timed(call, inner: int, sync) -> float:
@@ -65,10 +78,43 @@ class Paired:
     second_ms: float
     difference_ms: float  # first - second
     noise_ms: float
+    first_rounds: list[float] = field(default_factory=list, repr=False)  # per round, ms per call
+    second_rounds: list[float] = field(default_factory=list, repr=False)
+
+    def reduction(self, confidence: float = 0.95, resamples: int = 2000) -> "Reduction":
+        """How much faster the second call is, as a share of the first: the median over rounds of each
+        round's 1 - second / first, with a percentile bootstrap interval over the rounds."""
+        shares = [1 - b / a for a, b in zip(self.first_rounds, self.second_rounds)]
+        rng = random.Random(0)
+        medians = sorted(statistics.median(rng.choices(shares, k=len(shares))) for _ in range(resamples))
+        tail = (1 - confidence) / 2
+        low, high = medians[int(tail * resamples)], medians[min(resamples - 1, int((1 - tail) * resamples))]
+        return Reduction(statistics.median(shares), low, high, len(shares), confidence)
+
+
+@dataclass
+class Reduction:
+    """A latency reduction with its interval: `faster` only when the whole interval is above zero."""
+
+    median: float
+    low: float
+    high: float
+    rounds: int
+    confidence: float
+
+    @property
+    def faster(self) -> bool:
+        return self.low > 0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "faster": self.faster}
 
 
 @torch.inference_mode()
-def paired(first, second, rounds: int = 9, inner: int = 3, warmup: int = 2, cuda: bool = False) -> Paired:
+def paired(first, second, rounds: int = 9, inner: int = 3, warmup: int = 2, cuda: bool = False,
+           samples: int = 0, resolve_after: int | None = None) -> Paired:
+    """`samples` per call, for the cost ledger. With `resolve_after`, rounds stop early, from that many on, as
+    soon as the reduction's interval lies wholly on one side of zero (the answer a caller needs is known)."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(warmup):
         first(), second()
@@ -77,7 +123,13 @@ def paired(first, second, rounds: int = 9, inner: int = 3, warmup: int = 2, cuda
     for _ in range(rounds):
         a.append(_timed(first, inner, sync))
         b.append(_timed(second, inner, sync))
+        if resolve_after and len(a) >= resolve_after:
+            interval = Paired(0, 0, 0, 0, a, b).reduction()
+            if interval.low > 0 or interval.high < 0:
+                break
+    cost.count("timed", 2 * (warmup + len(a) * inner) * samples)
+    rounds = len(a)
     differences = sorted(x - y for x, y in zip(a, b))
     quartiles = statistics.quantiles(differences, n=4, method="inclusive") if rounds > 1 else [0.0, 0.0, 0.0]
     return Paired(statistics.median(a), statistics.median(b), statistics.median(differences),
-                  (quartiles[2] - quartiles[0]) / math.sqrt(rounds))
+                  (quartiles[2] - quartiles[0]) / math.sqrt(rounds), a, b)

@@ -1,14 +1,16 @@
 """Natural photographs that ship inside wheels, cut into deterministic crops: offline image data.
 
-scikit-image bundles a few dozen images under `skimage/data/` and scikit-learn two more
-(`load_sample_images`). The photographs among them (not the synthetic test patterns) are cropped at
-several scales and positions, mirrored, and resized, which gives a few hundred distinct inputs. Crops of
-one photograph can land in different splits: the test split is never used for a decision, but its
-photographs are not all unseen.
+scikit-image bundles a few dozen images under `skimage/data/`, scikit-learn two more
+(`load_sample_images`) and foolbox 20 ImageNet validation photographs (`foolbox/data/imagenet_*.jpg`, read
+as files: foolbox itself is never imported). The photographs among them (not the synthetic test patterns)
+are cropped at several scales and positions, mirrored, and resized, which gives about a thousand distinct
+inputs. Crops of one photograph can land in different splits: the test split is never used for a
+decision, but its photographs are not all unseen.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from pathlib import Path
 
@@ -24,6 +26,18 @@ SKIMAGE_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chels
 SCALES = ((1.0, 1), (0.7, 2), (0.45, 3), (0.3, 4))
 
 
+def _foolbox_photos() -> list[Path]:
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted(Path(spec.submodule_search_locations[0], "data").glob("imagenet_*.jpg"))
+
+
+def describe() -> str:
+    foolbox = f", and foolbox's {len(_foolbox_photos())} ImageNet photographs" if _foolbox_photos() else ""
+    return f"the photographs bundled in scikit-image and scikit-learn{foolbox}"
+
+
 def photographs() -> dict[str, Image.Image]:
     import skimage
     from sklearn.datasets import load_sample_images
@@ -33,6 +47,9 @@ def photographs() -> dict[str, Image.Image]:
     sample = load_sample_images()
     for name, pixels in zip(sample.filenames, sample.images):
         images[Path(name).name] = Image.fromarray(pixels)
+    for path in _foolbox_photos():
+        with Image.open(path) as image:
+            images[path.name] = image.convert("RGB")
     return images
 
 

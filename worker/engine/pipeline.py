@@ -1,4 +1,4 @@
-"""The compression pipeline: load, baseline, sensitivity, search, final, export.
+"""The compression pipeline: load, baseline, profile, probe, sensitivity, search, final, onnx, export.
 
 `compress()` is the engine's one entry point; the CLI and the Celery task both call it. Progress goes
 to a callback, which may raise `Cancelled` to stop the job at the next step boundary.
@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import platform
 import statistics
-from importlib.metadata import version
-import time
 from contextlib import contextmanager
+from importlib.metadata import version
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,16 +23,20 @@ from .data import DataOptions
 from .errors import InputError
 from .evaluation import Evaluator
 from .kernels import Backend, LatencyProfile, choose_backend, float_model
-from .latency import Latency, LatencyOptions, measure
-from .plan import Plan
 from .artifact import model_size_bytes, save_artifact
+from .cost import Ledger
+from .latency import Latency, LatencyOptions, Paired, measure, paired
+from .plan import Plan
 from .report import STATUS_MESSAGES, Baseline, Final, Report
-from .search import REFINEMENT_STEPS, SELECTIONS, Budget, cost_aware_order, max_evaluations, search
+from .search import (DEFAULT_CONFIDENCE, REFINEMENT_STEPS, SELECTIONS, Budget, Measurement, Step, cost_aware_order, max_evaluations,
+                     search)
 from .sources import load_model
 from .spec import parse_source
 
-PHASES = ("load", "baseline", "sensitivity", "profile", "search", "final", "onnx", "export")
+PHASES = ("load", "baseline", "probe", "profile", "sensitivity", "search", "final", "onnx", "export")
 
+# The final timing stops from this many paired rounds on once its interval excludes zero.
+RESOLVE_AFTER_ROUNDS = 7
 # Below this many test samples the test-split figure is too coarse to lean on.
 MIN_TEST_SAMPLES = 50
 # A top-1 metric over fewer distinct predicted classes than this cannot tell plans apart.
@@ -50,9 +53,9 @@ class Progress:
     phases: dict = field(default_factory=dict)  # seconds of each phase finished so far
 
 
-# Share of the job's progress bar each phase takes (sensitivity and search dominate the time).
-PHASE_WEIGHTS = {"load": 0.05, "baseline": 0.05, "sensitivity": 0.3, "profile": 0.1, "search": 0.3, "final": 0.1,
-                 "onnx": 0.05, "export": 0.05}
+# Share of the job's progress bar each phase takes (sensitivity and search dominate the time when they run).
+PHASE_WEIGHTS = {"load": 0.05, "baseline": 0.05, "probe": 0.05, "profile": 0.1, "sensitivity": 0.25, "search": 0.3,
+                 "final": 0.1, "onnx": 0.05, "export": 0.05}
 
 
 @dataclass
@@ -84,8 +87,10 @@ class CompressOptions:
         `runtime` is where and how this process runs it (device, threads, model_root, cache_dir, out_dir)."""
         budget, data, samples = request["budget"], request.get("data") or {}, request["hutchinson_samples"]
         return cls(
-            budget=Budget(budget["max_drop"], budget.get("min_drop", 0.0), budget.get("mode", "relative")),
+            budget=Budget(budget["max_drop"], budget.get("min_drop", 0.0), budget.get("mode", "relative"),
+                          budget.get("confidence", DEFAULT_CONFIDENCE)),
             sensitivity=sens.SensitivityOptions(ordering=request["ordering"], interlayer=request["interlayer"],
+                                                loss=request.get("analysis_loss", "fidelity"),
                                                 interlayer_weight=interlayer_weight,
                                                 hutchinson_max_samples=samples,
                                                 hutchinson_min_samples=min(4, samples), hutchinson_tol=hutchinson_tol),
@@ -103,8 +108,11 @@ class CompressOptions:
 
 
 class _Tracker:
-    def __init__(self, callback: Callable[[Progress], None] | None):
+    """Progress per phase, each phase's wall time, and what it spends (the cost ledger)."""
+
+    def __init__(self, callback: Callable[[Progress], None] | None, ledger: Ledger):
         self.callback = callback or (lambda p: None)
+        self.ledger = ledger
         self.phases: dict[str, float] = {}
         self.current = "load"
 
@@ -120,9 +128,9 @@ class _Tracker:
     def phase(self, name: str):
         self.current = name
         self.report(0.0, f"{name} started")
-        started = time.perf_counter()
-        yield
-        self.phases[name] = round(time.perf_counter() - started, 3)
+        with self.ledger.phase(name) as spent:
+            yield
+        self.phases[name] = round(spent.seconds, 3)
         self.report(1.0, f"{name} done in {self.phases[name]:.1f}s")
 
 
@@ -180,11 +188,14 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
     baseline_precision = "fp32" if options.device == "cpu" else "fp16"
     adapter = float_model(adapt(loaded.model, loaded.task), baseline_precision, options.device)
     data = _to_device(loaded.data, options.device, next(adapter.parameters()).dtype)
-    evaluator = Evaluator(adapter, data, loaded.task, loaded.metric)
-    calibration = evaluator.batches("calibration")
+    calibration = [adapter.inputs(batch) for batch in data.calibration]
     backend = choose_backend(adapter, options.device, calibration[0])
     if not backend.candidates:
         raise InputError(f"{source} has no layers the {backend.name} backend can quantize")
+    # Plans are compared against the backend's baseline (the execution mode users deploy), so its outputs are
+    # the reference.
+    evaluator = Evaluator(backend.baseline, data, loaded.task, loaded.metric, input_names=adapter.input_names,
+                          analysis_loss=options.sensitivity.loss)
     return Workbench(str(spec), loaded.revision, loaded.task, adapter, evaluator, backend, calibration,
                      baseline_precision, options.device)
 
@@ -216,12 +227,29 @@ def select(analysis: sens.Sensitivity, profile: LatencyProfile, eligible: list[s
     return cost_aware_order(ordering, scores, {n: profile.saving(n) for n in ordering})
 
 
-def _latency_model(profile: LatencyProfile, steps: list) -> dict:
+def _latency_model(profile: LatencyProfile | None, steps: list) -> dict | None:
     """How the latency model was obtained, and how it fared against every plan the search timed."""
-    timed = [s for s in steps if s.latency_ms is not None]
+    if profile is None:
+        return None
+    timed = [s for s in steps if s.latency_ms is not None and s.predicted_latency_ms is not None]
     errors = [abs(s.predicted_latency_ms - s.latency_ms) / s.latency_ms for s in timed]
     return {**profile.to_dict(), "timed_plans": len(timed),
             "median_relative_error": statistics.median(errors) if errors else None}
+
+
+class Plans:
+    """Every plan the search evaluates: built once on the real kernels, scored per sample on the evaluation
+    split (so its drop comes with a paired standard error), and kept while it may still be returned."""
+
+    def __init__(self, bench: Workbench, budget: Budget, baseline_scores: list[float], low_precision: str):
+        self.bench, self.budget, self.baseline_scores, self.low_precision = bench, budget, baseline_scores, low_precision
+        self.models: dict[tuple, torch.nn.Module] = {}
+
+    def evaluate(self, low: list[str]) -> Measurement:
+        model = self.models[tuple(low)] = self.bench.build(self.bench.plan(low, self.low_precision))
+        scores = self.bench.evaluator.scores(model)
+        _, stderr = self.budget.paired(self.baseline_scores, scores)
+        return Measurement(statistics.fmean(scores), stderr)
 
 
 def compress(source: str, options: CompressOptions, progress: Callable[[Progress], None] | None = None) -> Report:
@@ -229,7 +257,9 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
     if options.threads:
         torch.set_num_threads(options.threads)
     torch.manual_seed(0)
-    track = _Tracker(progress)
+    ledger = Ledger()
+    track = _Tracker(progress, ledger)
+    budget = options.budget
 
     with track.phase("load"):
         bench = prepare(source, options)
@@ -239,78 +269,116 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
 
     with track.phase("baseline"):
         baseline = bench.backend.baseline
-        baseline_metric = evaluator.metric(baseline)
-        baseline_test = evaluator.metric(baseline, "test")
-        baseline_latency = measure(baseline, example, options.latency)
+        baseline_scores, baseline_test_scores = evaluator.baseline_scores(), evaluator.baseline_scores("test")
+        baseline_metric, baseline_test = statistics.fmean(baseline_scores), statistics.fmean(baseline_test_scores)
         baseline_size = model_size_bytes(baseline)
+
+    plans = Plans(bench, budget, baseline_scores, options.low_precision)
+    latencies: dict[tuple, Latency] = {}
+    profile: LatencyProfile | None = None
+    evaluated = 0
+
+    def on_step(step, low, cap, timed: Latency | None = None):
+        nonlocal evaluated
+        evaluated += 1
+        key = tuple(low)
+        step.predicted_latency_ms = profile.predict_ms(low) if profile else None
+        if step.accepted:  # only points within budget can be returned, so only they are timed
+            latencies[key] = timed or measure(plans.models[key], example, options.latency)
+            step.latency_ms = latencies[key].median
+        else:
+            del plans.models[key]
+        track.report(evaluated / cap, f"{step.stage} k={step.k}: {evaluator.metric_name} {step.metric:.4f}",
+                     step=evaluated, steps=cap)
+
+    def against_baseline(low: tuple) -> Paired:
+        """The plan against the baseline in paired, interleaved rounds: drift hits both alike, and the
+        reduction comes with its interval."""
+        return paired(lambda: baseline(*example), lambda: plans.models[low](*example),
+                      rounds=options.latency.repeats, inner=1, warmup=options.latency.warmup,
+                      samples=len(example[0]), resolve_after=RESOLVE_AFTER_ROUNDS)
+
+    candidates = bench.candidates
+    timing: Paired | None = None  # the final plan against the baseline, once known
+    with track.phase("probe"):
+        # Every candidate low, before any analysis: within budget and faster, nothing is left to search.
+        probe = Step.measured(len(candidates), plans.evaluate(candidates), baseline_metric, budget, stage="probe")
+        if probe.accepted:
+            timing = against_baseline(tuple(candidates))
+        on_step(probe, candidates, max_evaluations(len(candidates), REFINEMENT_STEPS),
+                timed=timing and Latency.of(timing.second_rounds))
+        if timing and not timing.reduction().faster:
+            timing = None  # perhaps a subset is faster: the profile says which layers save time
+    easy = timing is not None
+
+    with track.phase("profile"):
+        eligible = candidates
+        if not easy:
+            profile = bench.backend.profile(bench.calibration, options.latency.profile_seconds)
+            eligible = [n for n in candidates if profile.measurable(n)]
+            probe.predicted_latency_ms = profile.predict_ms(candidates)
 
     with track.phase("sensitivity"):
         reused = options.reuse_sensitivity
-        if reused is not None and sorted(reused.ordering) == sorted(bench.candidates):
+        if easy or not eligible:
+            why = ("not needed: every candidate in low precision is within budget and faster" if easy else
+                   "not needed: no layer saves measurable time")
+            analysis = sens.unscored(bench.backend, options.sensitivity.ordering, why)
+        elif reused is not None and sorted(reused.ordering) == sorted(candidates):
             analysis = reused
             track.report(1.0, "reused the stored sensitivity analysis")
         else:
             simulation = bench.backend.simulation(bench.calibration)
-            analysis = sens.analyse(simulation, evaluator, bench.candidates, options.sensitivity, bench.adapter,
+            analysis = sens.analyse(simulation, evaluator, candidates, options.sensitivity, bench.adapter,
                                     progress=lambda f, m: track.report(f, m))
         warnings += analysis.warnings
 
-    with track.phase("profile"):
-        profile = bench.backend.profile(bench.calibration, options.latency.profile_seconds)
-        eligible = [n for n in bench.candidates if profile.measurable(n)]
-        order = select(analysis, profile, eligible, options)
-
-    models: dict[tuple, torch.nn.Module] = {}
-    latencies: dict[tuple, Latency] = {}
-    evaluated = 0
-
-    def evaluate(low: list[str]) -> float:
-        models[tuple(low)] = bench.build(bench.plan(low, options.low_precision))
-        return evaluator.metric(models[tuple(low)])
-
-    def on_step(step, low, cap):
-        nonlocal evaluated
-        evaluated += 1
-        key = tuple(low)
-        step.predicted_latency_ms = profile.predict_ms(low)
-        if step.accepted:  # only points within budget can be returned, so only they are timed
-            latencies[key] = measure(models[key], example, options.latency)
-            step.latency_ms = latencies[key].median
-        else:
-            del models[key]
-        track.report(evaluated / cap, f"{step.stage} k={step.k}: {evaluator.metric_name} {step.metric:.4f}",
-                     step=evaluated, steps=cap)
-
     with track.phase("search"):
-        # Nothing to trade: spending accuracy on layers that save no time would only make the model worse.
-        result = search(order, evaluate, baseline_metric, options.budget, on_step=on_step) if order else None
+        steps = [probe]
+        result = None
+        order = list(candidates) if easy else select(analysis, profile, eligible, options) if eligible else []
+        if order and not easy:
+            # The probe is the order's k = L step when every candidate is eligible; otherwise k = L is new.
+            known = probe if len(order) == len(candidates) else None
+            result = search(order, plans.evaluate, baseline_metric, budget, on_step=on_step, probe=known)
+            steps = result.steps if known else [probe, *result.steps]
 
     with track.phase("final"):
-        fastest = min(latencies, key=lambda key: latencies[key].median) if latencies else ()
-        if fastest:
-            # Re-time baseline and candidate back to back so both see the same machine load.
+        fastest = tuple(candidates) if easy else min(latencies, key=lambda key: latencies[key].median) \
+            if latencies else ()
+        if fastest and timing is None:
+            timing = against_baseline(fastest)
+        speedup = timing.reduction() if timing else None
+        if timing:
+            baseline_latency, latencies[fastest] = Latency.of(timing.first_rounds), Latency.of(timing.second_rounds)
+        else:  # nothing was timed against it: the baseline alone
             baseline_latency = measure(baseline, example, options.latency)
-            latencies[fastest] = measure(models[fastest], example, options.latency)
-        faster = bool(fastest) and latencies[fastest].median < baseline_latency.median
-        status = ("compressed" if faster else "no_speedup" if latencies else "none_fit" if result
-                  else "no_saving")
+        faster = speedup is not None and speedup.faster
+        status = ("compressed" if faster else "no_saving" if not eligible else "no_speedup" if latencies
+                  else "none_fit")
         final_low = list(fastest) if faster else []
-        final_model = models[fastest] if faster else baseline
+        final_model = plans.models[fastest] if faster else baseline
         final_plan = bench.plan(final_low, options.low_precision)
-        steps = result.steps if result else []
-        final_metric = next((s.metric for s in steps if s.accepted and s.low(order) == final_low), baseline_metric)
+        chosen = next((s for s in steps if s.accepted and set(s.low(order) if s.stage != "probe" else candidates)
+                       == set(final_low)), None) if final_low else None
         # The one look at the test split: no decision above used it.
-        final_test = evaluator.metric(final_model, "test") if final_low else baseline_test
-        final = Final(metric=final_metric, test_metric=final_test,
+        test_scores = evaluator.scores(final_model, "test") if final_low else baseline_test_scores
+        test_drop, test_stderr = budget.paired(baseline_test_scores, test_scores)
+        final = Final(metric=chosen.metric if chosen else baseline_metric, test_metric=statistics.fmean(test_scores),
                       latency_ms=(latencies[fastest] if faster else baseline_latency).to_dict(),
                       size_bytes=model_size_bytes(final_model) if final_low else baseline_size,
-                      drop=options.budget.drop(baseline_metric, final_metric),
-                      test_drop=options.budget.drop(baseline_test, final_test), k=len(final_low))
-        if final_low and not options.budget.accepts(final.test_drop):
-            warnings.append(f"on the test split the plan drops {final.test_drop:.4f}, over the budget of "
-                            f"{options.budget.max_drop} that it meets on the evaluation split ({final.drop:.4f})")
+                      drop=chosen.drop if chosen else 0.0, stderr=chosen.stderr if chosen else 0.0,
+                      test_drop=test_drop, test_stderr=test_stderr,
+                      test_drop_interval=list(budget.interval(test_drop, test_stderr)), k=len(final_low),
+                      accepted_by=f"{chosen.stage} step k={chosen.k}: drop {chosen.drop:.4f} + z·SE "
+                                  f"{budget.z:.2f}·{chosen.stderr:.4f} = {chosen.bound:.4f} <= {budget.max_drop}"
+                      if chosen else None)
+        if final_low and not budget.accepts(final.test_drop):
+            warnings.append(f"on the test split the plan drops {final.test_drop:.4f} (95% interval "
+                            f"{final.test_drop_interval[0]:.4f} to {final.test_drop_interval[1]:.4f}), over the "
+                            f"budget of {budget.max_drop} that it meets on the evaluation split ({final.drop:.4f})")
         for step in steps:
-            step.chosen = bool(final_low) and step.accepted and step.low(order) == final_low
+            step.chosen = step is chosen
 
     with track.phase("onnx"):
         exports = {}
@@ -327,14 +395,18 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         data={"description": data.description, "synthetic": data.synthetic, **data.sizes,
               "batch_size": options.data.batch_size, "seq_len": options.data.seq_len},
         metric={"name": evaluator.metric_name, "labelled": evaluator.labelled},
-        budget=asdict(options.budget),
+        budget={**asdict(budget), "z": budget.z},
         baseline=Baseline(metric=baseline_metric, test_metric=baseline_test, latency_ms=baseline_latency.to_dict(),
                           size_bytes=baseline_size, precision=bench.baseline_precision),
         final=final,
-        latency_reduction=1 - final.latency_ms["median"] / baseline_latency.median,
+        latency_reduction=speedup.median if faster else 0.0,
+        latency={"reduction": speedup.to_dict() if speedup else None,
+                 "method": "the returned plan (or, if none beat it, the fastest within budget) against the baseline "
+                           "in paired, interleaved rounds; median over rounds of 1 - plan/baseline, percentile "
+                           "bootstrap interval over rounds; compressed only when the whole interval is above zero"},
         layers=[{**layer.to_dict(), "precision": final_plan.layers[layer.name],
-                 "latency_saving_ms": profile.saving(layer.name),
-                 "saving_noise_ms": profile.savings[layer.name].noise_ms,
+                 "latency_saving_ms": profile.saving(layer.name) if profile else None,
+                 "saving_noise_ms": profile.savings[layer.name].noise_ms if profile else None,
                  "excluded": None if layer.name in eligible else "no measurable latency saving"}
                 for layer in analysis.layers],
         skipped_layers=[{"name": name, "kind": type(layers[name]).__name__, "reason": reason}
@@ -344,12 +416,16 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
             "selection": options.selection,
             "order": order,
             "method": analysis.method,
+            "profile": None if profile else "not needed: every candidate in low precision is within budget and "
+                                            "faster than the baseline",
+            "acceptance": {"rule": "drop + z * stderr <= max_drop (stderr paired over the evaluation samples)",
+                           "confidence": budget.confidence, "z": budget.z},
             "latency_model": _latency_model(profile, steps),
             "evaluations": len(steps),
             "max_evaluations": max_evaluations(len(order), REFINEMENT_STEPS),
             "refinement_evaluations": sum(s.stage == "refinement" for s in steps),
-            "best_k": result.best_k if result else 0,
-            "search_status": result.status if result else "no_saving",
+            "best_k": result.best_k if result else len(candidates) if easy else 0,
+            "search_status": result.status if result else "all_low" if easy else "no_saving",
             "steps": [asdict(s) for s in steps],
         },
         plan=final_plan,
@@ -363,6 +439,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
             files = save_artifact(final_model if final_low else bench.adapter, final_plan, out / "artifact")
             report.artifact = {name: str(path.relative_to(out)) for name, path in files.items()}
     report.phases = dict(track.phases)
+    report.cost = ledger.to_dict()
     if options.out_dir:
         report.write(Path(options.out_dir) / "report.json")
     return report
@@ -386,9 +463,11 @@ def _onnx(bench: Workbench, plan: Plan, final: Final, baseline_metric: float, op
     if not options.budget.accepts(figures["drop"]):
         warnings.append(f"in onnxruntime the plan drops {figures['drop']:.4f} on the evaluation split, over the "
                         f"budget of {options.budget.max_drop} that it meets in torch ({final.drop:.4f})")
-    if result.latency_reduction <= 0:
-        warnings.append(f"in onnxruntime the int8 file is not faster than the float file "
-                        f"({result.quantized.latency_ms:.2f} vs {result.float.latency_ms:.2f} ms per batch)")
+    interval = result.latency_interval
+    if not interval["faster"]:
+        warnings.append(f"in onnxruntime the int8 file is not measurably faster than the float file "
+                        f"({result.quantized.latency_ms:.2f} vs {result.float.latency_ms:.2f} ms per batch; reduction "
+                        f"{interval['median']:.1%}, 95% interval {interval['low']:.1%} to {interval['high']:.1%})")
     return figures
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .plan import Plan
 
-REPORT_FORMAT = "mixq.report/2"
+REPORT_FORMAT = "mixq.report/3"
 
 STATUS_MESSAGES = {
     "compressed": "mixed-precision plan within budget and faster than the baseline",
@@ -43,6 +43,10 @@ class Final(Measured):
     drop: float = 0.0  # on the evaluation split, as the budget defines it
     test_drop: float = 0.0
     k: int = 0  # layers in low precision
+    stderr: float = 0.0  # of the evaluation drop, paired over samples
+    test_stderr: float = 0.0
+    test_drop_interval: list[float] = field(default_factory=list)  # 95%, two-sided
+    accepted_by: str | None = None  # the step and rule that admitted the plan
 
 
 @dataclass
@@ -60,7 +64,7 @@ class Report:
     budget: dict
     baseline: Baseline
     final: Final
-    latency_reduction: float
+    latency_reduction: float  # the median over paired rounds; `latency` has its interval
     layers: list[dict]  # per candidate: sensitivity figures and the chosen precision
     skipped_layers: list[dict]  # quantizable layers that are not candidates, and why
     search: dict
@@ -69,6 +73,8 @@ class Report:
     artifact: dict | None = None
     warm_start: dict | None = None
     exports: dict = field(default_factory=dict)  # deployable formats: {"onnx": figures measured in onnxruntime}
+    latency: dict = field(default_factory=dict)  # the final timing: reduction with its interval, and how
+    cost: dict = field(default_factory=dict)  # samples through forward/timed/simulated/backward passes, seconds
     format: str = REPORT_FORMAT
 
     def to_dict(self) -> dict:
@@ -96,6 +102,11 @@ def _ms(latency: dict) -> str:
     return f"{latency['median']:.2f} ms (p90 {latency['p90']:.2f})"
 
 
+def _cost(spent: dict) -> str:
+    return (f"{spent['forward']:,} forward, {spent['timed']:,} timed, {spent['simulated']:,} simulated, "
+            f"{spent['backward']:,} backward samples, {spent['seconds']:.1f}s")
+
+
 def render(report: Report) -> str:
     """Plain-text summary for the CLI: warnings first, then the figures."""
     base, final, search = report.baseline, report.final, report.search
@@ -107,23 +118,36 @@ def render(report: Report) -> str:
     for label, side in (("baseline", base), ("final", final)):
         lines.append(f"{label:12}{side.metric:>22.4f}{side.test_metric:>10.4f}{_ms(side.latency_ms):>28}"
                      f"{side.size_bytes / 1e6:>10.2f}MB")
-    budget = report.budget
+    budget, reduction = report.budget, (report.latency or {}).get("reduction")
+    speed = (f"latency reduction {reduction['median'] * 100:.1f}% (95% interval {reduction['low'] * 100:.1f} to "
+             f"{reduction['high'] * 100:.1f}%, {reduction['rounds']} paired rounds)" if reduction
+             else f"latency reduction {report.latency_reduction * 100:.1f}%")
+    interval = final.test_drop_interval or [final.test_drop, final.test_drop]
     lines += [
         "",
-        f"latency reduction {report.latency_reduction * 100:.1f}%, drop {final.drop:.4f} on the evaluation split, "
-        f"{final.test_drop:.4f} on the test split (budget {budget['max_drop']} {budget['mode']}), "
-        f"{final.k}/{len(report.layers)} layers low precision",
+        f"{speed}, drop {final.drop:.4f} ± {final.stderr:.4f} on the evaluation split, {final.test_drop:.4f} on the "
+        f"test split (95% interval {interval[0]:.4f} to {interval[1]:.4f}; budget {budget['max_drop']} "
+        f"{budget['mode']} at confidence {budget['confidence']}), {final.k}/{len(report.layers)} layers low "
+        "precision",
+    ]
+    if final.accepted_by:
+        lines.append(f"accepted by the {final.accepted_by}")
+    analysis = search["method"].get("analysis")
+    lines += [
         "",
         f"search ({search['ordering']} ordering, {search['selection']} selection): {search['evaluations']} "
-        f"evaluations (max {search['max_evaluations']}, {search['refinement_evaluations']} refinement)",
-        f"{'stage':>11}{'k':>5}{metric:>18}{'drop':>10}{'latency ms':>12}{'predicted':>11}  accepted",
+        f"evaluations (max {search['max_evaluations']}, {search['refinement_evaluations']} refinement)"
+        + (f"; sensitivity analysis {analysis}" if analysis else ""),
+        f"{'stage':>11}{'k':>5}{metric:>18}{'drop':>10}{'± SE':>9}{'latency ms':>12}{'predicted':>11}  accepted",
     ]
     for step in search["steps"]:
         latency = "-" if step["latency_ms"] is None else f"{step['latency_ms']:.2f}"
+        predicted = "-" if step["predicted_latency_ms"] is None else f"{step['predicted_latency_ms']:.2f}"
         chosen = "  <- chosen" if step["chosen"] else ""
         skipped = f"  (skips {len(step['skipped'])})" if step["skipped"] else ""
-        lines.append(f"{step['stage']:>11}{step['k']:>5}{step['metric']:>18.4f}{step['drop']:>10.4f}{latency:>12}"
-                     f"{step['predicted_latency_ms']:>11.2f}  {'yes' if step['accepted'] else 'no'}{chosen}{skipped}")
+        lines.append(f"{step['stage']:>11}{step['k']:>5}{step['metric']:>18.4f}{step['drop']:>10.4f}"
+                     f"{step['stderr']:>9.4f}{latency:>12}{predicted:>11}  "
+                     f"{'yes' if step['accepted'] else 'no'}{chosen}{skipped}")
     excluded = [layer["name"] for layer in report.layers if layer["excluded"]]
     if excluded:
         lines += ["", f"kept in {report.baseline.precision}, no measurable latency saving: " + ", ".join(excluded)]
@@ -136,4 +160,6 @@ def render(report: Report) -> str:
                       f"{onnx['latency_ms']['float']:.2f} ms for the float file: "
                       f"{onnx['latency_reduction'] * 100:.1f}% faster in onnxruntime"]
     lines += ["", "phases: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in report.phases.items())]
+    if report.cost:
+        lines.append("cost: " + _cost(report.cost["total"]))
     return "\n".join(line for line in lines if line is not None)

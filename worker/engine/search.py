@@ -10,16 +10,31 @@ try the next ones (as NNCF's accuracy control does), and records every evaluated
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 
 BUDGET_MODES = ("relative", "absolute")
+# The default one-sided confidence that a plan's drop on new data stays within the budget: chosen by
+# measurement (bench/confidence.py, docs/method.md).
+DEFAULT_CONFIDENCE = 0.8
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A plan's metric on the evaluation split, and the standard error of its drop from the baseline (paired
+    over the same samples, in the budget's units)."""
+
+    metric: float
+    stderr: float = 0.0
 
 
 @dataclass(frozen=True)
 class Budget:
-    """The user's degradation range: accept a drop <= max_drop; a drop >= min_drop is close enough to stop.
+    """The user's degradation range: accept a plan whose drop, plus z standard errors, is at most max_drop
+    (z for a one-sided `confidence`: 0.5 gives z = 0, the drop itself); a drop >= min_drop is close enough to
+    stop.
 
     Drops are relative to the baseline (0.01 = 1% of the baseline metric) in mode "relative", metric
     points in mode "absolute".
@@ -28,6 +43,7 @@ class Budget:
     max_drop: float
     min_drop: float = 0.0
     mode: str = "relative"
+    confidence: float = DEFAULT_CONFIDENCE
 
     def __post_init__(self) -> None:
         if self.mode not in BUDGET_MODES:
@@ -36,6 +52,12 @@ class Budget:
             raise ValueError(f"budget must be in (0, 1), got {self.max_drop}")
         if not 0 <= self.min_drop <= self.max_drop:
             raise ValueError(f"min_drop must be in [0, max_drop={self.max_drop}], got {self.min_drop}")
+        if not 0.5 <= self.confidence < 1:
+            raise ValueError(f"confidence must be in [0.5, 1), got {self.confidence}")
+
+    @property
+    def z(self) -> float:
+        return statistics.NormalDist().inv_cdf(self.confidence)
 
     def drop(self, baseline: float, metric: float) -> float:
         absolute = baseline - metric
@@ -43,8 +65,26 @@ class Budget:
             return absolute
         return absolute / abs(baseline) if baseline else absolute
 
-    def accepts(self, drop: float) -> bool:
-        return drop <= self.max_drop
+    def paired(self, baseline: Sequence[float], scores: Sequence[float]) -> tuple[float, float]:
+        """The drop of `scores` from `baseline` (per-sample metrics of the same samples) and its standard
+        error: the differences' standard deviation over sqrt(n), in the budget's units."""
+        differences = [b - s for b, s in zip(baseline, scores, strict=True)]
+        mean_baseline = statistics.fmean(baseline)
+        stderr = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else 0.0
+        scale = abs(mean_baseline) if self.mode == "relative" and mean_baseline else 1.0
+        return self.drop(mean_baseline, statistics.fmean(scores)), stderr / scale
+
+    def bound(self, drop: float, stderr: float = 0.0) -> float:
+        """The drop the acceptance rule checks: the point estimate plus z standard errors."""
+        return drop + self.z * stderr
+
+    def accepts(self, drop: float, stderr: float = 0.0) -> bool:
+        return self.bound(drop, stderr) <= self.max_drop
+
+    def interval(self, drop: float, stderr: float, confidence: float = 0.95) -> tuple[float, float]:
+        """A two-sided interval for a drop (the final plan's on the test split)."""
+        half = statistics.NormalDist().inv_cdf(0.5 + confidence / 2) * stderr
+        return drop - half, drop + half
 
     def close_enough(self, drop: float) -> bool:
         """Within the lower edge of the range: no need to search for a larger k."""
@@ -64,8 +104,19 @@ class Step:
     latency_ms: float | None = None
     predicted_latency_ms: float | None = None
     chosen: bool = False
-    stage: str = "bisection"  # or "refinement"
+    stage: str = "bisection"  # "probe" (every eligible layer, before any analysis), or "refinement"
     skipped: list[str] = field(default_factory=list)
+    stderr: float = 0.0  # of the drop, paired over the evaluation samples
+    bound: float = 0.0  # drop + z * stderr: what the budget was checked against
+
+    @classmethod
+    def measured(cls, k: int, measurement: "Measurement | float", baseline: float, budget: Budget,
+                 **fields) -> "Step":
+        if not isinstance(measurement, Measurement):
+            measurement = Measurement(measurement)
+        drop = budget.drop(baseline, measurement.metric)
+        return cls(k=k, metric=measurement.metric, drop=drop, accepted=budget.accepts(drop, measurement.stderr),
+                   stderr=measurement.stderr, bound=budget.bound(drop, measurement.stderr), **fields)
 
     def low(self, order: list[str]) -> list[str]:
         """The layers this step put in low precision."""
@@ -104,16 +155,18 @@ def cost_aware_order(names: list[str], cost: dict[str, float], saving: dict[str,
 
 def bisect_layers(
     num_layers: int,
-    evaluate: Callable[[int], float],
+    evaluate: Callable[[int], Measurement | float],
     baseline: float,
     budget: Budget,
     on_step: Callable[[Step, int], None] | None = None,
+    probe: Step | None = None,
 ) -> SearchResult:
     """Find the largest k in [1, num_layers] whose metric is within budget.
 
     Order of evaluations: k = L (all low: done if it passes), k = 1 (if it fails nothing fits),
     then bisection between the largest known-good and smallest known-bad k.
-    `on_step(step, max_evaluations)` is called after every evaluation.
+    `on_step(step, max_evaluations)` is called after every evaluation. `probe`, when given, is the k = L
+    step already measured (before any analysis), so it is not evaluated again.
     """
     if num_layers < 1:
         raise ValueError("nothing to search: the model has no quantizable layers")
@@ -121,15 +174,15 @@ def bisect_layers(
     cap = max_evaluations(num_layers)
 
     def measure(k: int) -> Step:
-        metric = evaluate(k)
-        drop = budget.drop(baseline, metric)
-        step = Step(k=k, metric=metric, drop=drop, accepted=budget.accepts(drop))
+        step = Step.measured(k, evaluate(k), baseline, budget)
         result.steps.append(step)
         if on_step:
             on_step(step, cap)
         return step
 
-    top = measure(num_layers)
+    if probe is not None:
+        result.steps.append(probe)
+    top = probe or measure(num_layers)
     if top.accepted:
         result.best_k, result.status = num_layers, "all_low"
         return result
@@ -159,17 +212,18 @@ def bisect_layers(
 
 def search(
     order: list[str],
-    evaluate: Callable[[list[str]], float],
+    evaluate: Callable[[list[str]], Measurement | float],
     baseline: float,
     budget: Budget,
     on_step: Callable[[Step, list[str], int], None] | None = None,
     refinement: int = REFINEMENT_STEPS,
+    probe: Step | None = None,
 ) -> SearchResult:
     """Bisect over the prefixes of `order`, then refine near the boundary: skip the first failing layer and
     try adding the next ones, one real evaluation each, at most `refinement` of them.
 
     `evaluate(low)` measures the metric with exactly `low` in low precision; `on_step(step, low, cap)` is
-    called after every evaluation.
+    called after every evaluation; `probe` is the all-of-`order` step if it was measured already.
     """
     cap = max_evaluations(len(order), refinement)
 
@@ -178,7 +232,7 @@ def search(
             on_step(step, low, cap)
 
     result = bisect_layers(len(order), lambda k: evaluate(order[:k]), baseline, budget,
-                           on_step=lambda step, _cap: notify(step, order[:step.k]))
+                           on_step=lambda step, _cap: notify(step, order[:step.k]), probe=probe)
     best = order[:result.best_k]
     passing = [s for s in result.steps if s.accepted]
     settled = result.status == "all_low" or any(budget.close_enough(s.drop) for s in passing)
@@ -186,10 +240,8 @@ def search(
         skipped = [order[result.best_k]]  # the first failing layer
         for name in order[result.best_k + 1:result.best_k + 1 + refinement]:
             trial = best + [name]
-            metric = evaluate(trial)
-            drop = budget.drop(baseline, metric)
-            step = Step(k=len(trial), metric=metric, drop=drop, accepted=budget.accepts(drop),
-                        stage="refinement", skipped=list(skipped))
+            step = Step.measured(len(trial), evaluate(trial), baseline, budget, stage="refinement",
+                                 skipped=list(skipped))
             result.steps.append(step)
             notify(step, trial)
             if step.accepted:

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import cost
 from .adapters import eager_attention
 from .evaluation import Evaluator
 from .hessian import Blocks, GaussNewtonTrace, HessianTrace, TraceEstimate
@@ -30,6 +31,9 @@ from .kernels import Simulation, hooks, weighted
 from .sizing import HESSIAN_BATCHES
 
 ORDERINGS = ("augmented", "hessian", "random")
+# What labelled classifiers' layers are scored on: KL to the fp32 model's predictions (Gauss-Newton), or the
+# cross-entropy with the labels (Hutchinson). Unlabelled data always uses its fidelity loss.
+ANALYSIS_LOSSES = ("fidelity", "task")
 INTERLAYER = ("conditional", "pairwise")
 GAUSS_NEWTON = "gauss-newton"
 HUTCHINSON = "hutchinson"
@@ -48,8 +52,11 @@ class SensitivityOptions:
     hessian_batches: int = HESSIAN_BATCHES
     interlayer_batches: int = 4
     seed: int = 0
+    loss: str = "fidelity"
 
     def __post_init__(self) -> None:
+        if self.loss not in ANALYSIS_LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(ANALYSIS_LOSSES)}")
         if self.ordering not in ORDERINGS:
             raise ValueError(f"ordering must be one of {', '.join(ORDERINGS)}")
         if self.interlayer not in INTERLAYER:
@@ -84,13 +91,20 @@ class Sensitivity:
     method: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def scored(self) -> bool:
+        """Whether the layers were scored (the analysis ran): an unscored one keeps network order."""
+        return any(layer.score is not None for layer in self.layers)
+
     @classmethod
-    def from_report(cls, report: dict) -> "Sensitivity":
-        """The analysis stored in a report, for a warm start on the same model revision and data."""
+    def from_report(cls, report: dict) -> "Sensitivity | None":
+        """The analysis stored in a report, for a warm start on the same model revision and data; None when
+        that job needed none."""
         names = set(LayerSensitivity.__dataclass_fields__)
         layers = [LayerSensitivity(**{k: v for k, v in layer.items() if k in names}) for layer in report["layers"]]
         ordering = [layer.name for layer in sorted(layers, key=lambda l: l.rank)]
-        return cls(layers=layers, ordering=ordering, method={**report["search"]["method"], "reused": True})
+        analysis = cls(layers=layers, ordering=ordering, method={**report["search"]["method"], "reused": True})
+        return analysis if analysis.scored or analysis.method.get("ordering") == "random" else None
 
 
 def _normalised(values: list[float]) -> list[float]:
@@ -105,6 +119,8 @@ class OutputProbes:
 
     def __init__(self, modules: dict[str, nn.Module], model: nn.Module, batches: list[tuple[torch.Tensor, ...]]):
         self.modules, self.model, self.batches = modules, model, batches
+        self.samples = sum(len(inputs[0]) for inputs in batches)
+        cost.count("simulated", self.samples)
         self.deltas: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
         self.batch = 0
         with torch.no_grad(), hooks([m.register_forward_hook(self._shape(n)) for n, m in modules.items()]):
@@ -131,6 +147,7 @@ class OutputProbes:
 
     def outputs(self):
         """The model's output on each probe batch, with the probes in the graph."""
+        cost.count("simulated", self.samples)
         with self.active():
             for index, inputs in enumerate(self.batches):
                 self.batch = index
@@ -148,6 +165,13 @@ def _no_weight_gradients(model: nn.Module):
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
+
+
+def _charged(traces: dict[str, TraceEstimate], samples: int, backward_per_sample: int) -> dict[str, TraceEstimate]:
+    """Charge the backward passes of the probes drawn (a Hessian-vector product is two) to the cost ledger."""
+    drawn = max((t.samples for t in traces.values()), default=0)
+    cost.count("backward", drawn * samples * backward_per_sample)
+    return traces
 
 
 def output_traces(simulation: Simulation, evaluator: Evaluator, names: list[str], options: SensitivityOptions,
@@ -170,7 +194,8 @@ def output_traces(simulation: Simulation, evaluator: Evaluator, names: list[str]
             def projection(generator):
                 return sum((out.float() * evaluator.curvature_probe(i, scale, generator)).sum()
                            for i, out in probes.outputs())
-            return GaussNewtonTrace(projection, probes.blocks, seed=options.seed).trace(*caps)
+            return _charged(GaussNewtonTrace(projection, probes.blocks, seed=options.seed).trace(*caps),
+                            probes.samples, backward_per_sample=1)
 
         if evaluator.fidelity:
             return gauss_newton(), GAUSS_NEWTON, []
@@ -180,7 +205,8 @@ def output_traces(simulation: Simulation, evaluator: Evaluator, names: list[str]
 
         try:
             with eager_attention(adapter):
-                return HessianTrace(loss, probes.blocks, seed=options.seed).trace(*caps), HUTCHINSON, []
+                traces = HessianTrace(loss, probes.blocks, seed=options.seed).trace(*caps)
+                return _charged(traces, probes.samples, backward_per_sample=2), HUTCHINSON, []
         except RuntimeError as exc:  # an op without double backward
             warning = (f"Hessian-vector products failed ({str(exc)[:160]}); the Hessian term uses the Gauss-Newton "
                        "(Fisher) approximation of the cross-entropy Hessian instead")
@@ -199,6 +225,8 @@ class LossProbe:
         if key not in self.cache:
             with self.simulation.quantized(key):
                 self.cache[key] = self.evaluator.loss_value(self.simulation.model, self.batches)
+            cost.count("simulated", sum(len(inputs[0]) for inputs in self.evaluator.batches("calibration",
+                                                                                             self.batches)))
         return self.cache[key]
 
 
@@ -226,13 +254,24 @@ def pairwise_terms(probe: LossProbe, names: list[str], progress: Progress) -> li
     return terms
 
 
+def _unscored_layers(modules: dict[str, nn.Module], names: list[str]) -> list[LayerSensitivity]:
+    return [LayerSensitivity(name=n, kind=type(weighted(modules[n])).__name__,
+                             params=sum(p.numel() for p in modules[n].parameters())) for n in names]
+
+
+def unscored(backend, ordering: str, why: str) -> Sensitivity:
+    """The candidates in network order with no scores, when the analysis was not needed (`why`)."""
+    modules = dict(backend.adapter.named_modules())
+    return _ranked(_unscored_layers(modules, backend.candidates), list(backend.candidates),
+                   {"ordering": ordering, "analysis": why}, [])
+
+
 def analyse(simulation: Simulation, evaluator: Evaluator, names: list[str], options: SensitivityOptions,
             adapter: nn.Module, progress: Progress = lambda f, m: None) -> Sensitivity:
     """Score and order the candidate layers `names` (network order)."""
-    layers = [LayerSensitivity(name=n, kind=type(weighted(simulation.modules[n])).__name__,
-                               params=sum(p.numel() for p in simulation.modules[n].parameters()))
-              for n in names]
-    method: dict = {"ordering": options.ordering}
+    layers = _unscored_layers(simulation.modules, names)
+    method: dict = {"ordering": options.ordering, "loss": "fidelity to fp32" if evaluator.fidelity else
+                    "cross-entropy with the labels"}
     if options.ordering == "random":
         order = list(names)
         random.Random(options.seed).shuffle(order)

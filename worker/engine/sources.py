@@ -18,6 +18,7 @@ import torch
 
 from . import builtins, hub
 from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION
+from .catalogue import BUILTIN_INPUTS
 from .data import DataOptions, Dataset, Preprocessing, load_dataset_for
 from .errors import InputError
 from .paths import resolve_under_root
@@ -54,14 +55,11 @@ def load_model(spec: ModelSpec, data_options: DataOptions, model_root: Path | No
     that moves in between does not change what this job measures."""
     if spec.kind == "builtin":
         built = builtins.load_builtin(spec.id, data_options, cache_dir)
-        if data_options.spec or data_options.synthetic:
-            preprocessing = Preprocessing(vocab_size=getattr(built.tokenizer, "vocab_size", 30522))
-            if built.tokenizer is not None:
-                preprocessing.load_tokenizer = lambda: built.tokenizer
-            built.data = load_dataset_for(built.task, data_options, model_root, cache_dir, preprocessing,
-                                          image_shape=_image_shape(built.data))
-            built.metric = None
-        return LoadedModel(spec, built.model, built.task, built.version, built.data, built.metric)
+        if data_options.spec or data_options.synthetic:  # the user's data, prepared as the builtin's own is
+            data = load_dataset_for(built.task, data_options, model_root, cache_dir, built.preprocessing(),
+                                    image_shape=BUILTIN_INPUTS[spec.id][1] or None)
+            return LoadedModel(spec, built.model, built.task, built.version, data)
+        return LoadedModel(spec, built.model, built.task, built.version, built.default_data(), built.metric)
     if spec.kind == "local":
         folder = resolve_under_root(spec.id, model_root, what="model")
         revision = revision or directory_revision(folder)
@@ -105,15 +103,11 @@ def _load_transformers(spec: ModelSpec, folder: Path, revision: str, data_option
                                                 "tokenizer_config.json)"),
         load_image_processor=processor(AutoImageProcessor, "image processor (preprocessor_config.json); pass an "
                                                            ".npz of pixel_values instead"),
-        vocab_size=getattr(config, "vocab_size", None) or 30522)
+        vocab_size=getattr(config, "vocab_size", None) or 30522,
+        label2id=dict(getattr(config, "label2id", None) or {}), num_labels=getattr(config, "num_labels", None))
     data = load_dataset_for(task, data_options, model_root, cache_dir, preprocessing,
                             image_shape=_config_image_shape(config))
     return LoadedModel(spec, model, task, revision, data)
-
-
-def _image_shape(data: Dataset) -> tuple[int, ...] | None:
-    pixels = data.calibration[0].get("pixel_values")
-    return None if pixels is None else tuple(pixels.shape[1:])
 
 
 def _config_image_shape(config) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import cost
 from ..adapters import ModelAdapter
 from ..plan import Plan
 
@@ -97,6 +98,7 @@ class Simulation:
         with torch.inference_mode(), hooks([m.register_forward_hook(record(n)) for n, m in self.modules.items()]):
             for inputs in batches:
                 self.model(*inputs)
+        cost.count("simulated", sum(len(inputs[0]) for inputs in batches))
         return {name: (error, count) for name, (error, count) in totals.items()}
 
     def _error(self, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

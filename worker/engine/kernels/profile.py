@@ -18,8 +18,10 @@ if TYPE_CHECKING:
 @dataclass
 class LatencyProfile:
     """What each candidate saves on the real kernels, and a linear prediction of any plan's latency:
-    `intercept_ms - slope * sum of the plan's savings`, exact at the plans it was fitted on. Every plan the
-    search times checks it again."""
+    `intercept_ms - slope * sum of the plan's savings`, with the measured baseline as intercept and exact at
+    the all-low plan. `additive` says whether layers really save independently (kernels that take and return
+    float) or whether a saving depends on the neighbours' precision (static int8), where the prediction is
+    only a guide between its two exact ends. Every plan the search times checks it again."""
 
     method: str
     savings: dict[str, Paired]  # per candidate: its saving (difference_ms) and how noisy that figure is
@@ -27,6 +29,7 @@ class LatencyProfile:
     all_low_ms: float
     intercept_ms: float
     slope: float
+    additive: bool = True
 
     def saving(self, name: str) -> float:
         return self.savings[name].difference_ms
@@ -41,7 +44,7 @@ class LatencyProfile:
 
     def to_dict(self) -> dict:
         return {"method": self.method, "baseline_ms": self.baseline_ms, "all_low_ms": self.all_low_ms,
-                "intercept_ms": self.intercept_ms, "slope": self.slope}
+                "intercept_ms": self.intercept_ms, "slope": self.slope, "additive": self.additive}
 
 
 def rounds_within(call, seconds: float) -> int:
@@ -68,7 +71,8 @@ def independent_profile(backend: "Backend", calibration: list[Inputs], seconds_p
                          lambda n=n: low_modules[n](*low_inputs[n]), cuda=cuda,
                          rounds=rounds_within(lambda n=n: float_modules[n](*float_inputs[n]), seconds_per_layer))
                for n in backend.candidates}
-    whole = paired(lambda: backend.baseline(*example), lambda: low_model(*example), rounds=7, inner=1, cuda=cuda)
+    whole = paired(lambda: backend.baseline(*example), lambda: low_model(*example), rounds=7, inner=1, cuda=cuda,
+                   samples=len(example[0]))
     total = sum(timing.difference_ms for timing in savings.values())
     return LatencyProfile(
         "each layer's fp32 and int8 modules timed alone on its captured inputs, interleaved; their sum "
