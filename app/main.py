@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import asyncio
 import json
 import math
+from pathlib import Path
+from urllib.parse import unquote
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -26,35 +27,81 @@ STATIC = Path(__file__).parent / "static"
 
 
 class BodyLimit:
-    """Refuses request bodies over the limit with 413, whether or not Content-Length is sent.
+    """What a request may carry before any route sees it, answered with a 4xx instead of a 500 or a stall:
+
+    - a body over `limit` bytes (413), whether or not Content-Length is sent;
+    - a body that has not fully arrived after `timeout` seconds (408): a client trickling its body a byte at
+      a time holds a connection no longer than that;
+    - a NUL byte in the path or query (400): no id, filter or cursor contains one, and PostgreSQL would refuse
+      it in a query;
+    - JSON nested deeper than `MAX_JSON_DEPTH` (422, in the validation errors' shape): no request needs more
+      than a few levels, and deeper input exhausts the recursion of JSON encoders.
 
     Bodies are small (job requests), so the whole body is read here first, then replayed to the app.
     """
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if "\x00" in unquote(scope.get("raw_path", b"").decode("latin-1")) or b"%00" in scope.get("query_string", b""):
+            return await JSONResponse({"detail": "NUL bytes are not allowed in a URL"}, 400)(scope, receive, send)
         too_large = JSONResponse({"detail": f"request body too large: the limit is {self.limit} bytes"}, 413)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await too_large(scope, receive, send)
         messages, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except TimeoutError:
+                slow = JSONResponse({"detail": f"the request body did not arrive within {self.timeout:g} s"}, 408,
+                                    headers={"Connection": "close"})
+                return await slow(scope, receive, send)
             messages.append(message)
             size += len(message.get("body", b""))
             if size > self.limit:
                 return await too_large(scope, receive, send)
             if message["type"] != "http.request" or not message.get("more_body"):
                 break
+        body = b"".join(m.get("body", b"") for m in messages)
+        if json_depth(body) > MAX_JSON_DEPTH:
+            error = [{"type": "value_error", "loc": ["body"], "msg": f"JSON nested deeper than {MAX_JSON_DEPTH} levels"}]
+            return await JSONResponse({"detail": error}, 422)(scope, receive, send)
 
         async def replay():
             return messages.pop(0) if messages else await receive()
 
         await self.app(scope, replay, send)
+
+
+MAX_JSON_DEPTH = 32
+_OPENERS, _CLOSERS = frozenset(b"[{"), frozenset(b"]}")
+
+
+def json_depth(body: bytes) -> int:
+    """How deeply brackets nest in a JSON text (outside strings), without parsing it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in _OPENERS:
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in _CLOSERS:
+            depth -= 1
+    return deepest
 
 
 class EscapedJSONResponse(JSONResponse):
@@ -117,6 +164,6 @@ def create_app(auth_disabled: bool = False) -> FastAPI:
     def dashboard() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout=settings.body_timeout_seconds)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(settings, auth_disabled))
     return app

@@ -8,6 +8,8 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
+from stack import PG_URL, REDIS_URL, Stack, reachable
+
 import pytest
 import torch
 
@@ -142,15 +144,27 @@ class Receiver(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def receiver(monkeypatch):
+    """The receiver's URL. Deliveries queued for the housekeeping worker are run at once, in this process, by
+    that worker's own task (tests/test_hardening.py runs the real worker process)."""
     server = HTTPServer(("127.0.0.1", 0), Receiver)
     Receiver.received = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    from app.core import queue
     from app.core.settings import get_settings
+    from worker import housekeeping
 
     settings = get_settings()
     monkeypatch.setattr(settings, "webhook_secret", "s3cret")
     monkeypatch.setattr(settings, "webhook_allowlist", f"127.0.0.1:{server.server_port}")
+    publish = queue.send
+
+    def send(name, args, **options):
+        if name == queue.DELIVER_WEBHOOK:
+            return housekeeping.deliver_webhook.run(*args)
+        return publish(name, args, **options)
+
+    monkeypatch.setattr(queue, "send", send)
     yield f"http://127.0.0.1:{server.server_port}/hook"
     server.shutdown()
 
@@ -193,3 +207,35 @@ def verified(headers: dict, body: bytes, secret: str, now: float | None = None) 
     expected = hmac.new(secret.encode(), f"{fields['t']}.".encode() + body, hashlib.sha256).hexdigest()
     assert hmac.compare_digest(fields["v1"], expected), "signature does not match"
     return json.loads(body)
+
+
+# The production shape on real PostgreSQL and Redis (tests/stack.py).
+@pytest.fixture(scope="module")
+def servers():
+    missing = [name for name, port in (("PostgreSQL", 5432), ("Redis", 6379)) if not reachable("127.0.0.1", port)]
+    if missing:
+        message = f"{' and '.join(missing)} not reachable on 127.0.0.1"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}: CI must run the integration tests against the real servers")
+        pytest.skip(message)
+    import redis
+
+    from app.core.migrate import reset
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    reset(PG_URL)  # a clean schema for this run
+    from sqlalchemy import create_engine
+
+    return create_engine(PG_URL)
+
+
+@pytest.fixture(scope="module")
+def stack(servers, tmp_path_factory):
+    """The API and the housekeeping worker; tests start the compression workers they need."""
+    stack = Stack(tmp_path_factory.mktemp("stack"))
+    stack.mixq("db", "upgrade")
+    stack.key = stack.mixq("keys", "create", "--tenant", "integration")
+    stack.start_api()
+    stack.start_housekeeping()
+    yield stack
+    stack.stop()

@@ -26,6 +26,7 @@ class Repo:
     kind: str  # model | dataset
     refs: dict[str, str] = field(default_factory=dict)  # branch -> commit sha
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # sha -> {path: content}
+    token: str | None = None  # a private repository: only this bearer token sees it (the Hub answers 404)
 
 
 class Hub:
@@ -38,10 +39,12 @@ class Hub:
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def push(self, repo_id: str, folder: Path, kind: str = "model", branch: str = "main") -> str:
-        """Commit every file under `folder` to `branch`; returns the new commit's sha."""
+    def push(self, repo_id: str, folder: Path, kind: str = "model", branch: str = "main",
+             token: str | None = None) -> str:
+        """Commit every file under `folder` to `branch` (of a private repository if `token`); returns the new
+        commit's sha."""
         files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-        repo = self.repos.setdefault(repo_id, Repo(kind))
+        repo = self.repos.setdefault(repo_id, Repo(kind, token=token))
         sha = hashlib.sha1(json.dumps([repo_id, len(repo.commits), sorted(files)]).encode()).hexdigest()
         repo.commits[sha] = files
         repo.refs[branch] = sha
@@ -91,7 +94,8 @@ class Hub:
                 api = API.fullmatch(path)
                 kind = "dataset" if path.startswith(("/api/datasets/", "/datasets/")) else "model"
                 repo_id, tail = hub._lookup(api["rest"] if api else RESOLVE.fullmatch(path)["rest"])
-                if repo_id is None or hub.repos[repo_id].kind != kind:
+                if (repo_id is None or hub.repos[repo_id].kind != kind or hub.repos[repo_id].token is not None
+                        and self.headers.get("Authorization") != f"Bearer {hub.repos[repo_id].token}"):
                     return self._error(404, "RepoNotFound", body)
                 repo = hub.repos[repo_id]
                 # /api/{kind}s/{id}[/revision/{rev} | /tree/{rev}[/{path}]]; /[datasets/]{id}/resolve/{rev}/{file}
@@ -104,7 +108,7 @@ class Hub:
                     return self._error(404, "RevisionNotFound", body)
                 files = repo.commits[sha]
                 if api and verb == "revision":
-                    info = {"id": repo_id, "sha": sha, "private": False,
+                    info = {"id": repo_id, "sha": sha, "private": repo.token is not None,
                             "siblings": [{"rfilename": name} for name in files]}
                     return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
                 if api and verb == "tree":

@@ -116,7 +116,7 @@ def test_warm_start_reuses_sensitivity_for_the_same_revision(client, keys):
     # MiniLM: every layer in int8 breaks a 1% budget, so the first job runs the analysis the second reuses;
     # options no earlier job had make the first a cold start.
     entry = register(client, keys["a"], model="builtin:minilm", calibration_samples=40, eval_samples=32,
-                     test_samples=32, seq_len=32)
+                     test_samples=32, seq_len=32, exports=[])
     registry.tick(at(entry))
     first = latest_job(entry["id"])
     assert runner.run(first, worker="t") == "succeeded"
@@ -175,7 +175,7 @@ def test_webhook_targets_must_be_allow_listed(client, keys, monkeypatch):
     settings = get_settings()
     monkeypatch.setattr(settings, "webhook_secret", "s3cret")
     monkeypatch.setattr(settings, "webhook_allowlist", "hooks.example.com")
-    body = {"model": "builtin:minilm", "budget": {"max_drop": 0.01}, "schedule": {"interval_seconds": 60}}
+    body = {"model": "builtin:minilm", "budget": {"max_drop": 0.01}, "schedule": {"interval_seconds": 3600}}
     refused = client.post("/v1/registry", json={**body, "webhook_url": "http://169.254.169.254/latest"},
                           headers=auth(keys["a"]))
     assert refused.status_code == 422 and "allow-list" in json.dumps(refused.json()["detail"])
@@ -224,9 +224,9 @@ print(len(tick(now)))
 
 
 def test_two_schedulers_on_one_postgres_enqueue_one_job_per_slot(tmp_path):
-    from test_integration import PG_URL, _reachable
+    from stack import PG_URL, reachable
 
-    if not (_reachable("127.0.0.1", 5432) and _reachable("127.0.0.1", 6379)):
+    if not (reachable("127.0.0.1", 5432) and reachable("127.0.0.1", 6379)):
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL/Redis not reachable in CI")
         pytest.skip("PostgreSQL/Redis not reachable")

@@ -1,11 +1,11 @@
-"""The Celery worker application: the shared configuration (app.core.queue) plus this side's tasks."""
+"""The compression workers' Celery application: the shared configuration (app.core.queue) plus the job task."""
 
 from __future__ import annotations
 
 from celery.signals import worker_ready
 
 from app.core.logs import quiet_library_noise
-from app.core.queue import SWEEP, make_celery
+from app.core.queue import SWEEP, make_celery, send
 
 quiet_library_noise()
 
@@ -14,5 +14,5 @@ app = make_celery(include=("worker.tasks",))
 
 @worker_ready.connect
 def _sweep_on_start(sender=None, **_):
-    """A worker that starts after a crash picks up the jobs the dead worker held."""
-    app.send_task(SWEEP)
+    """A worker that starts after a crash has the housekeeping worker pick up the jobs the dead worker held."""
+    send(SWEEP, [])

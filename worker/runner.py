@@ -20,6 +20,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 
 from app.core import jobs
+from app.core.auth import may_use_hub_token
 from app.core.db import session_scope
 from app.core.models import CANCELLED, FAILED, SUCCEEDED, Job, utcnow
 from app.core.settings import Settings, get_settings
@@ -42,10 +43,12 @@ def sensitivity_key(request: dict, revision: str) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def warm_start(job_id: str, request: dict, settings: Settings) -> tuple[str | None, Sensitivity | None, Job | None]:
+def warm_start(job_id: str, request: dict, settings: Settings, hub_token: bool
+               ) -> tuple[str | None, Sensitivity | None, Job | None]:
     """Record the job's revision; find an earlier analysis of the same revision and data to reuse."""
     try:
-        revision = resolve_revision(parse_source(request["model"]), settings.model_root, settings.hub_timeout_seconds)
+        revision = resolve_revision(parse_source(request["model"]), settings.model_root, settings.hub_timeout_seconds,
+                                    hub_token)
     except InputError:
         return None, None, None  # the pipeline reports the real problem when it loads the model
     key = sensitivity_key(request, revision)
@@ -140,11 +143,15 @@ def run(job_id: str, worker: str, settings: Settings | None = None) -> str | Non
 
 
 def _compress(job: Job, settings: Settings, out_dir: Path, progress: ProgressWriter):
-    revision, reused, donor = warm_start(job.id, job.request, settings)
+    with session_scope() as session:
+        hub_token = may_use_hub_token(session, job.tenant_id)
+    revision, reused, donor = warm_start(job.id, job.request, settings, hub_token)
     options = CompressOptions.from_request(job.request, device=settings.device, threads=settings.threads,
                                            model_root=settings.model_root, cache_dir=settings.cache_dir,
-                                           out_dir=out_dir, profile_seconds=settings.profile_seconds_per_layer)
+                                           out_dir=out_dir, profile_seconds=settings.profile_seconds_per_layer,
+                                           hub_token=hub_token)
     options.reuse_sensitivity, options.revision = reused, revision
+    options.data.max_input_bytes = settings.max_job_memory_bytes  # checked again before images are allocated
     report = compress(job.model, options, progress=progress)
     if donor is not None and report.search["method"].get("reused"):
         report.warm_start = {"reused_from_job": donor.id, "saved_seconds": round(

@@ -6,7 +6,9 @@ from __future__ import annotations
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 
-DESCRIPTIONS = {400: "the body cannot be read as JSON", 401: "missing, invalid or revoked API key", 404: "no such job or entry for this tenant",
+DESCRIPTIONS = {400: "the body cannot be read as JSON, or the URL holds a NUL byte", 401: "missing, invalid or revoked API key",
+                404: "no such job or entry for this tenant",
+                408: "the request body did not arrive within MIXQ_BODY_TIMEOUT_SECONDS",
                 409: "not possible in the current state", 410: "the artifact is no longer stored",
                 413: "request body too large", 429: "the tenant's limit of queued and running jobs; see Retry-After"}
 

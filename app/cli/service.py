@@ -18,7 +18,7 @@ from .arguments import positive_int
 
 def runs_engine(args) -> bool:
     """Whether this command runs the engine here or in its children (and so needs the allocator setting)."""
-    return args.command == "worker" or (args.command == "serve" and not args.no_worker)
+    return (args.command == "worker" and not args.housekeeping) or (args.command == "serve" and not args.no_worker)
 
 
 def add_commands(commands) -> None:
@@ -30,9 +30,12 @@ def add_commands(commands) -> None:
                    help="API processes (one per core in production; the API loads no torch, so they are light)")
     s.set_defaults(handler=serve)
 
-    w = commands.add_parser("worker", help="a Celery worker for compression jobs")
-    w.add_argument("--concurrency", type=positive_int, default=1)
-    w.add_argument("--beat", action="store_true", help="also run the scheduler in this process")
+    w = commands.add_parser("worker", help="a Celery worker for compression jobs (or, --housekeeping, for sweeps, "
+                                           "registry ticks and webhooks)")
+    w.add_argument("--concurrency", type=positive_int, default=None,
+                   help="jobs at once (default 1), or housekeeping threads (default 4)")
+    w.add_argument("--housekeeping", action="store_true",
+                   help="the housekeeping worker, on its own queue, with the beat scheduler")
     w.set_defaults(handler=worker)
     commands.add_parser("beat", help="the Celery beat scheduler (sweeps and registry ticks)").set_defaults(handler=beat)
 
@@ -51,18 +54,27 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def _celery(*args: str) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", *args]
+    return [sys.executable, "-m", "celery", *args]
 
 
-def worker_process(concurrency: int = 1, beat: bool = False) -> tuple[list[str], dict[str, str], Path]:
+HOUSEKEEPING_THREADS = 4  # a slow webhook receiver holds one thread, never the sweeps
+
+
+def worker_process(concurrency: int | None = None, housekeeping: bool = False) -> tuple[list[str], dict[str, str],
+                                                                                         Path]:
     """A worker's command, environment and working directory: its own folder under the data directory, with
     every path in the environment absolute, so nothing a job names can resolve against the operator's
-    current directory."""
+    current directory. The housekeeping worker (torch-free threads, with beat) consumes its own queue."""
     settings = get_settings()
-    command = _celery("worker", "-Q", settings.queue, "-c", str(concurrency), "--loglevel", "INFO",
-                      "-n", f"mixq-{settings.queue}-{os.getpid()}@%h")
-    if beat:
-        command += ["-B", "-s", str(settings.data_dir / "beat-schedule")]
+    if housekeeping:
+        command = _celery("-A", "worker.housekeeping", "worker", "-Q", settings.housekeeping_queue, "-P", "threads",
+                          "-c", str(concurrency or HOUSEKEEPING_THREADS), "-B", "-s",
+                          str(settings.data_dir / "beat-schedule"))
+        name = settings.housekeeping_queue
+    else:
+        command = _celery("-A", "worker.celery_app", "worker", "-Q", settings.queue, "-c", str(concurrency or 1))
+        name = settings.queue
+    command += ["--loglevel", "INFO", "-n", f"mixq-{name}-{os.getpid()}@%h"]
     work = settings.data_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     return command, {**os.environ, **settings.environment()}, work
@@ -108,14 +120,15 @@ def _usage(message: str) -> int:
 
 
 def worker(args) -> int:
-    command, environment, work = worker_process(args.concurrency, args.beat)
+    command, environment, work = worker_process(args.concurrency, args.housekeeping)
     os.chdir(work)
     os.execve(sys.executable, command, environment)
 
 
 def beat(args) -> int:
     settings = get_settings()
-    os.execv(sys.executable, _celery("beat", "-s", str(settings.data_dir / "beat-schedule"), "--loglevel", "INFO"))
+    os.execv(sys.executable, _celery("-A", "worker.housekeeping", "beat", "-s", str(settings.data_dir / "beat-schedule"),
+                                     "--loglevel", "INFO"))
 
 
 def serve(args) -> int:
@@ -142,23 +155,32 @@ def serve(args) -> int:
               "Bind to another address or use Postgres/Redis to require API keys.", file=sys.stderr)
     print(f"mixq: database {settings.database_url.split('@')[-1]}, broker {settings.broker_url.split('@')[-1]}",
           file=sys.stderr)
-    worker_child = None
-    if not args.no_worker:
-        command, environment, work = worker_process(beat=True)
-        worker_child = subprocess.Popen(command, env=environment, cwd=work, preexec_fn=_die_with_parent)
+    children = []
+    if not args.no_worker:  # a compression worker, and the housekeeping worker with beat
+        for housekeeping in (False, True):
+            command, environment, work = worker_process(housekeeping=housekeeping)
+            children.append(subprocess.Popen(command, env=environment, cwd=work, preexec_fn=_die_with_parent))
     try:
         if args.workers > 1:  # one process per core; each builds the production app (keys required)
             _serve_processes(args.host, args.port, args.workers)
         else:
-            uvicorn.run(create_app(auth_disabled=auth_disabled), host=args.host, port=args.port, log_level="info")
+            uvicorn.run(create_app(auth_disabled=auth_disabled), host=args.host, port=args.port, log_level="info",
+                        **connection_limits(settings))
     finally:
-        if worker_child is not None:
-            worker_child.terminate()
+        for child in children:
+            child.terminate()
+        for child in children:
             try:
-                worker_child.wait(timeout=30)
+                child.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                worker_child.kill()
+                child.kill()
     return 0
+
+
+def connection_limits(settings) -> dict:
+    """What one API process holds open: at most `max_connections` at once (503 beyond), idle keep-alive
+    connections for `keep_alive_seconds`. A body's own deadline is the app's (app/main.py, 408)."""
+    return {"limit_concurrency": settings.max_connections, "timeout_keep_alive": settings.keep_alive_seconds}
 
 
 def _serve_processes(host: str, port: int, workers: int) -> None:
@@ -170,7 +192,8 @@ def _serve_processes(host: str, port: int, workers: int) -> None:
     from uvicorn import Config
     from uvicorn.supervisors import Multiprocess
 
-    config = Config("app.main:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")
+    config = Config("app.main:create_app", factory=True, host=host, port=port, workers=workers, log_level="info",
+                    **connection_limits(get_settings()))
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))

@@ -111,3 +111,9 @@ def local_tenant(session: Session) -> CallerTenant:
         return CallerTenant(tenant.id, tenant.name)
 
     return _remembered.get(f"tenant:{LOCAL_TENANT}", lookup)
+
+
+def may_use_hub_token(session: Session, tenant_id: int) -> bool:
+    """Whether the operator lets this tenant's jobs use the workers' HF_TOKEN (MIXQ_HF_TOKEN_TENANTS)."""
+    allowed = {name.strip() for name in get_settings().hf_token_tenants.split(",") if name.strip()}
+    return bool(allowed) and session.scalar(select(Tenant.name).where(Tenant.id == tenant_id)) in allowed

@@ -12,7 +12,7 @@ Exactly once without trusting the broker: `claim` is a conditional UPDATE (only 
 running one whose heartbeat is stale, can be taken), and a worker writes progress and results only while
 it still holds the claim. The jobs table is also the outbox: a job is stored first and its message
 published after (`publish`); the sweeper publishes whatever was not. Every terminal transition notifies
-(webhooks, registry regressions) exactly once, through `_ended`.
+(webhooks, registry regressions) exactly once, through `notify_ended`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from . import notifications, queue
 from .db import session_scope
-from .models import CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, SUCCEEDED, Artifact, Job, utcnow
+from .models import CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, SUCCEEDED, Artifact, Job, Tenant, utcnow
 from .settings import Settings, get_settings
 
 log = logging.getLogger("mixq.jobs")
@@ -40,8 +40,14 @@ class QuotaExceeded(ValueError):
     """The tenant already has as many queued and running jobs as it may (MIXQ_MAX_ACTIVE_JOBS_PER_TENANT)."""
 
 
-def check_quota(session: Session, tenant_id: int, settings: Settings | None = None) -> None:
+def check_quota(session: Session, tenant_id: int, settings: Settings | None = None, lock: bool = True) -> None:
+    """Refuse a new job for a tenant at its limit. Takes the tenant's row lock first (PostgreSQL; the write
+    lock on SQLite) and holds it to the end of the caller's transaction, so concurrent submissions are counted
+    one after another: the count and the insert that follows are atomic. `lock=False` only looks (an early
+    answer before slow work; the insert must check again with the lock)."""
     settings = settings or get_settings()
+    if lock:
+        session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
     active = session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id,
                                                                         Job.status.in_((QUEUED, RUNNING))))
     if active >= settings.max_active_jobs_per_tenant:
@@ -82,16 +88,22 @@ def submit(session: Session, tenant_id: int, request: dict, idempotency_key: str
     return job, True
 
 
-def publish(job_id: str, priority: int) -> bool:
-    """Send the job's message to the broker. A failure is logged (the broker's own words stay in the log)
-    and leaves the job to the sweeper."""
+def publish(job_id: str, priority: int, record: bool = False) -> bool:
+    """Send the job's message to the broker (and, with `record`, note when: a new submission was marked
+    published up front). A failure is logged (the broker's own words stay in the log), leaves the job to the
+    sweeper, and starts its publish deadline if none is running: the deadline counts from the first failure
+    since the last successful publish, never from creation."""
     try:
         queue.run_job(job_id, priority)
     except Exception:
         log.warning("could not publish job %s; the sweeper will retry", job_id, exc_info=True)
         with session_scope() as session:
-            session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=None))
+            session.execute(update(Job).where(Job.id == job_id).values(
+                enqueued_at=None, publish_failed_at=func.coalesce(Job.publish_failed_at, utcnow())))
         return False
+    if record:
+        with session_scope() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow(), publish_failed_at=None))
     return True
 
 
@@ -156,14 +168,14 @@ def finish(job_id: str, worker: str, report: dict, artifacts: dict[str, dict]) -
         job.report, job.phases, job.result_status = report, report["phases"], report["status"]
         job.baseline_metric, job.final_metric = report["baseline"]["metric"], report["final"]["metric"]
         job.latency_reduction = report["latency_reduction"]
-    _ended(job_id)
+    notify_ended(job_id)
     return True
 
 
 def end_running(job_id: str, worker: str, status: str, message: str | None = None, error: str | None = None) -> bool:
     """A worker ends the job it holds as failed or cancelled."""
     if update_if_mine(job_id, worker, status=status, finished_at=utcnow(), message=message or status, error=error):
-        _ended(job_id)
+        notify_ended(job_id)
         return True
     return False
 
@@ -178,13 +190,14 @@ def _end_unheld(job_id: str, status: str, message: str, error: str | None = None
         ended = session.execute(update(Job).where(Job.id == job_id, Job.status.not_in(FINISHED)).values(
             status=status, finished_at=utcnow(), message=message, error=error, worker=None)).rowcount == 1
     if ended:
-        _ended(job_id)
+        notify_ended(job_id)
     return ended
 
 
-def cancel(session: Session, job: Job) -> Job:
+def cancel(session: Session, job: Job) -> bool:
     """A queued job is cancelled at once (a late delivery finds nothing to claim); a running one is asked
-    to stop at its next step boundary."""
+    to stop at its next step boundary. Returns whether the job ended here: then the caller notifies
+    (`notify_ended`) once its answer is on its way, so no request waits on a notification."""
     if job.status in FINISHED:
         raise ValueError(f"job already {job.status}")
     queued = session.execute(update(Job).where(Job.id == job.id, Job.status == QUEUED).values(
@@ -195,9 +208,7 @@ def cancel(session: Session, job: Job) -> Job:
             cancel_requested=True, message="cancellation requested: stops at the next step boundary"))
     session.commit()
     session.refresh(job)
-    if queued:
-        _ended(job.id)
-    return job
+    return queued
 
 
 def sweep(settings: Settings | None = None) -> dict[str, int]:
@@ -221,8 +232,9 @@ def sweep(settings: Settings | None = None) -> dict[str, int]:
         unpublished = now - timedelta(seconds=settings.publish_grace_seconds)
         unclaimed = now - timedelta(seconds=settings.unclaimed_after_seconds)
         deadline = now - timedelta(seconds=settings.publish_deadline_seconds)
-        abandoned = list(session.scalars(select(Job.id).where(Job.status == QUEUED, Job.enqueued_at.is_(None),
-                                                                Job.created_at < deadline)))
+        abandoned = list(session.scalars(select(Job.id).where(
+            Job.status == QUEUED, Job.enqueued_at.is_(None),
+            func.coalesce(Job.publish_failed_at, Job.created_at) < deadline)))
         waiting = session.execute(select(Job.id, Job.priority).where(Job.status == QUEUED, or_(
             Job.enqueued_at.is_(None) & (Job.created_at < unpublished), Job.enqueued_at < unclaimed)).order_by(
             Job.created_at)).all()
@@ -234,18 +246,15 @@ def sweep(settings: Settings | None = None) -> dict[str, int]:
         fail(job_id, f"the job could not be queued for {settings.publish_deadline_seconds:.0f} s: the broker is "
                      "unreachable")
     again = dict(requeued) | {job_id: priority for job_id, priority in waiting if job_id not in abandoned}
-    published = 0
-    for job_id, priority in again.items():
-        if publish(job_id, priority):
-            published += 1
-            with session_scope() as session:
-                session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+    published = sum(publish(job_id, priority, record=True) for job_id, priority in again.items())
     return {"requeued": len(requeued), "published": published, "cancelled": len(cancelled),
             "failed": len(exhausted) + len(abandoned)}
 
 
-def _ended(job_id: str) -> None:
+def notify_ended(job_id: str) -> None:
+    """The ended job's notifications: queued for the housekeeping worker, never delivered here."""
     try:
         notifications.job_ended(job_id)
     except Exception:  # a notification problem never changes the job's outcome
         log.exception("notifications for job %s failed", job_id)
+

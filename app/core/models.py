@@ -67,6 +67,8 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(16), index=True, default=QUEUED)
     # When the job's message last went to the broker; null until it has (the sweeper publishes those).
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The first failed publish since the last successful one: the publish deadline counts from it.
+    publish_failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     phase: Mapped[str | None] = mapped_column(String(32))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     step: Mapped[int | None] = mapped_column(Integer)

@@ -13,6 +13,8 @@ RUN_JOB = "mixq.run_job"
 SWEEP = "mixq.sweep"
 REGISTRY_TICK = "mixq.registry_tick"
 DELIVER_WEBHOOK = "mixq.deliver_webhook"
+# Short tasks the housekeeping worker runs, on their own queue: none waits behind a compression job.
+HOUSEKEEPING = (SWEEP, REGISTRY_TICK, DELIVER_WEBHOOK)
 
 
 def make_celery(include: tuple[str, ...] = ()) -> Celery:
@@ -35,9 +37,13 @@ def make_celery(include: tuple[str, ...] = ()) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=settings.broker_timeout_seconds,
         worker_hijack_root_logger=False,
+        task_routes={name: {"queue": settings.housekeeping_queue} for name in HOUSEKEEPING},
         # Static entries only drive database-backed work: job state and registry schedules live in the database.
-        beat_schedule={"sweep": {"task": SWEEP, "schedule": settings.sweep_seconds},
-                       "registry-tick": {"task": REGISTRY_TICK, "schedule": settings.scheduler_tick_seconds}},
+        # Each expires after its own interval: a backlog (a worker that was down) is dropped, never replayed.
+        beat_schedule={"sweep": {"task": SWEEP, "schedule": settings.sweep_seconds,
+                                 "options": {"expires": settings.sweep_seconds}},
+                       "registry-tick": {"task": REGISTRY_TICK, "schedule": settings.scheduler_tick_seconds,
+                                         "options": {"expires": settings.scheduler_tick_seconds}}},
     )
     return app
 
@@ -49,8 +55,10 @@ def client() -> Celery:
 
 
 def send(name: str, args: list, priority: int | None = None, countdown: float | None = None) -> None:
-    client().send_task(name, args=args, queue=get_settings().queue, priority=priority, countdown=countdown,
-                       retry=False)
+    """Publish a task by name: housekeeping tasks to their own queue, jobs to the compression queue."""
+    settings = get_settings()
+    destination = settings.housekeeping_queue if name in HOUSEKEEPING else settings.queue
+    client().send_task(name, args=args, queue=destination, priority=priority, countdown=countdown, retry=False)
 
 
 def run_job(job_id: str, priority: int) -> None:

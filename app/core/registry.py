@@ -18,14 +18,15 @@ import logging
 from datetime import datetime, timedelta
 
 from croniter import croniter
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from worker.engine.errors import InputError
 from worker.engine.spec import parse_source, resolve_revision
 
 from . import jobs
+from .auth import may_use_hub_token
 from .db import session_scope
-from .models import FAILED, QUEUED, RUNNING, Job, RegistryEntry, RegistryRun, utcnow
+from .models import FAILED, QUEUED, RUNNING, Job, RegistryEntry, RegistryRun, Tenant, utcnow
 from .settings import get_settings
 
 log = logging.getLogger("mixq.registry")
@@ -37,18 +38,34 @@ def next_run(schedule: dict, after: datetime) -> datetime:
     return after + timedelta(seconds=schedule["interval_seconds"])
 
 
+class EntryQuotaExceeded(ValueError):
+    """The tenant already has as many registry entries as it may (MIXQ_MAX_REGISTRY_ENTRIES_PER_TENANT)."""
+
+
+def check_entry_quota(session, tenant_id: int) -> None:
+    """Refuse a new entry for a tenant at its limit; the tenant's row lock makes the count and the insert
+    atomic, as for jobs."""
+    limit = get_settings().max_registry_entries_per_tenant
+    session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
+    entries = session.scalar(select(func.count()).select_from(RegistryEntry).where(RegistryEntry.tenant_id == tenant_id))
+    if entries >= limit:
+        raise EntryQuotaExceeded(f"this tenant already has {entries} registry entries, the most it may have "
+                                 "(MIXQ_MAX_REGISTRY_ENTRIES_PER_TENANT): delete some first")
+
+
 def options_hash(request: dict) -> str:
     """Everything but the model decides whether a re-compression is needed when the revision is unchanged."""
     options = {k: v for k, v in request.items() if k != "model"}
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
 
 
-def current_revision(entry: RegistryEntry) -> tuple[str | None, str | None]:
+def current_revision(entry: RegistryEntry, hub_token: bool = False) -> tuple[str | None, str | None]:
     """The model's revision now, or why it could not be resolved. Resolved before any lock is taken:
-    a Hub lookup or hashing a large folder can take a while."""
+    a Hub lookup or hashing a large folder can take a while. `hub_token`: auth.may_use_hub_token."""
     try:
         settings = get_settings()
-        return resolve_revision(parse_source(entry.model), settings.model_root, settings.hub_timeout_seconds), None
+        return resolve_revision(parse_source(entry.model), settings.model_root, settings.hub_timeout_seconds,
+                                hub_token), None
     except InputError as exc:
         return None, str(exc)
 
@@ -95,30 +112,66 @@ def fire(session, entry: RegistryEntry, now: datetime, trigger: str, revision: t
 
 
 def tick(now: datetime | None = None) -> list[int]:
-    """Fire every due, unpaused entry once; returns the ids of the runs recorded."""
+    """Fire due, unpaused entries once each, the oldest due first and at most `registry_tick_batch` of them (the
+    rest fire on the next tick); returns the ids of the runs recorded. One entry's failure is recorded on that
+    entry and never stops the others."""
     now = now or utcnow()
     with session_scope() as session:
         due = session.execute(select(RegistryEntry.id, RegistryEntry.next_run_at).where(
-            RegistryEntry.paused.is_(False), RegistryEntry.next_run_at <= now)).all()
+            RegistryEntry.paused.is_(False), RegistryEntry.next_run_at <= now).order_by(
+            RegistryEntry.next_run_at).limit(get_settings().registry_tick_batch)).all()
     recorded = []
     for entry_id, slot in due:
-        with session_scope() as session:
-            entry = session.get(RegistryEntry, entry_id)
-            claimed = session.execute(update(RegistryEntry).where(
-                RegistryEntry.id == entry_id, RegistryEntry.next_run_at == slot).values(
-                next_run_at=next_run(entry.schedule, now))).rowcount
-            if claimed != 1:  # another scheduler fired this slot
-                continue
-        # The slot is ours; the revision is resolved with no lock held, then the firing decided under one.
-        with session_scope() as session:
-            entry = session.get(RegistryEntry, entry_id)
-            revision = current_revision(entry)
-        with session_scope() as session:
-            run, job = fire(session, session.get(RegistryEntry, entry_id), now, "schedule", revision)
-            session.flush()
-            run_id, job_id, priority = run.id, job and job.id, job and job.priority
-        if job_id:
-            jobs.publish(job_id, priority)
-        recorded.append(run_id)
-        log.info("registry entry %s fired: run %s", entry_id, run_id)
+        try:
+            run_id = _fire_due(entry_id, slot, now)
+        except Exception as exc:
+            log.exception("registry entry %s could not fire", entry_id)
+            run_id = _failed(entry_id, now, exc)
+        if run_id is not None:
+            recorded.append(run_id)
     return recorded
+
+
+def _fire_due(entry_id: str, slot: datetime, now: datetime) -> int | None:
+    with session_scope() as session:
+        entry = session.get(RegistryEntry, entry_id)
+        if entry is None:  # deleted since the due query
+            return None
+        claimed = session.execute(update(RegistryEntry).where(
+            RegistryEntry.id == entry_id, RegistryEntry.next_run_at == slot).values(
+            next_run_at=next_run(entry.schedule, now))).rowcount
+        if claimed != 1:  # another scheduler fired this slot
+            return None
+    # The slot is ours; the revision is resolved with no lock held, then the firing decided under one.
+    with session_scope() as session:
+        entry = session.get(RegistryEntry, entry_id)
+        if entry is None:
+            return None
+        revision = current_revision(entry, may_use_hub_token(session, entry.tenant_id))
+    with session_scope() as session:
+        entry = session.get(RegistryEntry, entry_id)
+        if entry is None:
+            return None
+        run, job = fire(session, entry, now, "schedule", revision)
+        session.flush()
+        run_id, job_id, priority = run.id, job and job.id, job and job.priority
+    if job_id:
+        jobs.publish(job_id, priority)
+    log.info("registry entry %s fired: run %s", entry_id, run_id)
+    return run_id
+
+
+def _failed(entry_id: str, now: datetime, exc: Exception) -> int | None:
+    """Record why an entry could not fire, and pause it: its schedule would fail again on every tick (a cron
+    with no slot left does)."""
+    reason = (f"the entry could not fire and is paused until it is fixed: {type(exc).__name__}: {str(exc)[:200]}")
+    with session_scope() as session:
+        entry = session.get(RegistryEntry, entry_id)
+        if entry is None:
+            return None
+        entry.paused = True
+        run = RegistryRun(entry_id=entry_id, fired_at=now, trigger="schedule", options_hash=options_hash(entry.request),
+                          outcome="error", reason=reason)
+        session.add(run)
+        session.flush()
+        return run.id

@@ -32,12 +32,15 @@ WEBHOOK_PATTERN = rf"^https?://[^\s{CONTROL_CHARACTERS}]+$"
 
 
 def _valid_unicode(value) -> None:
-    """JSON may carry lone surrogates (\\ud800) that no database or response can encode: refuse them."""
+    """JSON may carry lone surrogates (\\ud800) that no database or response can encode, and NUL characters
+    (\\u0000) that PostgreSQL's text and JSON columns refuse: refuse both."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError("text must be valid Unicode: lone surrogates such as \\ud800 are refused") from None
+        if "\x00" in value:
+            raise ValueError("text must not contain NUL characters (\\u0000)")
     elif isinstance(value, dict):
         for key, item in value.items():
             _valid_unicode(key)
@@ -229,6 +232,9 @@ class CronSchedule(Strict):
     def _fires(cls, value: str) -> str:
         from croniter import CroniterError, croniter
 
+        if len(value.split()) != 5:  # croniter also takes seconds and years, whose last slot ends a schedule
+            raise ValueError(f"invalid cron expression {value!r}: give exactly 5 fields (minute hour day month "
+                             "weekday)")
         if not croniter.is_valid(value):
             raise ValueError(f"invalid cron expression {value!r}")
         try:
@@ -242,7 +248,17 @@ class CronSchedule(Strict):
 
 
 class IntervalSchedule(Strict):
-    interval_seconds: int = Field(ge=10, le=366 * 86400)
+    interval_seconds: int = Field(ge=10, le=366 * 86400,
+                                  description="at least the operator's floor, MIXQ_MIN_INTERVAL_SECONDS (300 by default)")
+
+    @field_validator("interval_seconds")
+    @classmethod
+    def _not_too_often(cls, value: int) -> int:
+        floor = get_settings().min_interval_seconds
+        if value < floor:
+            raise ValueError(f"interval_seconds must be at least {floor} (MIXQ_MIN_INTERVAL_SECONDS): a job takes "
+                             "minutes, and a schedule must not outrun it")
+        return value
 
     def to_dict(self) -> dict:
         return {"interval_seconds": self.interval_seconds}

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     device: str = "cpu"
     threads: int | None = None
     queue: str = "cpu"  # GPU workers consume "gpu"
+    # Sweeps, registry ticks and webhook deliveries: their own queue and small worker, never behind a job.
+    housekeeping_queue: str = "housekeeping"
     job_soft_time_limit: int = 3 * 3600
     job_time_limit: int = 3 * 3600 + 300
     # Timing per layer in the latency profile (more is steadier, less is quicker).
@@ -51,6 +53,11 @@ class Settings(BaseSettings):
     # Only `mixq serve` on a loopback address reads this; unset, the embedded default runs without auth.
     auth_disabled: bool | None = None
     max_body_bytes: int = 64 * 1024
+    # A request body must arrive within this long (a slow sender gets 408), and one API process serves at
+    # most this many connections at once (503 beyond); idle keep-alive connections close after the last.
+    body_timeout_seconds: float = 10.0
+    max_connections: int = 200
+    keep_alive_seconds: float = 5.0
     # Host headers the API answers (comma-separated; "*" for any). Unset: loopback names when it runs
     # without keys (so a web page cannot reach it by DNS rebinding), any host when keys are required.
     allowed_hosts: str | None = None
@@ -60,6 +67,11 @@ class Settings(BaseSettings):
     max_active_jobs_per_tenant: int = 20
     max_job_memory_bytes: int = 16 * 2**30
     max_job_sample_passes: int = 1_000_000
+    # Registry: entries per tenant, the shortest interval a schedule may have, and how many due entries one
+    # scheduler tick fires (the oldest due first; the rest on the next tick).
+    max_registry_entries_per_tenant: int = 100
+    min_interval_seconds: int = 300
+    registry_tick_batch: int = 100
     # How long a process remembers which tenant an API key belongs to (a revoked key works this long at most).
     key_cache_seconds: float = 5.0
 
@@ -67,6 +79,11 @@ class Settings(BaseSettings):
     # payloads are signed with HMAC-SHA256 of this secret.
     webhook_allowlist: str = ""
     webhook_secret: str | None = None
+    # One delivery attempt gives up after this long in all, however slowly the receiver answers.
+    webhook_timeout_seconds: float = 10.0
+    # Tenants (comma-separated names) whose jobs may use the workers' HF_TOKEN for the Hub; every other
+    # tenant's requests go to the Hub anonymously, so they can never reach the operator's private repos.
+    hf_token_tenants: str = ""
     scheduler_tick_seconds: float = 15.0
 
     @model_validator(mode="after")

@@ -1,4 +1,6 @@
-"""Webhook notifications: allow-listed targets only, signed per tenant with a timestamp, retried with backoff.
+"""Webhook notifications: allow-listed targets only, signed per tenant with a timestamp, delivered in the
+background by the housekeeping worker (never on a request's path or a compression worker) and retried with
+backoff; one attempt gives up after `webhook_timeout_seconds` in all, however slowly the receiver answers.
 
 Each tenant signs with its own secret, derived from the operator's `MIXQ_WEBHOOK_SECRET` (HMAC of the
 tenant id), so no tenant can forge another's events; `GET /v1/webhooks/secret` gives a tenant its own.
@@ -9,6 +11,7 @@ replayed later. Every attempt (retries included) is signed afresh.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -83,26 +86,33 @@ def sign(body: bytes, secret: str, timestamp: int) -> str:
 
 def post(url: str, event: str, payload: dict, delivery_id: str, tenant_id: int,
          settings: Settings | None = None) -> None:
-    """One delivery attempt; raises on a network error or a non-2xx answer."""
+    """One delivery attempt; raises on a network error, a non-2xx answer, or past the overall deadline (a
+    receiver trickling its answer a byte at a time would otherwise reset a per-read timeout forever)."""
     settings = settings or get_settings()
     check_target(url, settings)  # the allow-list may have changed since registration
     body = json.dumps({"event": event, "delivery": delivery_id, **payload}, default=str).encode()
     signature = sign(body, tenant_secret(tenant_id, settings), int(time.time()))
-    response = httpx.post(url, content=body, timeout=10, headers={
-        "Content-Type": "application/json", "X-Mixq-Event": event, "X-Mixq-Delivery": delivery_id,
-        SIGNATURE_HEADER: signature})
+    headers = {"Content-Type": "application/json", "X-Mixq-Event": event, "X-Mixq-Delivery": delivery_id,
+               SIGNATURE_HEADER: signature}
+    deadline = settings.webhook_timeout_seconds
+
+    async def attempt() -> httpx.Response:
+        async with httpx.AsyncClient(timeout=deadline) as client:
+            return await client.post(url, content=body, headers=headers)
+
+    try:
+        response = asyncio.run(asyncio.wait_for(attempt(), deadline))
+    except TimeoutError:
+        raise httpx.TimeoutException(f"no complete answer within {deadline:g} s") from None
     response.raise_for_status()
 
 
 def send(url: str | None, event: str, payload: dict, tenant_id: int) -> None:
-    """Try once now; on failure hand the delivery to the retrying Celery task."""
+    """Hand the delivery to the housekeeping worker; a broker that cannot take it is logged, and nothing
+    waits on the receiver."""
     if not url:
         return
-    delivery_id = str(uuid.uuid4())
     try:
-        post(url, event, payload, delivery_id, tenant_id)
-    except ValueError as exc:
-        log.warning("webhook %s to %s refused: %s", event, url, exc)
-    except httpx.HTTPError as exc:
-        log.info("webhook %s to %s failed (%s); retrying in the background", event, url, exc)
-        queue.send(queue.DELIVER_WEBHOOK, [url, event, payload, delivery_id, tenant_id], countdown=5)
+        queue.send(queue.DELIVER_WEBHOOK, [url, event, payload, str(uuid.uuid4()), tenant_id])
+    except Exception:
+        log.warning("could not queue webhook %s to %s", event, url, exc_info=True)

@@ -43,6 +43,11 @@ class DataOptions:
     batch_size: int = 8
     seq_len: int = 128
     seed: int = 0
+    max_input_bytes: int | None = None  # the service's memory limit, checked again before images are allocated
+
+    @property
+    def total_samples(self) -> int:
+        return self.calibration_samples + self.eval_samples + self.test_samples
 
 
 SPLITS = ("calibration", "evaluation", "test")
@@ -122,8 +127,9 @@ def tokenize(tokenizer, texts: list[str], seq_len: int) -> dict[str, torch.Tenso
 
 def load_dataset_for(task: str, options: DataOptions, model_root: Path | None, cache_dir: Path,
                      preprocessing: Preprocessing | None = None,
-                     image_shape: tuple[int, ...] | None = None) -> Dataset:
-    """Data for a non-builtin model, from `options.spec` or (explicitly) synthetic."""
+                     image_shape: tuple[int, ...] | None = None, hub_token: bool = False) -> Dataset:
+    """Data for a non-builtin model (or a builtin given the user's data), from `options.spec` or (explicitly)
+    synthetic. `hub_token` as for hub.download."""
     preprocessing = preprocessing or Preprocessing()
     if options.synthetic:
         return synthetic(task, options, preprocessing.vocab_size, image_shape)
@@ -131,7 +137,7 @@ def load_dataset_for(task: str, options: DataOptions, model_root: Path | None, c
         raise InputError("this model brings no data: pass --data (an HF dataset ID or a file under the model root), "
                          "or --synthetic-data to measure on random inputs")
     if options.spec.startswith("hf:"):
-        texts, images, labels, where = _read_hf_dataset(options, task, cache_dir)
+        texts, images, labels, where = _read_hf_dataset(options, task, cache_dir, hub_token)
     else:
         path = resolve_under_root(options.spec, model_root, what="data")
         if task == IMAGE_CLASSIFICATION and path.is_dir():
@@ -258,14 +264,14 @@ def parse_hf_dataset_id(spec: str) -> tuple[str, str | None]:
     return name, config or None
 
 
-def _read_hf_dataset(options: DataOptions, task: str, cache_dir: Path):
+def _read_hf_dataset(options: DataOptions, task: str, cache_dir: Path, hub_token: bool):
     """Returns (texts, images, labels, description) from a Hub dataset, downloaded first (hub.py)."""
     import datasets
 
     name, config = parse_hf_dataset_id(options.spec)
     if not SPLIT_NAME.fullmatch(options.split):
         raise InputError(f"invalid split {options.split!r}: a split is a name such as train or validation")
-    folder, sha = hub.download(name, None, cache_dir, repo_type=hub.DATASET)
+    folder, sha = hub.download(name, None, cache_dir, repo_type=hub.DATASET, token=hub_token)
     where = f"hf:{name}@{sha[:12]}"
     limit = options.calibration_samples + options.eval_samples + options.test_samples
     try:
@@ -290,7 +296,7 @@ def _read_hf_dataset(options: DataOptions, task: str, cache_dir: Path):
 def synthetic(task: str, options: DataOptions, vocab_size: int = 30522,
               image_shape: tuple[int, ...] | None = None) -> Dataset:
     """Random inputs: only for latency work or smoke tests; the metric is fidelity to the fp32 model."""
-    n = options.calibration_samples + options.eval_samples + options.test_samples
+    n = options.total_samples
     generator = torch.Generator().manual_seed(options.seed)
     if task == IMAGE_CLASSIFICATION:
         inputs = {"pixel_values": torch.randn((n, *(image_shape or (3, 224, 224))), generator=generator)}

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cost
-from .adapters import FEATURE_EXTRACTION, ModelAdapter
+from .adapters import FEATURE_EXTRACTION
 from .data import Batch, Dataset
 
 LOGIT_COSINE = "logit_cosine"

@@ -30,15 +30,17 @@ def _endpoint() -> str | None:
     return os.environ.get("HF_ENDPOINT") or None
 
 
-def resolve(repo_id: str, revision: str | None, repo_type: str = MODEL, timeout: float = DEFAULT_TIMEOUT) -> str:
-    """The commit sha `revision` (default: main) names now, or an InputError saying why not."""
+def resolve(repo_id: str, revision: str | None, repo_type: str = MODEL, timeout: float = DEFAULT_TIMEOUT,
+            token: bool = False) -> str:
+    """The commit sha `revision` (default: main) names now, or an InputError saying why not. Anonymous
+    unless `token`: only then does the process's HF_TOKEN go to the Hub (see `token_for`)."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     what = f"{repo_type} {repo_id!r}"
     try:
-        return HfApi(endpoint=_endpoint()).repo_info(repo_id, revision=revision, repo_type=repo_type,
-                                                      timeout=timeout).sha
+        return HfApi(endpoint=_endpoint(), token=token_for(token)).repo_info(repo_id, revision=revision,
+                                                                              repo_type=repo_type, timeout=timeout).sha
     except RevisionNotFoundError:
         raise InputError(f"revision {revision!r} of {what} does not exist on the Hub") from None
     except RepositoryNotFoundError:  # also gated or private repositories without a token
@@ -49,17 +51,41 @@ def resolve(repo_id: str, revision: str | None, repo_type: str = MODEL, timeout:
                          f"timeout {timeout:g} s)") from None
 
 
+def token_for(allowed: bool) -> bool | None:
+    """huggingface_hub's `token` argument: None sends the process's HF_TOKEN, False sends none. A worker's
+    token is the operator's; a tenant's job uses it only where the operator allows that tenant
+    (MIXQ_HF_TOKEN_TENANTS), so nobody else can reach the operator's private or gated repositories."""
+    return None if allowed else False
+
+
+def config(repo_id: str, revision: str | None, cache_dir: Path, timeout: float = DEFAULT_TIMEOUT) -> dict:
+    """A model's config.json, fetched anonymously (the API reads an image model's input size before it
+    accepts a job)."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+
+    sha = resolve(repo_id, revision, MODEL, timeout)
+    try:
+        path = hf_hub_download(repo_id, "config.json", revision=sha, endpoint=_endpoint(), etag_timeout=timeout,
+                               token=False, cache_dir=Path(cache_dir) / "hub")
+        return json.loads(Path(path).read_text())
+    except Exception as exc:
+        raise InputError(f"cannot read the config of {repo_id!r}@{sha[:12]} ({type(exc).__name__})") from None
+
+
 def download(repo_id: str, revision: str | None, cache_dir: Path, repo_type: str = MODEL,
-             timeout: float = DEFAULT_TIMEOUT) -> tuple[Path, str]:
-    """Resolve, then fetch the commit's loadable files; returns (snapshot folder, commit sha)."""
+             timeout: float = DEFAULT_TIMEOUT, token: bool = False) -> tuple[Path, str]:
+    """Resolve, then fetch the commit's loadable files; returns (snapshot folder, commit sha). `token` as
+    for `resolve`."""
     from huggingface_hub import snapshot_download
 
-    sha = resolve(repo_id, revision, repo_type, timeout)
+    sha = resolve(repo_id, revision, repo_type, timeout, token)
     patterns = MODEL_FILES if repo_type == MODEL else DATASET_FILES
     try:
         folder = snapshot_download(repo_id, repo_type=repo_type, revision=sha, cache_dir=Path(cache_dir) / "hub",
                                    allow_patterns=patterns, ignore_patterns=["*/*"] if repo_type == MODEL else None,
-                                   endpoint=_endpoint(), etag_timeout=timeout)
+                                   endpoint=_endpoint(), etag_timeout=timeout, token=token_for(token))
     except Exception as exc:
         log.warning("downloading %s %s@%s failed", repo_type, repo_id, sha, exc_info=True)
         raise InputError(f"cannot download {repo_type} {repo_id!r}@{sha[:12]} from the Hub "

@@ -75,6 +75,7 @@ class CompressOptions:
     # Warm start: an earlier analysis of the same revision and data (see Sensitivity.from_report).
     reuse_sensitivity: sens.Sensitivity | None = None
     revision: str | None = None  # already resolved by the caller (a local folder is hashed once)
+    hub_token: bool = False  # whether the Hub may see this process's HF_TOKEN (hub.token_for)
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
@@ -184,7 +185,7 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
     spec = parse_source(source)
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("device cuda requested but no GPU is available")
-    loaded = load_model(spec, options.data, options.model_root, options.cache_dir, options.revision)
+    loaded = load_model(spec, options.data, options.model_root, options.cache_dir, options.revision, options.hub_token)
     baseline_precision = "fp32" if options.device == "cpu" else "fp16"
     adapter = float_model(adapt(loaded.model, loaded.task), baseline_precision, options.device)
     data = _to_device(loaded.data, options.device, next(adapter.parameters()).dtype)

@@ -4,8 +4,10 @@ Each field of a request is capped, but not their product: 100k samples of synthe
 120 GB before the first forward pass. Two estimates bound a job:
 
 - memory: the inputs held for every sample (calibration, evaluation and test), plus one batch's
-  attention scores for text models; a builtin's input shape is known, other models are assumed to
-  take 3x224x224 images or `seq_len` tokens, whichever costs more (their config is not read here);
+  attention scores for text models; a builtin's input shape is known; another model's image size comes
+  from its config (`image_shape`, read by the API from the Hub or the model root before it accepts the
+  job, and by the worker again before it allocates anything); without a config, 3x224x224 images or
+  `seq_len` tokens, whichever costs more;
 - work: sample forward passes, summed over the phases that scale with the request.
 """
 
@@ -32,11 +34,25 @@ class JobSize:
     sample_passes: int
 
 
-def estimate(request: dict) -> JobSize:
+def image_shape(config: dict) -> tuple[int, int, int] | None:
+    """(channels, height, width) from a transformers config, for models that take images; None otherwise."""
+    size = config.get("image_size")
+    if size is None:
+        return None
+    height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
+    return int(config.get("num_channels", 3)), int(height), int(width)
+
+
+def image_bytes(samples: int, shape: tuple[int, ...]) -> int:
+    return samples * math.prod(shape) * 4  # float32 pixels
+
+
+def estimate(request: dict, shape: tuple[int, ...] | None = None) -> JobSize:
     samples = request["calibration_samples"] + request["eval_samples"] + request["test_samples"]
     batch, seq_len = request["batch_size"], request["seq_len"]
-    kind, shape = BUILTIN_INPUTS.get(request["model"].removeprefix("builtin:"), (None, DEFAULT_IMAGE))
-    image = samples * math.prod(shape) * 4  # float32 pixels
+    kind, shape = BUILTIN_INPUTS.get(request["model"].removeprefix("builtin:"),
+                                     ("image", shape) if shape else (None, DEFAULT_IMAGE))
+    image = image_bytes(samples, shape)
     text = samples * seq_len * 2 * 8 + batch * ATTENTION_HEADS * seq_len ** 2 * 4  # int64 ids and mask
     memory = image if kind == "image" else text if kind == "text" else max(image, text)
     passes = (request["calibration_samples"] + SEARCH_EVALUATIONS * request["eval_samples"]
@@ -45,15 +61,20 @@ def estimate(request: dict) -> JobSize:
     return JobSize(memory, passes)
 
 
-def check(request: dict, max_memory_bytes: int, max_sample_passes: int) -> JobSize:
+def check(request: dict, max_memory_bytes: int, max_sample_passes: int,
+          shape: tuple[int, ...] | None = None) -> JobSize:
     """The estimate, or an InputError saying which limit it passes and what to lower."""
-    size = estimate(request)
-    if size.memory_bytes > max_memory_bytes:
-        raise InputError(f"this job would hold about {size.memory_bytes / 2**30:.1f} GiB of inputs, over the "
-                         f"limit of {max_memory_bytes / 2**30:.1f} GiB: lower calibration_samples, eval_samples or "
-                         "test_samples (or batch_size and seq_len for text models)")
+    size = estimate(request, shape)
+    check_memory(size.memory_bytes, max_memory_bytes)
     if size.sample_passes > max_sample_passes:
         raise InputError(f"this job would run about {size.sample_passes:,} sample forward passes, over the limit "
                          f"of {max_sample_passes:,}: lower eval_samples (each search step scores all of them), "
                          "or hutchinson_samples and batch_size")
     return size
+
+
+def check_memory(needed: int, limit: int | None) -> None:
+    if limit is not None and needed > limit:
+        raise InputError(f"this job would hold about {needed / 2**30:.1f} GiB of inputs, over the limit of "
+                         f"{limit / 2**30:.1f} GiB: lower calibration_samples, eval_samples or test_samples (or "
+                         "batch_size and seq_len for text models)")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import builtins, hub
+from . import builtins, hub, sizing
 from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION
 from .catalogue import BUILTIN_INPUTS
 from .data import DataOptions, Dataset, Preprocessing, load_dataset_for
@@ -50,26 +50,27 @@ def task_for_config(config) -> str:
 
 
 def load_model(spec: ModelSpec, data_options: DataOptions, model_root: Path | None, cache_dir: Path,
-               revision: str | None = None) -> LoadedModel:
+               revision: str | None = None, hub_token: bool = False) -> LoadedModel:
     """`revision`, when the caller already resolved it (resolve_revision), is the one loaded: a Hub branch
-    that moves in between does not change what this job measures."""
+    that moves in between does not change what this job measures. `hub_token`: whether the Hub may see this
+    process's HF_TOKEN (hub.token_for)."""
     if spec.kind == "builtin":
         built = builtins.load_builtin(spec.id, data_options, cache_dir)
         if data_options.spec or data_options.synthetic:  # the user's data, prepared as the builtin's own is
             data = load_dataset_for(built.task, data_options, model_root, cache_dir, built.preprocessing(),
-                                    image_shape=BUILTIN_INPUTS[spec.id][1] or None)
+                                    image_shape=BUILTIN_INPUTS[spec.id][1] or None, hub_token=hub_token)
             return LoadedModel(spec, built.model, built.task, built.version, data)
         return LoadedModel(spec, built.model, built.task, built.version, built.default_data(), built.metric)
     if spec.kind == "local":
         folder = resolve_under_root(spec.id, model_root, what="model")
         revision = revision or directory_revision(folder)
     else:
-        folder, revision = hub.download(spec.id, revision or spec.revision, cache_dir)
-    return _load_transformers(spec, folder, revision, data_options, model_root, cache_dir)
+        folder, revision = hub.download(spec.id, revision or spec.revision, cache_dir, token=hub_token)
+    return _load_transformers(spec, folder, revision, data_options, model_root, cache_dir, hub_token)
 
 
 def _load_transformers(spec: ModelSpec, folder: Path, revision: str, data_options: DataOptions,
-                       model_root: Path | None, cache_dir: Path) -> LoadedModel:
+                       model_root: Path | None, cache_dir: Path, hub_token: bool) -> LoadedModel:
     from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification,
                               AutoModelForSequenceClassification, AutoTokenizer)
 
@@ -80,6 +81,9 @@ def _load_transformers(spec: ModelSpec, folder: Path, revision: str, data_option
     except Exception as exc:  # unknown architecture, malformed config
         raise InputError(f"cannot load the model config of {spec}: {type(exc).__name__}: {exc}") from None
     task = task_for_config(config)
+    if task == IMAGE_CLASSIFICATION:  # the API checked this already, from the same config; a worker checks again
+        sizing.check_memory(sizing.image_bytes(data_options.total_samples, _config_image_shape(config)),
+                            data_options.max_input_bytes)
     auto = {IMAGE_CLASSIFICATION: AutoModelForImageClassification,
             SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification}.get(task, AutoModel)
     if not any(folder.glob("*.safetensors")):
@@ -106,7 +110,7 @@ def _load_transformers(spec: ModelSpec, folder: Path, revision: str, data_option
         vocab_size=getattr(config, "vocab_size", None) or 30522,
         label2id=dict(getattr(config, "label2id", None) or {}), num_labels=getattr(config, "num_labels", None))
     data = load_dataset_for(task, data_options, model_root, cache_dir, preprocessing,
-                            image_shape=_config_image_shape(config))
+                            image_shape=_config_image_shape(config), hub_token=hub_token)
     return LoadedModel(spec, model, task, revision, data)
 
 

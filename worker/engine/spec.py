@@ -69,10 +69,27 @@ def directory_revision(path: Path) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def resolve_revision(spec: ModelSpec, model_root: Path | None, timeout: float = hub.DEFAULT_TIMEOUT) -> str:
+def resolve_revision(spec: ModelSpec, model_root: Path | None, timeout: float = hub.DEFAULT_TIMEOUT,
+                     hub_token: bool = False) -> str:
     """The model's current revision, without loading it: what the registry compares between firings."""
     if spec.kind == "builtin":
         return builtin_version(spec.id)
     if spec.kind == "local":
         return directory_revision(resolve_under_root(spec.id, model_root, what="model"))
-    return hub.resolve(spec.id, spec.revision, timeout=timeout)
+    return hub.resolve(spec.id, spec.revision, timeout=timeout, token=hub_token)
+
+
+def model_config(spec: ModelSpec, model_root: Path | None, cache_dir: Path, timeout: float = hub.DEFAULT_TIMEOUT
+                 ) -> dict | None:
+    """A Hub or local model's config.json, without loading the model; None for builtins."""
+    import json
+
+    if spec.kind == "builtin":
+        return None
+    if spec.kind == "local":
+        path = resolve_under_root(spec.id, model_root, what="model") / "config.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise InputError(f"{spec} has no readable config.json") from None
+    return hub.config(spec.id, spec.revision, cache_dir, timeout)

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from fastapi.responses import FileResponse
 from sqlalchemy import and_, or_, select
 
@@ -20,9 +22,10 @@ from app.core.schemas import JobCreate, JobList, JobOut, LayerOut, StepOut
 from app.core.settings import get_settings
 from worker.engine.errors import InputError
 from worker.engine.paths import resolve_under_root
-from worker.engine.spec import parse_source
+from worker.engine import sizing
+from worker.engine.spec import model_config, parse_source
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=errors(400, 401))
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=errors(400, 401, 408))
 JOB_OPERATIONS = ("get_job", "get_report", "get_layers", "get_steps", "get_artifact", "cancel_job")
 RETRY_AFTER_SECONDS = 30  # a tenant at its quota: about how long before a job of its finishes or starts
 
@@ -46,6 +49,35 @@ def too_many(exc: jobs.QuotaExceeded) -> HTTPException:
     return HTTPException(429, str(exc), headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
+def validated_request(request: dict) -> JobCreate:
+    """A job request (a registry entry's after a PATCH) validated as POST /v1/jobs validates one: the schema,
+    then the paths; any problem is a 422 in the schema's own error shape."""
+    try:
+        body = JobCreate.model_validate(request)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
+    check_local_paths(body)
+    return body
+
+
+def check_input_size(body: JobCreate) -> None:
+    """An image model's inputs at the size its own config says (a ViT may take 2048 px, not 224), read before
+    the job is accepted, from the Hub or the model root as the worker will read it; a config that cannot be
+    read here is left to the worker, which checks again before it allocates anything."""
+    settings = get_settings()
+    try:
+        config = model_config(parse_source(body.model), settings.model_root, settings.cache_dir,
+                              settings.hub_timeout_seconds)
+    except InputError:
+        return
+    shape = sizing.image_shape(config) if config else None
+    try:
+        if shape:
+            sizing.check(body.model_dump(), settings.max_job_memory_bytes, settings.max_job_sample_passes, shape)
+    except InputError as exc:
+        raise invalid(("body",), str(exc)) from None
+
+
 def check_local_paths(body: JobCreate) -> None:
     """Refuse, at submission, model or data paths that escape the allowed root (not later in a worker)."""
     root = get_settings().model_root
@@ -65,6 +97,7 @@ def check_local_paths(body: JobCreate) -> None:
 def submit_job(body: JobCreate, response: Response, session: SessionDep, tenant: TenantDep,
                background: BackgroundTasks, idempotency_key: str | None = Header(None, max_length=200)) -> JobOut:
     check_local_paths(body)
+    check_input_size(body)
     try:
         job, created = jobs.submit(session, tenant.id, body.model_dump(mode="json"), idempotency_key)
     except jobs.IdempotencyConflict as exc:
@@ -84,8 +117,10 @@ def encode_cursor(created_at: datetime, row_id: str) -> str:
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
-        created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(created), job_id
+        created, row_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        if "\x00" in row_id:
+            raise ValueError("NUL in a cursor")
+        return datetime.fromisoformat(created), row_id
     except Exception:
         raise invalid(("query", "cursor"), "invalid cursor: pass back next_cursor from a previous page") from None
 
@@ -165,8 +200,14 @@ async def get_artifact(job_id: str, session: SessionDep, tenant: TenantDep,
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=errors(404, 409))
-async def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
+def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep, background: BackgroundTasks) -> JobOut:
+    """A plain def: its write may wait for a lock, which must never hold up the event loop; the ended job's
+    webhook is queued after the answer is sent, for the housekeeping worker to deliver."""
+    job = owned_job(job_id, session, tenant)
     try:
-        return job_out(jobs.cancel(session, owned_job(job_id, session, tenant)))
+        ended = jobs.cancel(session, job)
     except ValueError as exc:
         raise HTTPException(409, str(exc)) from None
+    if ended:
+        background.add_task(jobs.notify_ended, job.id)
+    return job_out(job)

@@ -6,16 +6,17 @@ from fastapi import APIRouter, BackgroundTasks, HTTPException, Query, Response
 from sqlalchemy import and_, or_, select
 
 from app.api.deps import SessionDep, TenantDep
-from app.api.openapi import errors, links
-from app.api.routes.jobs import check_local_paths, decode_cursor, encode_cursor, too_many
+from app.api.openapi import errors, invalid, links
+from app.api.routes.jobs import (check_input_size, check_local_paths, decode_cursor, encode_cursor, too_many,
+                                 validated_request)
 from app.core import jobs, registry
-from app.core.auth import CallerTenant
+from app.core.auth import CallerTenant, may_use_hub_token
 from app.core.history import history, rows
 from app.core.models import RegistryEntry, RegistryRun, utcnow
-from app.core.schemas import (JobCreate, RegistryCreate, RegistryList, RegistryOut, RegistryPatch, RegistrySettings,
+from app.core.schemas import (RegistryCreate, RegistryList, RegistryOut, RegistryPatch, RegistrySettings,
                               RunList, RunOut)
 
-router = APIRouter(prefix="/v1/registry", tags=["registry"], responses=errors(400, 401))
+router = APIRouter(prefix="/v1/registry", tags=["registry"], responses=errors(400, 401, 408))
 ENTRY_OPERATIONS = ("get_entry", "patch_entry", "delete_entry", "pause", "resume", "run_now", "get_history")
 
 
@@ -43,9 +44,13 @@ def owned_entry(entry_id: str, session, tenant: CallerTenant) -> RegistryEntry:
 
 @router.post("", status_code=201, response_model=RegistryOut, responses={
     201: {"links": links("entry_id", "$response.body#/id", *ENTRY_OPERATIONS)}, **errors(413)})
-async def register(body: RegistryCreate, response: Response, session: SessionDep,
-                   tenant: TenantDep) -> RegistryOut:
+def register(body: RegistryCreate, response: Response, session: SessionDep, tenant: TenantDep) -> RegistryOut:
     check_local_paths(body)
+    check_input_size(body)
+    try:
+        registry.check_entry_quota(session, tenant.id)
+    except registry.EntryQuotaExceeded as exc:
+        raise invalid(("body",), str(exc)) from None
     schedule = body.schedule.to_dict()
     entry = RegistryEntry(tenant_id=tenant.id, model=body.model, request=body.job_request(), schedule=schedule,
                           paused=body.paused, next_run_at=registry.next_run(schedule, utcnow()),
@@ -76,8 +81,7 @@ async def get_entry(entry_id: str, session: SessionDep, tenant: TenantDep):
 
 
 @router.patch("/{entry_id}", response_model=RegistryOut, responses=errors(404))
-async def patch_entry(entry_id: str, body: RegistryPatch, session: SessionDep,
-                      tenant: TenantDep) -> RegistryOut:
+def patch_entry(entry_id: str, body: RegistryPatch, session: SessionDep, tenant: TenantDep) -> RegistryOut:
     entry = owned_entry(entry_id, session, tenant)
     changes = body.model_dump(mode="json", exclude_unset=True)
     if "schedule" in changes:
@@ -89,14 +93,15 @@ async def patch_entry(entry_id: str, body: RegistryPatch, session: SessionDep,
     if "paused" in changes and changes["paused"] != entry.paused:
         _pause(entry, changes["paused"])
     options = {k: v for k, v in changes.items() if k not in set(RegistrySettings.model_fields) | {"webhook_url"}}
-    if options:  # re-validate the whole job request, so a patch can never store an invalid one
-        entry.request = JobCreate(**{**entry.request, **options}).model_dump(mode="json", exclude={"webhook_url"})
+    if options:  # the whole job request, validated exactly as on creation, so a patch never stores an invalid one
+        merged = validated_request({**entry.request, **options})
+        entry.request = merged.model_dump(mode="json", exclude={"webhook_url"})
     session.commit()
     return entry_out(session, entry)
 
 
 @router.delete("/{entry_id}", status_code=204, responses=errors(404))
-async def delete_entry(entry_id: str, session: SessionDep, tenant: TenantDep):
+def delete_entry(entry_id: str, session: SessionDep, tenant: TenantDep):
     session.delete(owned_entry(entry_id, session, tenant))
     session.commit()
     return Response(status_code=204)
@@ -116,12 +121,12 @@ def _set_paused(entry_id: str, paused: bool, session, tenant: CallerTenant) -> R
 
 
 @router.post("/{entry_id}/pause", response_model=RegistryOut, responses=errors(404))
-async def pause(entry_id: str, session: SessionDep, tenant: TenantDep):
+def pause(entry_id: str, session: SessionDep, tenant: TenantDep):
     return _set_paused(entry_id, True, session, tenant)
 
 
 @router.post("/{entry_id}/resume", response_model=RegistryOut, responses=errors(404))
-async def resume(entry_id: str, session: SessionDep, tenant: TenantDep):
+def resume(entry_id: str, session: SessionDep, tenant: TenantDep):
     return _set_paused(entry_id, False, session, tenant)
 
 
@@ -130,12 +135,12 @@ async def resume(entry_id: str, session: SessionDep, tenant: TenantDep):
 def run_now(entry_id: str, session: SessionDep, tenant: TenantDep, background: BackgroundTasks,
             force: bool = Query(False, description="enqueue even if nothing changed")) -> RunOut:
     entry = owned_entry(entry_id, session, tenant)
-    try:
-        jobs.check_quota(session, tenant.id)
+    try:  # an early answer; the firing checks again under the tenant's lock
+        jobs.check_quota(session, tenant.id, lock=False)
     except jobs.QuotaExceeded as exc:
         raise too_many(exc) from None
     # Before any lock, and in a worker thread (a plain def): a Hub lookup can take a while.
-    revision = registry.current_revision(entry)
+    revision = registry.current_revision(entry, may_use_hub_token(session, tenant.id))
     run, job = registry.fire(session, entry, utcnow(), "manual", revision, force=force)
     session.commit()
     if job is not None:  # published after the response, as for POST /v1/jobs
@@ -145,7 +150,7 @@ def run_now(entry_id: str, session: SessionDep, tenant: TenantDep, background: B
 
 @router.get("/{entry_id}/history", response_model=RunList, responses=errors(404))
 async def get_history(entry_id: str, session: SessionDep, tenant: TenantDep, limit: int = Query(50, ge=1, le=500),
-                      cursor: int | None = Query(None, ge=0, le=2**63 - 1,
+                      cursor: int | None = Query(None, ge=0, le=2**31 - 1,
                                                  description="next_cursor of the previous page")) -> RunList:
     """Newest first, each successful run with its deltas to the one before it."""
     found, next_cursor = history(session, owned_entry(entry_id, session, tenant), limit, cursor)
