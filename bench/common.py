@@ -1,14 +1,18 @@
-"""What the benchmarks share: running as a `mixq` engine process, their command line, and their results."""
+"""What the benchmarks share: running as a `mixq` engine process, their command line, the data they use,
+the plans they score, and their results (each file records the commit and report format it ran on)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+# Real ImageNet photographs beside the checkout (../shared/data, see its README); never copied into the repo.
+IMAGENET = ROOT.parent / "shared" / "data" / "imagenet-sample-1k"
 sys.path.insert(0, str(ROOT))
 
 
@@ -30,12 +34,84 @@ def parser(doc: str, models: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=models, help="comma-separated builtin names")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--imagenet", type=Path, default=IMAGENET,
+                        help="an ImageNet-layout folder (a folder per WordNet id) for the EfficientNet builtins")
     return parser
 
 
+def data_for(model: str, imagenet: Path, **sizes):
+    """The benchmark data of a builtin: an ImageNet folder (top-1 accuracy) for the EfficientNets, the builtin's
+    own otherwise. Returns (DataOptions, model_root)."""
+    from worker.engine.data import DataOptions
+
+    if model.startswith("efficientnet"):
+        return DataOptions(spec=imagenet.name, **sizes), imagenet.parent
+    return DataOptions(**sizes), None
+
+
+def provenance() -> dict:
+    """The code a result came from: commit (and whether the tree had uncommitted changes) and report format."""
+    from worker.engine.report import REPORT_FORMAT
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "worker", "app")),
+            "report_format": REPORT_FORMAT, "command": " ".join(["python", *sys.argv])}
+
+
 def save(out: Path, name: str, results, table: str) -> None:
-    """`<name>.json` (everything) and `<name>.md` (the table the README quotes), then the table."""
+    """`<name>.json` (everything, with its provenance) and `<name>.md` (the table the README quotes)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / f"{name}.json").write_text(json.dumps({"provenance": provenance(), "results": results}, indent=2,
+                                                 default=str))
     (out / f"{name}.md").write_text(table)
     print(table, flush=True)
+
+
+def load(out: Path, name: str) -> list:
+    """The results of an earlier run (for --keep)."""
+    path = out / f"{name}.json"
+    return json.loads(path.read_text())["results"] if path.exists() else []
+
+
+class PlanScores:
+    """Every plan a benchmark scores: built on the real kernels and scored per sample on the evaluation split
+    once, with what that cost (one cost-ledger phase per plan); each method is charged for the plans it
+    needed, as if it had evaluated them itself."""
+
+    def __init__(self, bench):
+        from worker.engine.cost import Ledger, Spent
+
+        self.bench, self.ledger = bench, Ledger()
+        empty = frozenset()
+        self.scores: dict[frozenset, list[float]] = {empty: bench.evaluator.baseline_scores()}
+        self.spent: dict[frozenset, Spent] = {empty: Spent()}
+        self.last: tuple[frozenset, object] | None = None  # the model built last, for timing it
+
+    def __call__(self, low, tally: set | None = None) -> list[float]:
+        key = frozenset(low)
+        if key not in self.scores:
+            with self.ledger.phase(str(sorted(key))) as spent:
+                self.scores[key] = self.bench.evaluator.scores(self.model(low))
+            self.spent[key] = spent
+        if tally is not None:
+            tally.add(key)
+        return self.scores[key]
+
+    def model(self, low):
+        key = frozenset(low)
+        if not key:
+            return self.bench.backend.baseline
+        if self.last is None or self.last[0] != key:
+            self.last = key, self.bench.build(self.bench.plan(list(low), "int8"))
+        return self.last[1]
+
+    def charge(self, tally: set):
+        """What the plans in `tally` cost, summed."""
+        from worker.engine.cost import Spent
+
+        total = Spent()
+        for key in tally:
+            total.add(self.spent[key])
+        return total

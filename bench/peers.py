@@ -1,75 +1,56 @@
-"""mixq's search against the searches people use today, on the same model, data, split and kernels.
+"""mixq against the searches people use, on the same model, data splits, budget and kernels.
 
-Methods (every metric from the real int8 kernels on the evaluation split):
-- uniform: every candidate layer in low precision.
-- nncf-revert (OpenVINO/NNCF accuracy control): start all low; rank layers by the metric gained when each
-  is reverted alone; revert in that order until the plan is within budget.
-- greedy-damage: rank layers by the damage each does alone; add them in that order, keeping each addition
-  that stays within budget.
-- greedy-damage-per-mac: the same, ranked by damage per multiply-accumulate (a latency-aware greedy).
-- mixq-<ordering>-<selection>: the engine's sensitivity analysis, latency profile and search.
+Methods:
+- uniform: every candidate layer in int8.
+- nncf-revert: OpenVINO/NNCF's accuracy-control idea re-implemented on torch's kernels: start all int8, rank
+  layers by the metric regained when each alone is reverted, revert in that order until within budget.
+- greedy-damage-per-mac: rank layers by the damage each does alone per multiply-accumulate (a latency-aware
+  greedy); add them in that order, keeping each addition that stays within budget.
+- mixq (default): the shipped pipeline, `compress()`, with its default options; its cost is its own report's.
+- mixq-hessian-cost-aware, mixq-random: the pipeline's steps (probe, profile, analysis, search) with the
+  Hessian-only ordering and a random ordering (the control), on the same cached evaluations.
+- NNCF 3.4 (real): `nncf.quantize_with_accuracy_control` on the ONNX export of the same float model
+  (bench/nncf_peer.py), with its default preset and with per-tensor activations.
 
-Evaluations count the distinct plans a method measured (the evaluations are cached across methods and
-budgets, since a plan's metric is deterministic, but each method is charged for every plan it needed).
-Wall time is the time of those evaluations plus the method's own analysis. Final plans are scored once on
-the test split; their latencies and the baseline's are timed together in interleaved rounds (medians), so
-machine drift hits all alike. Writes bench/results/peers.{json,md}.
+The re-implemented peers accept a plan on its evaluation drop alone, as they do; mixq accepts with its
+confidence rule. Every plan is scored on the evaluation split (cached: a plan's scores are deterministic;
+each method is charged for every plan it needed: forward passes, seconds), once on the test split (drop
+with its paired standard error), and timed against the float baseline in round-robin rounds (all plans and
+the baseline in each round, so drift hits all alike; median reduction with a bootstrap interval). mixq's
+plan is also exported and measured in onnxruntime. Writes bench/results/peers.{json,md} and the README's
+views of it (peers-readme.md, peers-cost.md).
 
-    .venv/bin/python bench/peers.py [--models minilm,efficientnet-lite0,digits-resnet,digits-mobilenetv2] [--keep]
+    .venv/bin/python bench/peers.py [--models minilm,efficientnet-lite0,efficientnet-lite1,efficientnet-lite2]
 """
 
 from __future__ import annotations
 
-import json
-import statistics
+import tempfile
 import time
+from pathlib import Path
 
-from common import ROOT, engine_process, parser, save
+from common import PlanScores, ROOT, data_for, engine_process, load, parser, save
 
 engine_process()
 
 import torch  # noqa: E402
 
+import nncf_peer  # noqa: E402
+from worker.engine import export  # noqa: E402
 from worker.engine import sensitivity as sens  # noqa: E402
-from worker.engine.data import DataOptions  # noqa: E402
+from worker.engine.cost import Spent  # noqa: E402
 from worker.engine.kernels import capture_inputs  # noqa: E402
-from worker.engine.latency import LatencyOptions, measure  # noqa: E402
-from worker.engine.pipeline import CompressOptions, prepare, select  # noqa: E402
-from worker.engine.search import Budget, search  # noqa: E402
+from worker.engine.latency import LatencyOptions, Paired  # noqa: E402
+from worker.engine.pipeline import CompressOptions, compress, prepare, select  # noqa: E402
+from worker.engine.search import Budget, Measurement, Step, search  # noqa: E402
 
-BUDGETS = (0.005, 0.01, 0.02)
-MIXQ = [("augmented", "cost-aware"), ("augmented", "sensitivity"), ("hessian", "cost-aware"),
-        ("hessian", "sensitivity"), ("random", "sensitivity")]
-DEFAULT = "mixq-augmented-cost-aware"
-
-
-class Evaluations:
-    """Metric of a low-precision set on the evaluation split, cached; each caller keeps its own tally."""
-
-    def __init__(self, bench):
-        self.bench = bench
-        self.baseline_metric = bench.evaluator.metric(bench.backend.baseline)
-        self.metrics: dict[frozenset, float] = {frozenset(): self.baseline_metric}
-        self.seconds: dict[frozenset, float] = {frozenset(): 0.0}
-        self.last: tuple[frozenset, torch.nn.Module] | None = None  # the model just built, for timing it
-
-    def __call__(self, low, tally: set | None = None) -> float:
-        key = frozenset(low)
-        if key not in self.metrics:
-            started = time.perf_counter()
-            self.metrics[key] = self.bench.evaluator.metric(self.model(low))
-            self.seconds[key] = time.perf_counter() - started
-        if tally is not None:
-            tally.add(key)
-        return self.metrics[key]
-
-    def model(self, low):
-        key = frozenset(low)
-        if not key:
-            return self.bench.backend.baseline
-        if self.last is None or self.last[0] != key:
-            self.last = key, self.bench.build(self.bench.plan(list(low), "int8"))
-        return self.last[1]
+BUDGETS = {"minilm": (0.005, 0.01, 0.02), "efficientnet": (0.0025, 0.005, 0.01)}
+SIZES = {"minilm": dict(calibration_samples=128, eval_samples=256, test_samples=188),
+         "efficientnet": dict(calibration_samples=128, eval_samples=512, test_samples=360)}
+VARIANTS = {"mixq-hessian-cost-aware": ("hessian", "cost-aware"), "mixq-random": ("random", "sensitivity")}
+DEFAULT = "mixq"
+# The phases of a mixq job that decide its plan (load and baseline are what every method starts from).
+MIXQ_PHASES = ("probe", "profile", "sensitivity", "search", "final")
 
 
 def macs(bench) -> dict[str, float]:
@@ -86,142 +67,238 @@ def macs(bench) -> dict[str, float]:
     return out
 
 
-def forward_greedy(order, evaluate, baseline, budget, tally) -> list[str]:
+def forward_greedy(order, accepts, tally) -> list[str]:
     low = []
     for name in order:
-        trial = low + [name]
-        if budget.accepts(budget.drop(baseline, evaluate(trial, tally))):
-            low = trial
+        if accepts(low + [name], tally):
+            low = low + [name]
     return low
 
 
-def nncf_revert(names, evaluate, baseline, budget, tally) -> list[str]:
+def nncf_revert(names, accepts, regained, tally) -> list[str]:
     low = list(names)
-    if budget.accepts(budget.drop(baseline, evaluate(low, tally))):
+    if accepts(low, tally):
         return low
-    gains = {n: evaluate([m for m in names if m != n], tally) for n in names}
-    for name in sorted(names, key=lambda n: -gains[n]):
+    for name in sorted(names, key=lambda n: -regained[n]):
         low.remove(name)
-        if budget.accepts(budget.drop(baseline, evaluate(low, tally))):
+        if accepts(low, tally):
             return low
     return []
 
 
-def run_model(model: str, repeats: int) -> dict:
-    options = CompressOptions(budget=Budget(0.01), data=DataOptions(), latency=LatencyOptions(warmup=2, repeats=7),
-                              cache_dir=ROOT / "var" / "cache")
+def round_robin(models: dict, example, rounds: int) -> dict:
+    """Each model's time per call, `rounds` times, every model once per round (baseline first)."""
+    times = {key: [] for key in models}
+    with torch.inference_mode():
+        for model in models.values():  # warm-up
+            model(*example)
+        for _ in range(rounds):
+            for key, model in models.items():
+                started = time.perf_counter()
+                model(*example)
+                times[key].append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def spent_dict(spent: Spent, evaluations: int) -> dict:
+    return {**spent.to_dict(), "evaluations": evaluations}
+
+
+def run_model(model: str, imagenet, rounds: int) -> dict:
+    family = "efficientnet" if model.startswith("efficientnet") else model
+    data, root = data_for(model, imagenet, **SIZES[family])
+    cache_dir = ROOT / "var" / "cache"
+    options = CompressOptions(budget=Budget(0.01), data=data, model_root=root, cache_dir=cache_dir,
+                              latency=LatencyOptions(warmup=2, repeats=15))
     bench = prepare(f"builtin:{model}", options)
     evaluator, names = bench.evaluator, bench.candidates
-    evaluate = Evaluations(bench)
-    baseline = evaluate.baseline_metric
-    print(f"{model}: {len(names)} candidates, baseline {evaluator.metric_name} {baseline:.4f}", flush=True)
+    plans = PlanScores(bench)
+    baseline_scores = plans(())
+    baseline_metric = sum(baseline_scores) / len(baseline_scores)
+    print(f"{model}: {len(names)} candidates, baseline {evaluator.metric_name} {baseline_metric:.4f}", flush=True)
 
-    # Shared analyses, each timed once and charged to every method that uses it.
-    started = time.perf_counter()
+    def measured(low, budget: Budget, tally) -> Measurement:
+        scores = plans(low, tally)
+        _, stderr = budget.paired(baseline_scores, scores)
+        return Measurement(sum(scores) / len(scores), stderr)
+
+    def accepts_by_drop(budget):
+        def accepts(low, tally):
+            return budget.accepts(budget.drop(baseline_metric, measured(low, budget, tally).metric))
+        return accepts
+
+    # Shared analyses, each charged to every method that uses it.
     damage_tally: set = set()
-    damage = {n: baseline - evaluate([n], damage_tally) for n in names}
-    damage_seconds = time.perf_counter() - started
+    damage = {n: baseline_metric - measured([n], Budget(0.01), damage_tally).metric for n in names}
     layer_macs = macs(bench)
-    analyses, analysis_seconds = {}, {}
-    simulation = bench.backend.simulation(bench.calibration)
-    for ordering in {o for o, _ in MIXQ}:
-        started = time.perf_counter()
-        analyses[ordering] = sens.analyse(simulation, evaluator, names, sens.SensitivityOptions(ordering=ordering),
-                                          bench.adapter)
-        analysis_seconds[ordering] = time.perf_counter() - started
+    regained_tally: set = set()
+    regained = {n: measured([m for m in names if m != n], Budget(0.01), regained_tally).metric for n in names}
     started = time.perf_counter()
     profile = bench.backend.profile(bench.calibration)
     profile_seconds = time.perf_counter() - started
     eligible = [n for n in names if profile.measurable(n)]
+    analyses, analysis_spent = {}, {}
+    simulation = bench.backend.simulation(bench.calibration)
+    for variant, (ordering, _) in VARIANTS.items():
+        with plans.ledger.phase(f"analysis {ordering}") as spent:
+            analyses[ordering] = sens.analyse(simulation, evaluator, names, sens.SensitivityOptions(ordering=ordering),
+                                              bench.adapter)
+        analysis_spent[ordering] = spent
 
     runs = []
-    for max_drop in BUDGETS:
-        budget = Budget(max_drop)
+    for max_drop in BUDGETS[family]:
+        peer_budget = Budget(max_drop, confidence=0.5)  # the peers accept on the drop alone
 
-        def record(method, low, tally, extra_seconds, extra=None):
-            seconds = extra_seconds + sum(evaluate.seconds[k] for k in tally)
-            metric = evaluate(low)
+        def record(method, low, spent: Spent, evaluations: int, **extra):
             runs.append({"model": model, "budget": max_drop, "method": method, "low": sorted(low), "k": len(low),
-                         "metric": metric, "drop": budget.drop(baseline, metric), "evaluations": len(tally),
-                         "wall_seconds": round(seconds, 1), **(extra or {})})
+                         "cost": spent_dict(spent, evaluations), **extra})
 
         tally: set = set()
-        evaluate(names, tally)
-        record("uniform", list(names), tally, 0.0)
-        tally = set()
-        record("nncf-revert", nncf_revert(names, evaluate, baseline, budget, tally), tally, 0.0)
-        for method, key in (("greedy-damage", lambda n: damage[n]),
-                            ("greedy-damage-per-mac", lambda n: damage[n] / layer_macs[n])):
-            tally = set(damage_tally)
-            record(method, forward_greedy(sorted(names, key=key), evaluate, baseline, budget, tally), tally,
-                   damage_seconds - sum(evaluate.seconds[k] for k in damage_tally))
-        for ordering, selection in MIXQ:
-            options.selection, options.sensitivity.ordering, options.budget = selection, ordering, budget
-            order = select(analyses[ordering], profile, eligible, options)
-            tally, timings, timing_seconds = set(), {}, []
+        accepts_by_drop(peer_budget)(names, tally)
+        record("uniform", names, plans.charge(tally), len(tally))
+        tally = set(regained_tally)
+        low = nncf_revert(names, accepts_by_drop(peer_budget), regained, tally)
+        record("nncf-revert", low, plans.charge(tally), len(tally))
+        tally = set(damage_tally)
+        order = sorted(names, key=lambda n: damage[n] / layer_macs[n])
+        low = forward_greedy(order, accepts_by_drop(peer_budget), tally)
+        record("greedy-damage-per-mac", low, plans.charge(tally), len(tally))
 
-            def on_step(step, low, _cap, timings=timings, timing_seconds=timing_seconds):
-                if step.accepted:  # mixq times what passes and returns the fastest
-                    started = time.perf_counter()
-                    timings[tuple(low)] = measure(evaluate.model(low), bench.example, options.latency).median
-                    timing_seconds.append(time.perf_counter() - started)
+        # mixq as shipped: its own process of deciding, with its own cost ledger.
+        job = CompressOptions(budget=Budget(max_drop), data=data, model_root=root, cache_dir=cache_dir,
+                              latency=LatencyOptions(warmup=2, repeats=15))
+        started = time.perf_counter()
+        report = compress(f"builtin:{model}", job)
+        wall = time.perf_counter() - started
+        spent = Spent()
+        for phase in MIXQ_PHASES:
+            spent.add(Spent(**report.cost["phases"][phase]))
+        record(DEFAULT, report.plan.low_precision_layers, spent, report.search["evaluations"],
+               status=report.status, job_wall_seconds=round(wall, 1), accepted_by=report.final.accepted_by,
+               drop_reported=report.final.drop, stderr_reported=report.final.stderr)
+        mixq_row = runs[-1]
 
-            result = search(order, lambda low: evaluate(low, tally), baseline, budget, on_step=on_step)
-            low = list(min(timings, key=timings.get)) if timings else []
-            record(f"mixq-{ordering}-{selection}", low, tally,
-                   analysis_seconds[ordering] + profile_seconds + sum(timing_seconds),
-                   {"refinement_evaluations": sum(s.stage == "refinement" for s in result.steps)})
+        # The pipeline's decisions with other orderings, on the cached evaluations.
+        mixq_budget = Budget(max_drop)
+        for variant, (ordering, selection) in VARIANTS.items():
+            tally = set()
+            probe_measure = measured(names, mixq_budget, tally)
+            probe = Step.measured(len(names), probe_measure, baseline_metric, mixq_budget, stage="probe")
+            extra = Spent()
+            if probe.accepted:
+                low = list(names)
+            else:
+                options.sensitivity.ordering, options.selection = ordering, selection
+                order = select(analyses[ordering], profile, eligible, options)
+                known = probe if len(order) == len(names) else None
+                result = search(order, lambda low: measured(low, mixq_budget, tally), baseline_metric, mixq_budget,
+                                probe=known)
+                passing = [s.low(order) for s in result.steps if s.accepted and s.stage != "probe"]
+                low = min(passing, key=profile.predict_ms) if passing else []
+                extra.add(analysis_spent[ordering])
+                extra.seconds += profile_seconds
+            spent = plans.charge(tally)
+            spent.add(extra)
+            record(variant, low, spent, len(tally))
+
+        # The real NNCF on the ONNX export of the same float model.
+        with tempfile.TemporaryDirectory() as folder:
+            float_path = Path(folder) / "model.float.onnx"
+            export.export_float(bench.backend.baseline, list(bench.adapter.input_names), bench.example, float_path)
+            for per_tensor in (True, False):
+                figures = nncf_peer.run(bench, Budget(max_drop, confidence=0.5), float_path, rounds, per_tensor,
+                                        transformer=family == "minilm")
+                name = "nncf-real (per-tensor activations)" if per_tensor else "nncf-real (default preset)"
+                runs.append({"model": model, "budget": max_drop, "method": name, "nncf": figures,
+                             "k": figures["int8_layers"],
+                             "cost": {"seconds": figures["wall_seconds"], "forward": figures["validation_samples"],
+                                      "evaluations": figures["validation_calls"]}})
+            # mixq's plan in onnxruntime, quantized by onnxruntime's own tooling.
+            plan = report.plan
+            if plan.low_precision_layers:
+                exported = export.export(bench.backend.baseline, list(bench.adapter.input_names), plan, evaluator,
+                                         bench.calibration, Path(folder) / "mixq", "cpu", rounds)
+                mixq_row["onnx"] = {"ms": {"float": exported.float.latency_ms, "int8": exported.quantized.latency_ms},
+                                    "reduction": exported.latency_interval, "metric": exported.quantized.metric,
+                                    "test_metric": exported.quantized.test_metric}
         print(f"  budget {max_drop}: done", flush=True)
 
-    # One look at the test split per distinct plan, and latencies timed together in interleaved rounds.
-    plans = {frozenset(r["low"]) for r in runs} | {frozenset()}
-    models = {plan: evaluate.model(plan) for plan in plans}
-    test = {plan: evaluator.metric(built, "test") for plan, built in models.items()}
-    times: dict[frozenset, list[float]] = {plan: [] for plan in plans}
-    for _ in range(repeats):
-        for plan, built in models.items():
-            times[plan].append(measure(built, bench.example, LatencyOptions(warmup=1, repeats=3)).median)
-    latency = {plan: statistics.median(values) for plan, values in times.items()}
+    # One look at the test split per distinct plan, and latencies in round-robin rounds.
+    torch_runs = [r for r in runs if "low" in r]
+    distinct = sorted({frozenset(r["low"]) for r in torch_runs}, key=len)
+    models = {frozenset(): bench.backend.baseline, **{p: bench.build(bench.plan(sorted(p), "int8"))
+                                                      for p in distinct if p}}
+    test = {plan: evaluator.scores(built, "test") for plan, built in models.items()}
+    times = round_robin(models, bench.example, rounds)
     base_test = test[frozenset()]
+    for r in torch_runs:
+        plan, budget = frozenset(r["low"]), Budget(r["budget"], confidence=0.5)
+        r["metric"] = sum(plans.scores[plan]) / len(plans.scores[plan])
+        r["drop"], r["stderr"] = budget.paired(baseline_scores, plans.scores[plan])
+        r["test_metric"] = sum(test[plan]) / len(test[plan])
+        r["test_drop"], r["test_stderr"] = budget.paired(base_test, test[plan])
+        r["within_budget"] = r["drop"] <= r["budget"]
+        r["within_budget_on_test"] = r["test_drop"] <= r["budget"]
+        reduction = Paired(0, 0, 0, 0, times[frozenset()], times[plan]).reduction()
+        r["latency_ms"] = {"baseline": sorted(times[frozenset()])[rounds // 2], "plan": sorted(times[plan])[rounds // 2]}
+        r["latency_reduction"] = reduction.to_dict()
     for r in runs:
-        plan = frozenset(r["low"])
-        r["test_metric"] = test[plan]
-        r["test_drop"] = Budget(r["budget"]).drop(base_test, test[plan])
-        r["within_budget"] = Budget(r["budget"]).accepts(r["drop"])
-        r["within_budget_on_test"] = Budget(r["budget"]).accepts(r["test_drop"])
-        r["latency_ms"] = latency[plan]
-        r["latency_reduction"] = 1 - latency[plan] / latency[frozenset()]
-    return {"model": model, "candidates": len(names), "metric": evaluator.metric_name, "baseline_metric": baseline,
-            "baseline_test_metric": base_test, "baseline_latency_ms": latency[frozenset()],
-            "backend": bench.backend.name, "profile": profile.to_dict(), "runs": runs}
+        if "nncf" in r:
+            figures = r["nncf"]
+            r.update(metric=figures["metric"], test_metric=figures["test_metric"], drop=figures["drop"],
+                     stderr=figures["stderr"], test_drop=figures["test_drop"], test_stderr=figures["test_stderr"],
+                     within_budget=figures["within_budget"], within_budget_on_test=figures["within_budget_on_test"])
+    return {"model": model, "candidates": len(names), "metric": evaluator.metric_name, "backend": bench.backend.name,
+            "baseline_metric": baseline_metric, "baseline_test_metric": sum(base_test) / len(base_test),
+            "sizes": evaluator.data.sizes, "profile": profile.to_dict(), "runs": runs}
 
 
-def markdown(results: list[dict]) -> str:
-    lines = ["| model | budget | method | low layers | metric eval (test) | within budget eval / test "
-             "| latency reduction | evaluations | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+def _interval(reduction: dict) -> str:
+    return f"{reduction['median']:.1%} [{reduction['low']:.1%}, {reduction['high']:.1%}]"
+
+
+def _row(result: dict, r: dict) -> str:
+    name = f"**{r['method']}**" if r["method"] == DEFAULT else r["method"]
+    within = f"{'yes' if r['within_budget'] else 'no'} / {'yes' if r['within_budget_on_test'] else 'no'}"
+    metric = f"{r['metric']:.4f} ({r['test_metric']:.4f} ± {r['test_stderr'] * abs(result['baseline_test_metric']):.4f})"
+    if "nncf" in r:
+        torch_side = "–"
+        ort = _interval(r["nncf"]["ort_reduction"])
+    else:
+        torch_side = _interval(r["latency_reduction"])
+        ort = _interval(r["onnx"]["reduction"]) if "onnx" in r else "–"
+    cost = r["cost"]
+    passes = f"{cost.get('forward', 0):,}" + (f" + {cost['simulated']:,} sim" if cost.get("simulated") else "")
+    return (f"| {result['model']} | {r['budget']:.2%} | {name} | {r['k']}/{result['candidates']} | {metric} | {within} "
+            f"| {torch_side} | {ort} | {cost.get('evaluations', '–')} | {passes} | {cost['seconds']:.0f} |")
+
+
+HEADER = ["| model | budget | method | int8 layers | metric eval (test ± SE) | within budget eval / test "
+          "| torch latency reduction [95% interval] | onnxruntime reduction | evaluations | forward samples "
+          "| seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def markdown(results: list[dict], budgets: set | None = None) -> str:
+    lines = list(HEADER)
     for result in results:
         for r in result["runs"]:
-            name = f"**{r['method']}**" if r["method"] == DEFAULT else r["method"]
-            lines.append(
-                f"| {result['model']} | {r['budget']:.1%} | {name} | {r['k']}/{result['candidates']} "
-                f"| {r['metric']:.4f} ({r['test_metric']:.4f}) "
-                f"| {'yes' if r['within_budget'] else 'no'} / {'yes' if r['within_budget_on_test'] else 'no'} "
-                f"| {r['latency_reduction']:.1%} | {r['evaluations']} | {r['wall_seconds']} |")
+            if budgets is None or r["budget"] in budgets:
+                lines.append(_row(result, r))
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    arguments = parser(__doc__, "minilm,efficientnet-lite0,digits-resnet,digits-mobilenetv2")
-    arguments.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds of the final plans")
+    arguments = parser(__doc__, "minilm,efficientnet-lite0,efficientnet-lite1,efficientnet-lite2")
+    arguments.add_argument("--rounds", type=int, default=15, help="round-robin timing rounds of the final plans")
     arguments.add_argument("--keep", action="store_true",
                            help="keep the committed results of models not re-run (each model's run is self-contained)")
     args = arguments.parse_args()
     models = args.models.split(",")
-    stored = args.out / "peers.json"
-    results = [r for r in json.loads(stored.read_text()) if r["model"] not in models] if args.keep else []
+    results = [r for r in load(args.out, "peers") if r["model"] not in models] if args.keep else []
     for model in models:
-        results.append(run_model(model, args.rounds))
+        results.append(run_model(model, args.imagenet, args.rounds))
         save(args.out, "peers", results, markdown(results))
+        (args.out / "peers-readme.md").write_text(markdown(results, {0.01}))
 
 
 if __name__ == "__main__":

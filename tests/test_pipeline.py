@@ -138,7 +138,7 @@ def test_a_model_whose_layers_save_no_time_returns_the_baseline_unsearched(cache
     assert (report.status, report.final.k) == ("no_saving", 0)
     assert [s["stage"] for s in report.search["steps"]] == ["probe"]  # it was not faster; nothing else ran
     assert report.final.metric == report.baseline.metric
-    assert all(layer["excluded"] == "no measurable latency saving" for layer in report.layers)
+    assert all(layer["excluded"] == pipeline.NO_SAVING for layer in report.layers)
 
 
 def test_progress_callback_can_cancel_at_a_step_boundary(cache_dir):

@@ -18,18 +18,20 @@ from worker.engine.sensitivity import GAUSS_NEWTON, HUTCHINSON, LossProbe, Sensi
 FULL_SIZE = ("resnet50", "mobilenetv2", "bert-base")
 
 
-def _load(name: str, cache_dir, **data):
+def _load(name: str, cache_dir, analysis_loss: str = "fidelity", **data):
     sizes = {"calibration_samples": 16, "eval_samples": 8, "test_samples": 8, "seq_len": 32, **data}
     builtin = load_builtin(name, DataOptions(**sizes), cache_dir)
     adapter = adapt(builtin.model, builtin.task)
-    evaluator = Evaluator(adapter, builtin.default_data(), builtin.task)
+    evaluator = Evaluator(adapter, builtin.default_data(), builtin.task, analysis_loss=analysis_loss)
     calibration = evaluator.batches("calibration")
     return adapter, evaluator, calibration, choose_backend(adapter, "cpu", calibration[0])
 
 
 @pytest.mark.parametrize("name", ["minilm", "digits-mobilenetv2"])
 def test_simulated_and_real_single_layer_losses_agree(name, cache_dir):
-    adapter, evaluator, calibration, backend = _load(name, cache_dir)
+    # The labelled digits are compared on their cross-entropy: its changes are large enough for a relative
+    # comparison, where the KL to fp32 of a half-int8 plan is 2e-4 and one rounding tie moves it by percents.
+    adapter, evaluator, calibration, backend = _load(name, cache_dir, analysis_loss="task")
     simulation = backend.simulation(calibration)
     probe = LossProbe(simulation, evaluator, batches=2)
     real_base = evaluator.loss_value(backend.baseline, 2)
@@ -42,10 +44,11 @@ def test_simulated_and_real_single_layer_losses_agree(name, cache_dir):
     assert spearmanr(simulated, real).statistic >= 0.95
     assert 0.7 <= statistics.median(s / r for s, r in zip(simulated, real) if r) <= 1.4
     # Several layers at once, element-wise ops included on the FX path: still the kernels' loss. Rounding
-    # ties break differently now and then (one token in a few hundred per dynamic layer), and with every
-    # layer in int8 those differences compound through the depth: hence the looser bound there.
+    # ties break differently now and then (one token in a few hundred per dynamic layer; an activation one
+    # int8 level apart in a static graph, 4e-4 in the logits of a half-int8 digits MobileNetV2), and with
+    # many layers in int8 those differences compound through the depth: hence the looser bounds there.
     rng = random.Random(0)
-    for size, tolerance in ((2, 0.01), (len(backend.candidates) // 2, 0.02), (len(backend.candidates), 0.1)):
+    for size, tolerance in ((2, 0.01), (len(backend.candidates) // 2, 0.05), (len(backend.candidates), 0.1)):
         subset = rng.sample(backend.candidates, size)
         plan = Plan(layers={n: "int8" if n in subset else "fp32" for n in backend.candidates}, backend=backend.name)
         real_loss = evaluator.loss_value(backend.build(plan, calibration), 2) - real_base

@@ -35,6 +35,7 @@ from .spec import parse_source
 
 PHASES = ("load", "baseline", "probe", "profile", "sensitivity", "search", "final", "onnx", "export")
 
+NO_SAVING = "saves no time: its measured saving is nil or negative beyond its noise"
 # The final timing stops from this many paired rounds on once its interval excludes zero.
 RESOLVE_AFTER_ROUNDS = 7
 # Below this many test samples the test-split figure is too coarse to lean on.
@@ -408,7 +409,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         layers=[{**layer.to_dict(), "precision": final_plan.layers[layer.name],
                  "latency_saving_ms": profile.saving(layer.name) if profile else None,
                  "saving_noise_ms": profile.savings[layer.name].noise_ms if profile else None,
-                 "excluded": None if layer.name in eligible else "no measurable latency saving"}
+                 "excluded": None if layer.name in eligible else NO_SAVING}
                 for layer in analysis.layers],
         skipped_layers=[{"name": name, "kind": type(layers[name]).__name__, "reason": reason}
                         for name, reason in bench.backend.skipped.items()],

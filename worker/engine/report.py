@@ -150,7 +150,7 @@ def render(report: Report) -> str:
                      f"{'yes' if step['accepted'] else 'no'}{chosen}{skipped}")
     excluded = [layer["name"] for layer in report.layers if layer["excluded"]]
     if excluded:
-        lines += ["", f"kept in {report.baseline.precision}, no measurable latency saving: " + ", ".join(excluded)]
+        lines += ["", f"kept in {report.baseline.precision}, saving no time: " + ", ".join(excluded)]
     if report.skipped_layers:
         lines += ["", "not candidates: " + "; ".join(f"{s['name']} ({s['reason']})" for s in report.skipped_layers)]
     onnx = report.exports.get("onnx")

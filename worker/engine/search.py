@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 BUDGET_MODES = ("relative", "absolute")
 # The default one-sided confidence that a plan's drop on new data stays within the budget: chosen by
 # measurement (bench/confidence.py, docs/method.md).
-DEFAULT_CONFIDENCE = 0.8
+DEFAULT_CONFIDENCE = 0.9
 
 
 @dataclass(frozen=True)

@@ -214,20 +214,55 @@ def output_traces(simulation: Simulation, evaluator: Evaluator, names: list[str]
 
 
 class LossProbe:
-    """Simulated-kernel loss of layer subsets on the calibration batches, memoised."""
+    """Simulated-kernel loss of layer subsets on the first `batches` calibration batches, memoised per batch, so
+    that using one more batch costs only that batch."""
 
     def __init__(self, simulation: Simulation, evaluator: Evaluator, batches: int):
         self.simulation, self.evaluator, self.batches = simulation, evaluator, batches
-        self.cache: dict[frozenset, float] = {}
+        self.cache: dict[tuple[frozenset, int], float] = {}
 
     def __call__(self, subset) -> float:
         key = frozenset(subset)
-        if key not in self.cache:
-            with self.simulation.quantized(key):
-                self.cache[key] = self.evaluator.loss_value(self.simulation.model, self.batches)
-            cost.count("simulated", sum(len(inputs[0]) for inputs in self.evaluator.batches("calibration",
-                                                                                             self.batches)))
-        return self.cache[key]
+        n = self.evaluator.calibration_batches(self.batches)
+        missing = [index for index in range(n) if (key, index) not in self.cache]
+        if missing:
+            with self.simulation.quantized(key), torch.no_grad():
+                for index in missing:
+                    self.cache[key, index] = float(self.evaluator.batch_loss(self.simulation.model, index))
+            calibration = self.evaluator.data.calibration
+            cost.count("simulated", sum(len(next(iter(calibration[index].values()))) for index in missing))
+        return sum(self.cache[key, index] for index in range(n)) / n
+
+    @property
+    def evaluations(self) -> int:
+        """Distinct subsets whose loss was measured."""
+        return len({key for key, _ in self.cache})
+
+
+# The inter-layer term adds calibration batches one at a time until the layers' ranking by it stops moving:
+# at least MIN_BATCHES, done once two successive sizes rank alike (Spearman >= STABLE), at most the cap
+# (`interlayer_batches`). On EfficientNet-Lite0 one batch ranks like noise (Spearman 0.07 against sixteen),
+# and each batch costs one simulated forward per layer (docs/method.md).
+MIN_BATCHES, STABLE, UNSTABLE = 2, 0.95, 0.5
+
+
+def stable_terms(measure, probe: LossProbe, names: list[str], cap: int, progress: Progress
+                 ) -> tuple[list[float], int, float | None]:
+    """The inter-layer terms, the calibration batches they used, and the Spearman correlation between the
+    rankings at the last two sizes (None with a single batch)."""
+    from scipy.stats import spearmanr
+
+    cap = probe.evaluator.calibration_batches(cap)
+    previous, stability = None, None
+    for batches in range(1, cap + 1):
+        probe.batches = batches
+        terms = measure(probe, names, lambda f, m: progress((batches - 1 + f) / cap, f"{m}, batch {batches}"))
+        if previous is not None:
+            stability = float(spearmanr(previous, terms).statistic)
+            if batches >= MIN_BATCHES and stability >= STABLE:
+                break
+        previous = terms
+    return terms, probe.batches, stability
 
 
 def conditional_terms(probe: LossProbe, names: list[str], progress: Progress) -> list[float]:
@@ -288,18 +323,24 @@ def analyse(simulation: Simulation, evaluator: Evaluator, names: list[str], opti
     progress(0.5, "inter-layer dependencies")
 
     hessian_share = _normalised([layer.hessian_term for layer in layers])
-    probe = LossProbe(simulation, evaluator, options.interlayer_batches)
+    probe = LossProbe(simulation, evaluator, 1)
     if options.ordering == "hessian":
         parts = [(h, 0.0) for h in hessian_share]
     else:
         measure = conditional_terms if options.interlayer == "conditional" else pairwise_terms
-        terms = measure(probe, names, lambda f, m: progress(0.5 + 0.5 * f, m))
+        terms, batches, stability = stable_terms(measure, probe, names, options.interlayer_batches,
+                                                 lambda f, m: progress(0.5 + 0.5 * f, m))
         for layer, term in zip(layers, terms):
             layer.interlayer = term
-        method.update(interlayer=options.interlayer, interlayer_weight=options.interlayer_weight)
+        method.update(interlayer=options.interlayer, interlayer_weight=options.interlayer_weight,
+                      interlayer_batches=batches, interlayer_stability=stability)
+        if stability is not None and stability < UNSTABLE:
+            warnings.append(f"the inter-layer term's ranking of the layers still changed between its last two sample "
+                            f"sizes ({batches - 1} and {batches} calibration batches: Spearman {stability:.2f}), so "
+                            "part of its share of the score is noise; --ordering hessian leaves it out")
         w = options.interlayer_weight
         parts = [((1 - w) * h, w * d) for h, d in zip(hessian_share, _normalised(terms))]
-    method["loss_evaluations"] = len(probe.cache)
+    method["loss_evaluations"] = probe.evaluations
     for layer, (hessian_part, interlayer_part) in zip(layers, parts):
         layer.hessian_part, layer.interlayer_part = hessian_part, interlayer_part
         layer.score = hessian_part + interlayer_part

@@ -35,9 +35,11 @@ class LatencyProfile:
         return self.savings[name].difference_ms
 
     def measurable(self, name: str) -> bool:
-        """A saving counts only if it stands clear of its own timing noise."""
+        """Whether the layer may save time: everything but a saving that is nil or negative beyond its noise.
+        (Requiring a saving to clear its noise kept 26 of EfficientNet-Lite0's 50 layers float, each saving a
+        little, and together cost a third of the all-int8 model's speed-up: docs/method.md.)"""
         timing = self.savings[name]
-        return timing.difference_ms > timing.noise_ms
+        return timing.difference_ms + timing.noise_ms > 0
 
     def predict_ms(self, low: Iterable[str]) -> float:
         return self.intercept_ms - self.slope * sum(self.saving(n) for n in low)
