@@ -24,7 +24,9 @@ def _load(name: str, cache_dir, analysis_loss: str = "fidelity", **data):
     adapter = adapt(builtin.model, builtin.task)
     evaluator = Evaluator(adapter, builtin.default_data(), builtin.task, analysis_loss=analysis_loss)
     calibration = evaluator.batches("calibration")
-    return adapter, evaluator, calibration, choose_backend(adapter, "cpu", calibration[0])
+    backend = choose_backend(adapter, "cpu", calibration[0])
+    backend.fit(calibration)  # as the pipeline does: static int8 layers then carry their bias corrections
+    return adapter, evaluator, calibration, backend
 
 
 @pytest.mark.parametrize("name", ["minilm", "digits-mobilenetv2"])
@@ -47,12 +49,15 @@ def test_simulated_and_real_single_layer_losses_agree(name, cache_dir):
     # ties break differently now and then (one token in a few hundred per dynamic layer; an activation one
     # int8 level apart in a static graph, 4e-4 in the logits of a half-int8 digits MobileNetV2), and with
     # many layers in int8 those differences compound through the depth: hence the looser bounds there.
+    # A tie moves a loss by a fixed small amount, which a small subset's small loss change can be near: the
+    # absolute allowance is 1% of the whole model's simulated change.
+    allowance = 0.01 * abs(probe(backend.candidates) - probe(()))
     rng = random.Random(0)
     for size, tolerance in ((2, 0.01), (len(backend.candidates) // 2, 0.05), (len(backend.candidates), 0.1)):
         subset = rng.sample(backend.candidates, size)
         plan = Plan(layers={n: "int8" if n in subset else "fp32" for n in backend.candidates}, backend=backend.name)
         real_loss = evaluator.loss_value(backend.build(plan, calibration), 2) - real_base
-        assert probe(subset) - probe(()) == pytest.approx(real_loss, rel=tolerance, abs=1e-6)
+        assert probe(subset) - probe(()) == pytest.approx(real_loss, rel=tolerance, abs=allowance)
 
 
 def test_minilm_hessian_term_predicts_the_measured_single_layer_loss(cache_dir):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import onnx
 import onnxruntime
+from onnx import numpy_helper
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -148,10 +149,28 @@ def with_elementwise(graph, low_nodes: list[str]) -> list[str]:
     return [node.name for node in graph.node if node.name in chosen]
 
 
+def corrected(float_path: Path, nodes: dict[str, str], corrections: dict[str, torch.Tensor], large: bool) -> Path:
+    """A copy of the float file whose corrected layers (their ONNX node: `nodes`) carry the bias the torch
+    backend gives them in int8 (FxStaticInt8.fit), so that onnxruntime quantizes the same model."""
+    model = onnx.load(str(float_path))
+    initializers = {initializer.name: initializer for initializer in model.graph.initializer}
+    by_name = {node.name: node for node in model.graph.node}
+    for layer, shift in corrections.items():
+        node = by_name[nodes[layer]]
+        if len(node.input) > 2 and node.input[2] in initializers:
+            bias = initializers[node.input[2]]
+            bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) - shift.cpu().numpy(), bias.name))
+    path = float_path.with_name(float_path.stem + ".corrected.onnx")
+    onnx.save(model, str(path), save_as_external_data=large)
+    return path
+
+
 def quantize(float_path: Path, path: Path, plan: Plan, graph, names: list[str],
-             calibration: list[tuple[torch.Tensor, ...]], large: bool = False) -> int:
+             calibration: list[tuple[torch.Tensor, ...]], large: bool = False,
+             bias_corrections: dict[str, torch.Tensor] | None = None) -> int:
     """Quantize exactly the plan's low-precision layers of the float file (whose graph is `graph`); the others
-    go in `nodes_to_exclude`. Returns how many nodes were quantized."""
+    go in `nodes_to_exclude`; the plan's int8 layers take their `bias_corrections`. Returns how many nodes were
+    quantized."""
     nodes = layer_nodes(graph, list(plan.layers))
     low, kept = plan.low_precision_layers, [n for n, p in plan.layers.items() if p == plan.baseline_precision]
     missing = [name for name in low if name not in nodes]
@@ -162,16 +181,22 @@ def quantize(float_path: Path, path: Path, plan: Plan, graph, names: list[str],
     low_nodes = [nodes[n] for n in low]
     common = dict(nodes_to_exclude=[nodes[n] for n in kept if n in nodes], per_channel=True,
                   weight_type=QuantType.QInt8, use_external_data_format=large)
+    shifts = {name: shift for name, shift in (bias_corrections or {}).items() if name in set(low)}
+    source = corrected(float_path, nodes, shifts, large) if shifts else float_path
     try:
         if QUANTIZATION[plan.backend] == DYNAMIC_QUANTIZATION:
-            quantize_dynamic(float_path, path, nodes_to_quantize=low_nodes, op_types_to_quantize=list(WEIGHT_OPS),
+            quantize_dynamic(source, path, nodes_to_quantize=low_nodes, op_types_to_quantize=list(WEIGHT_OPS),
                              **common)
         else:
-            quantize_static(float_path, path, _Calibration(names, calibration), quant_format=QuantFormat.QDQ,
+            quantize_static(source, path, _Calibration(names, calibration), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, nodes_to_quantize=with_elementwise(graph, low_nodes),
                             op_types_to_quantize=list(WEIGHT_OPS + ELEMENTWISE), **common)
     except Exception as exc:  # e.g. a 16-bit graph from a GPU job, which these quantizers do not take
         raise ExportError(f"onnxruntime's quantizer failed: {type(exc).__name__}: {str(exc)[:300]}") from None
+    finally:
+        if source != float_path:
+            for file in source.parent.glob(source.name + "*"):
+                file.unlink()
     return len(low)
 
 
@@ -206,7 +231,8 @@ def providers(device: str) -> list[str]:
 
 
 def export(model: torch.nn.Module, names: list[str], plan: Plan, evaluator: Evaluator,
-           calibration: list[tuple[torch.Tensor, ...]], out_dir: Path, device: str, rounds: int) -> OnnxExport:
+           calibration: list[tuple[torch.Tensor, ...]], out_dir: Path, device: str, rounds: int,
+           bias_corrections: dict[str, torch.Tensor] | None = None) -> OnnxExport:
     """Export the float baseline `model`, quantize the plan's layers, load both files in onnxruntime and
     measure them on the job's splits and batch."""
     started = time.perf_counter()
@@ -216,7 +242,8 @@ def export(model: torch.nn.Module, names: list[str], plan: Plan, evaluator: Eval
     except Exception as exc:  # the exporter cannot lower every model; the error says which part
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc)[:300]}") from None
     graph = onnx.load(str(float_path), load_external_data=False).graph
-    int8 = quantize(float_path, path, plan, graph, names, calibration, large=external_data(model))
+    int8 = quantize(float_path, path, plan, graph, names, calibration, large=external_data(model),
+                    bias_corrections=bias_corrections)
     chosen = providers(device)
     try:
         measured, interval = _measure(float_path, path, names, chosen, evaluator, calibration[0], rounds)

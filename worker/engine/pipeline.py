@@ -194,6 +194,7 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
     backend = choose_backend(adapter, options.device, calibration[0])
     if not backend.candidates:
         raise InputError(f"{source} has no layers the {backend.name} backend can quantize")
+    backend.fit(calibration)
     # Plans are compared against the backend's baseline (the execution mode users deploy), so its outputs are
     # the reference.
     evaluator = Evaluator(backend.baseline, data, loaded.task, loaded.metric, input_names=adapter.input_names,
@@ -455,7 +456,7 @@ def _onnx(bench: Workbench, plan: Plan, final: Final, baseline_metric: float, op
     try:
         result = export.export(bench.backend.baseline, list(bench.adapter.input_names), plan, bench.evaluator,
                                bench.calibration, Path(options.out_dir) / "artifact", options.device,
-                               options.latency.repeats)
+                               options.latency.repeats, bench.backend.corrections)
     except export.ExportError as exc:
         warnings.append(f"no ONNX export: {exc}")
         return {"error": str(exc)}

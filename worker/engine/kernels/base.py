@@ -38,15 +38,20 @@ def weighted(module: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def swapped_weights(weights: dict[nn.Module, torch.Tensor]):
-    saved = {module: module.weight.data for module in weights}
+def swapped(tensors: dict[tuple[nn.Module, str], torch.Tensor]):
+    """Each (module, parameter name)'s data replaced for the block."""
+    saved = {(module, name): getattr(module, name).data for module, name in tensors}
     try:
-        for module, weight in weights.items():
-            module.weight.data = weight
+        for (module, name), tensor in tensors.items():
+            getattr(module, name).data = tensor
         yield
     finally:
-        for module, weight in saved.items():
-            module.weight.data = weight
+        for (module, name), tensor in saved.items():
+            getattr(module, name).data = tensor
+
+
+def swapped_weights(weights: dict[nn.Module, torch.Tensor]):
+    return swapped({(module, "weight"): weight for module, weight in weights.items()})
 
 
 @contextlib.contextmanager
@@ -163,10 +168,16 @@ class Backend:
     baseline: nn.Module  # the float model plans are timed against, in the same execution mode
     skipped: dict[str, str] = field(default_factory=dict)  # quantizable layers that are not candidates, and why
     fallback: str | None = None  # set when this is not the path the model should have had, saying why
+    # Per int8 layer, what `fit` subtracts from its bias (static int8's bias correction); empty elsewhere.
+    corrections: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def create(cls, offered: Candidates) -> "Backend | None":
         raise NotImplementedError
+
+    def fit(self, calibration: list[Inputs]) -> None:
+        """What the backend learns once from the calibration batches, before any plan is built (static int8:
+        its bias corrections). Nothing by default."""
 
     def build(self, plan: Plan, calibration: list[Inputs]) -> nn.Module:
         raise NotImplementedError

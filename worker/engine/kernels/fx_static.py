@@ -18,7 +18,7 @@ from .. import cost
 from ..adapters import ModelAdapter
 from ..latency import paired
 from ..plan import Plan
-from .base import Backend, Candidates, Inputs, Simulation, int8_per_channel, swapped_weights, weighted
+from .base import Backend, Candidates, Inputs, Simulation, hooks, int8_per_channel, swapped, weighted
 from .dynamic import DynamicInt8
 from .profile import LatencyProfile
 from .registry import register
@@ -89,6 +89,7 @@ class FxStaticSimulation(Simulation):
         modules = dict(prepared.named_modules())
         self.modules = {name: modules[name] for name in backend.candidates}
         self.low_weights = {name: int8_per_channel(weighted(m).weight) for name, m in self.modules.items()}
+        self.low_biases = {name: backend.corrected_bias(name, weighted(m).bias) for name, m in self.modules.items()}
         self.clamped = {name for name in backend.candidates if backend.feeds_only_relu6(name)}
         self.into = {consumer.target: fake for fake, _, consumer in self.edges if consumer.target in candidates}
         self.out_of = {producer.target: fake for fake, producer, _ in self.edges if producer.target in candidates}
@@ -123,7 +124,7 @@ class FxStaticSimulation(Simulation):
         for fake, producer, consumer in self.edges:
             fake.side = "producer" if producer.name in int8 else "consumer" if consumer.name in int8 else None
         try:
-            with swapped_weights({weighted(self.modules[n]): self.low_weights[n] for n in names}):
+            with swapped(self._low_parameters(names)):
                 yield
         finally:
             for fake, _, _ in self.edges:
@@ -133,9 +134,19 @@ class FxStaticSimulation(Simulation):
     def _is_edge(node: torch.fx.Node) -> bool:
         return node.op == "call_module" and node.target.startswith("mixq_fake_quant_")
 
+    def _low_parameters(self, names: Iterable[str]) -> dict:
+        """Each named layer's int8 weight and, where it has a bias, its corrected bias."""
+        low = {}
+        for name in names:
+            layer = weighted(self.modules[name])
+            low[layer, "weight"] = self.low_weights[name]
+            if self.low_biases[name] is not None:
+                low[layer, "bias"] = self.low_biases[name]
+        return low
+
     def _error(self, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         into, out_edge = self.into.get(name), self.out_of.get(name)
-        with swapped_weights({weighted(module): self.low_weights[name]}):
+        with swapped(self._low_parameters([name])):
             low = module.forward(into.quantize(x, "consumer") if into else x)  # forward(): no hooks, no recursion
         if out_edge:
             low = out_edge.quantize(low, "producer")
@@ -277,6 +288,39 @@ class FxStaticInt8(Backend):
             counts[scope, op] = order[node][2] + 1
         return order
 
+    def fit(self, calibration: list[Inputs]) -> None:
+        """Bias correction, from the weights alone: per int8 layer and output channel, the mean shift its int8
+        weights make in its output, E[(W_q - W) x] over the calibration batches, to be subtracted from its bias.
+        Activation ranges are calibrated on the uncorrected float graph whatever the plan, so the qparams stay
+        plan-independent and the simulation exact. All-int8 EfficientNet-Lite0 and -Lite2: KL to fp32 halved
+        (docs/method.md)."""
+        modules = dict(self.graph.named_modules())
+        sums: dict[str, torch.Tensor] = {}
+        counts = dict.fromkeys(self.candidates, 0)
+        errors = {name: int8_per_channel(weighted(modules[name]).weight) - weighted(modules[name]).weight
+                  for name in self.candidates}
+
+        def accumulate(name):
+            def hook(module, args, _out):
+                layer, x = weighted(module), args[0]
+                if isinstance(layer, nn.Conv2d):
+                    shift = layer._conv_forward(x, errors[name], None).transpose(0, 1).flatten(1)
+                else:
+                    shift = F.linear(x, errors[name]).flatten(0, -2).T
+                sums[name] = sums.get(name, 0) + shift.sum(1)
+                counts[name] += shift.shape[1]
+            return hook
+
+        with torch.inference_mode(), hooks([modules[n].register_forward_hook(accumulate(n)) for n in self.candidates]):
+            for inputs in calibration:
+                self.graph(*inputs)
+        cost.count("forward", 2 * sum(len(inputs[0]) for inputs in calibration))  # the graph, then the weight error
+        self.corrections = {name: sums[name] / counts[name] for name in sums}
+
+    def corrected_bias(self, name: str, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """A layer's bias in int8, or None where it has none (nothing to correct)."""
+        return None if bias is None else bias.detach() - self.corrections.get(name, 0)
+
     def calibrated(self, low: set[str], data: list[Inputs], elementwise: bool = True) -> torch.fx.GraphModule:
         """The graph prepared for a plan, its observers having seen the calibration batches."""
         from torch.ao.quantization.quantize_fx import prepare_fx
@@ -296,7 +340,12 @@ class FxStaticInt8(Backend):
         if not low:  # a float plan is the original model
             return self.adapter
         torch.backends.quantized.engine = ENGINE
-        return convert_fx(self.calibrated(low, calibration))
+        prepared = self.calibrated(low, calibration)
+        for name in low:  # corrected after calibration: the activation ranges are the plan-independent ones
+            layer = weighted(prepared.get_submodule(name))
+            if layer.bias is not None:
+                layer.bias.data = self.corrected_bias(name, layer.bias)
+        return convert_fx(prepared)
 
     def simulation(self, calibration: list[Inputs]) -> Simulation:
         return FxStaticSimulation(self, calibration)
