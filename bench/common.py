@@ -36,6 +36,8 @@ def parser(doc: str, models: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--imagenet", type=Path, default=IMAGENET,
                         help="an ImageNet-layout folder (a folder per WordNet id) for the EfficientNet builtins")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the committed results of the models not re-run (each model's run is self-contained)")
     return parser
 
 
@@ -69,10 +71,26 @@ def save(out: Path, name: str, results, table: str) -> None:
     print(table, flush=True)
 
 
-def load(out: Path, name: str) -> list:
-    """The results of an earlier run (for --keep)."""
-    path = out / f"{name}.json"
-    return json.loads(path.read_text())["results"] if path.exists() else []
+def kept(args, name: str, model_of) -> list:
+    """With --keep, the committed results of the models this run does not re-run; `model_of(result)` names a
+    result's model."""
+    path = args.out / f"{name}.json"
+    if not args.keep or not path.exists():
+        return []
+    models = set(args.models.split(","))
+    return [result for result in json.loads(path.read_text())["results"] if model_of(result) not in models]
+
+
+def reduction_cell(reduction: dict | None, median: float | None = None) -> str:
+    """A latency reduction with its 95% interval (a report's `latency.reduction`), or the bare median."""
+    if reduction:
+        return f"{reduction['median']:.1%} [{reduction['low']:.1%}, {reduction['high']:.1%}]"
+    return "–" if median is None else f"{median:.1%}"
+
+
+def cost_cell(spent: dict) -> str:
+    """Samples through forward (incl. timed), simulated and backward passes: what a run spent."""
+    return (f"{spent['forward'] + spent['timed']:,} / {spent['simulated']:,} / {spent['backward']:,}")
 
 
 class PlanScores:

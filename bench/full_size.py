@@ -11,7 +11,7 @@ import os
 import subprocess
 import time
 
-from common import ROOT, parser, save
+from common import ROOT, cost_cell, kept, parser, reduction_cell, save
 
 ARGS = ["--budget", "0.01", "--hutchinson-samples", "4", "--calibration-samples", "32", "--eval-samples", "128",
         "--test-samples", "128", "--latency-repeats", "7", "--json"]
@@ -35,24 +35,28 @@ def run(model: str, extra: tuple[str, ...] = ()) -> dict:
 
 
 def markdown(reports: list[dict]) -> str:
-    lines = ["| model | backend | metric | k / layers | evaluations | metric eval (test) | fp32 → final ms | reduction "
-             "| size MB | phases s (load, baseline, sensitivity, search, final) | wall s | peak RSS GB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | backend | metric | k / layers | evaluations | metric eval (test) | fp32 → final ms "
+             "| reduction [95% interval] | size MB | phases s (load, baseline, probe, profile, sensitivity, search, "
+             "final) | samples: forward / simulated / backward | wall s | peak RSS GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
-        phases = ", ".join(f"{r['phases'][p]:.0f}" for p in ("load", "baseline", "sensitivity", "search", "final"))
+        phases = ", ".join(f"{r['phases'][p]:.0f}" for p in ("load", "baseline", "probe", "profile", "sensitivity",
+                                                              "search", "final"))
         lines.append(
             f"| {r['source'].removeprefix('builtin:')} | {r['backend']['name']} | {r['metric']['name']} "
             f"| {r['final']['k']} / {len(r['layers'])} | {r['search']['evaluations']} "
             f"| {r['final']['metric']:.4f} ({r['final']['test_metric']:.4f}) "
             f"| {r['baseline']['latency_ms']['median']:.1f} → {r['final']['latency_ms']['median']:.1f} "
-            f"| {r['latency_reduction']:.1%} | {r['baseline']['size_bytes'] / 1e6:.0f} → {r['final']['size_bytes'] / 1e6:.0f} "
-            f"| {phases} | {r['bench']['wall_seconds']:.0f} | {r['bench']['peak_rss_gb']} |")
+            f"| {reduction_cell(r['latency']['reduction'], r['latency_reduction'])} "
+            f"| {r['baseline']['size_bytes'] / 1e6:.0f} → {r['final']['size_bytes'] / 1e6:.0f} "
+            f"| {phases} | {cost_cell(r['cost']['total'])} | {r['bench']['wall_seconds']:.0f} "
+            f"| {r['bench']['peak_rss_gb']} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     args = parser(__doc__, "efficientnet-lite0,resnet50,mobilenetv2,bert-base").parse_args()
-    reports = []
+    reports = kept(args, "full_size", lambda report: report["source"].removeprefix("builtin:"))
     for model in args.models.split(","):
         print(f"{model}...", flush=True)
         reports.append(run(model))

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PlanScores, ROOT, data_for, engine_process, load, parser, save
+from common import PlanScores, ROOT, data_for, engine_process, kept, parser, save
 
 engine_process()
 
@@ -290,12 +290,9 @@ def markdown(results: list[dict], budgets: set | None = None) -> str:
 def main() -> None:
     arguments = parser(__doc__, "minilm,efficientnet-lite0,efficientnet-lite1,efficientnet-lite2")
     arguments.add_argument("--rounds", type=int, default=15, help="round-robin timing rounds of the final plans")
-    arguments.add_argument("--keep", action="store_true",
-                           help="keep the committed results of models not re-run (each model's run is self-contained)")
     args = arguments.parse_args()
-    models = args.models.split(",")
-    results = [r for r in load(args.out, "peers") if r["model"] not in models] if args.keep else []
-    for model in models:
+    results = kept(args, "peers", lambda result: result["model"])
+    for model in args.models.split(","):
         results.append(run_model(model, args.imagenet, args.rounds))
         save(args.out, "peers", results, markdown(results))
         (args.out / "peers-readme.md").write_text(markdown(results, {0.01}))

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, data_for, engine_process, parser, save
+from common import ROOT, data_for, engine_process, kept, parser, save
 
 engine_process()
 
@@ -130,7 +130,7 @@ def main() -> None:
     arguments.add_argument("--batches", type=int, default=2, help="calibration batches of 8")
     arguments.add_argument("--eval-samples", type=int, default=256)
     args = arguments.parse_args()
-    results = []
+    results = kept(args, "simulation", lambda result: result["model"])
     for name in args.models.split(","):
         print(f"{name}...", flush=True)
         results.append(run_model(name, args.imagenet, args.batches, args.eval_samples))
