@@ -40,7 +40,7 @@ NO_SAVING = "saves no time: its measured saving is nil or negative beyond its no
 RESOLVE_AFTER_ROUNDS = 7
 # Below this many test samples the test-split figure is too coarse to lean on.
 MIN_TEST_SAMPLES = 50
-# A top-1 metric over fewer distinct predicted classes than this cannot tell plans apart.
+# A top-1 metric over fewer distinct predicted classes than this (or than the model has) cannot tell plans apart.
 MIN_DISTINCT_CLASSES = 5
 
 
@@ -214,7 +214,7 @@ def _data_warnings(bench: Workbench) -> list[str]:
         warnings.append(f"the test split has only {data.sizes['test']} samples: its metric is coarse")
     if evaluator.metric_name.startswith("top1"):
         classes = evaluator.distinct_predictions("evaluation")
-        if classes < MIN_DISTINCT_CLASSES:
+        if classes < min(MIN_DISTINCT_CLASSES, evaluator.classes):
             warnings.append(f"the fp32 model predicts only {classes} distinct class(es) on the evaluation split, "
                             f"so {evaluator.metric_name} can hardly tell plans apart")
     return warnings
