@@ -218,7 +218,7 @@ def run_model(model: str, imagenet, rounds: int) -> dict:
             if plan.low_precision_layers:
                 exported = export.export(bench.backend.baseline, list(bench.adapter.input_names), plan, evaluator,
                                          bench.calibration, Path(folder) / "mixq", "cpu", rounds,
-                                         bias_corrections=bench.backend.corrections)
+                                         bench.backend.onnx_quantization, bench.backend.corrections)
                 mixq_row["onnx"] = {"ms": {"float": exported.float.latency_ms, "int8": exported.quantized.latency_ms},
                                     "reduction": exported.latency_interval, "metric": exported.quantized.metric,
                                     "test_metric": exported.quantized.test_metric}

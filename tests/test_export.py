@@ -53,9 +53,9 @@ def test_every_layer_maps_to_exactly_the_node_that_holds_its_weight(exported):
         assert np.array_equal(stored.T if transposed else stored, weight), layer
 
 
-def _quantized_weight_nodes(graph, backend: str) -> set[str]:
+def _quantized_weight_nodes(graph, mode: str) -> set[str]:
     """Names of the weight nodes that run int8 in a quantized graph."""
-    if backend == export.DYNAMIC:  # quantize_dynamic replaces a MatMul by MatMulInteger, keeping its name prefix
+    if mode == "dynamic":  # quantize_dynamic replaces a MatMul by MatMulInteger, keeping its name prefix
         return {n.name.removesuffix("_quant") for n in graph.node if n.op_type in ("MatMulInteger", "ConvInteger")}
     produced_by = {output: node for node in graph.node for output in node.output}
     return {n.name for n in graph.node if n.op_type in export.WEIGHT_OPS
@@ -69,8 +69,9 @@ def test_exactly_the_plans_low_layers_become_int8(exported, tmp_path):
     graph = onnx.load(str(path)).graph
     nodes = export.layer_nodes(graph, bench.candidates)
     out = tmp_path / export.QUANTIZED_FILE
-    assert export.quantize(path, out, plan, graph, list(bench.adapter.input_names), bench.calibration) == len(low)
-    int8 = _quantized_weight_nodes(onnx.load(str(out)).graph, plan.backend)
+    assert export.quantize(path, out, plan, graph, list(bench.adapter.input_names), bench.calibration,
+                           bench.backend.onnx_quantization) == len(low)
+    int8 = _quantized_weight_nodes(onnx.load(str(out)).graph, bench.backend.onnx_quantization)
     assert int8 == {nodes[name] for name in low}
 
 
@@ -122,7 +123,7 @@ def test_the_readme_snippet_runs_an_exported_model(exported, tmp_path):
     snippet = re.search(r"<!-- onnx-snippet -->\s*```python\n(.*?)```", readme, re.S).group(1)
     plan = bench.plan(bench.candidates, "int8")
     export.quantize(path, tmp_path / "model.onnx", plan, onnx.load(str(path)).graph, list(bench.adapter.input_names),
-                    bench.calibration)
+                    bench.calibration, bench.backend.onnx_quantization)
     np.savez(tmp_path / "inputs.npz", **{name: t.numpy() for name, t in zip(bench.adapter.input_names,
                                                                               bench.example)})
     run = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -39,9 +39,13 @@ def test_dynamic_int8_linear_matches_float_within_int8_tolerance():
     quantized = chosen.build(plan, [inputs])
     float_layer = quantizable_layers(adapter)[name]
     int8_layer = dict(quantized.named_modules())[name]
-    assert type(int8_layer).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    assert isinstance(int8_layer, torch.ao.nn.quantized.dynamic.Linear)
     x = torch.randn(4, float_layer.in_features) * 3
-    assert _relative_error(int8_layer(x), float_layer(x)) < 0.02  # int8 weights and activations: ~1% error
+    error = _relative_error(int8_layer(x), float_layer(x))
+    assert error < 0.02  # int8 weights and activations: ~1% error
+    # 8-bit activations: half the error of the same kernel asked for 7 (its module's own forward).
+    seven = torch.ops.quantized.linear_dynamic(x, int8_layer._packed_params._packed_params, reduce_range=True)
+    assert error < 0.75 * _relative_error(seven, float_layer(x))
     assert type(quantizable_layers(adapter)[name]) is nn.Linear  # the original model is untouched
 
 

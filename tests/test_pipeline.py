@@ -29,13 +29,18 @@ def faster(monkeypatch):
     monkeypatch.setattr(pipeline, "paired", timed_as(0.6))
 
 
+# Every MiniLM Linear in int8 (8-bit activations) drops cosine fidelity by about 0.6%: a tighter budget searches.
+MINILM_BUDGET = Budget(0.004, confidence=0.5)
+
+
 @pytest.fixture(scope="module")
 def minilm(cache_dir, tmp_path_factory):
-    """One MiniLM run at 1% (confidence 0.5), with its progress events and output folder."""
+    """One MiniLM run at 0.4% (confidence 0.5), with its progress events and output folder."""
     events, out = [], tmp_path_factory.mktemp("minilm")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline, "paired", timed_as(0.6))
-        report = compress("builtin:minilm", options(cache_dir, out_dir=out), progress=events.append)
+        report = compress("builtin:minilm", options(cache_dir, out_dir=out, budget=MINILM_BUDGET),
+                          progress=events.append)
     return report, events, out
 
 
@@ -68,7 +73,7 @@ def test_minilm_searches_when_not_every_layer_fits(minilm):
     assert search["method"]["hessian"] == "gauss-newton" and report["warnings"] == []
     assert [s["name"] for s in report["skipped_layers"]] == ["model.pooler.dense"]
     assert "model.pooler.dense" not in report["plan"]["layers"]
-    # Every layer in int8 breaks a 1% budget on MiniLM, so the probe fails and a real search follows it.
+    # Every layer in int8 breaks a 0.4% budget on MiniLM, so the probe fails and a real search follows it.
     assert steps[0]["stage"] == "probe" and not steps[0]["accepted"] and steps[0]["k"] == 36
     assert any(s["stage"] == "bisection" for s in steps) and any(s["accepted"] for s in steps)
     assert report["cost"]["phases"]["sensitivity"]["simulated"] > 0
@@ -76,7 +81,7 @@ def test_minilm_searches_when_not_every_layer_fits(minilm):
     assert report["cost"]["total"]["forward"] >= len(steps) * report["data"]["evaluation"]
     assert report["status"] == "compressed"
     chosen = [Step(**s) for s in steps if s["chosen"]]
-    assert len(chosen) == 1 and chosen[0].accepted and chosen[0].bound <= 0.01
+    assert len(chosen) == 1 and chosen[0].accepted and chosen[0].bound <= MINILM_BUDGET.max_drop
     int8 = {layer["name"] for layer in report["layers"] if layer["precision"] == "int8"}
     assert int8 == set(chosen[0].low(search["order"])) and len(int8) == report["final"]["k"] > 0
     assert int8 == {n for n, p in report["plan"]["layers"].items() if p == "int8"}
@@ -95,14 +100,14 @@ def test_a_plan_is_accepted_only_when_its_drop_plus_z_standard_errors_fits(cache
     """At a confidence of 0.5 the drop alone decides; at 0.99 every accepted plan keeps a margin of 2.3 of its
     standard errors below the budget (tests/test_search.py shows what that does to the chosen k)."""
     loose = minilm[0]
-    strict = compress("builtin:minilm", options(cache_dir, budget=Budget(0.01, confidence=0.99)))
+    strict = compress("builtin:minilm", options(cache_dir, budget=Budget(MINILM_BUDGET.max_drop, confidence=0.99)))
     for report in (loose, strict):
         z = report.budget["z"]
         for step in report.search["steps"]:
-            assert step["accepted"] == (step["drop"] + z * step["stderr"] <= 0.01)
+            assert step["accepted"] == (step["drop"] + z * step["stderr"] <= MINILM_BUDGET.max_drop)
             assert step["stderr"] > 0
     assert loose.budget["z"] == 0 and strict.budget["z"] > 2.3
-    assert strict.final.k == 0 or strict.final.drop + 2.3 * strict.final.stderr <= 0.01
+    assert strict.final.k == 0 or strict.final.drop + 2.3 * strict.final.stderr <= MINILM_BUDGET.max_drop
 
 
 def test_a_plan_that_is_not_measurably_faster_is_not_returned(cache_dir, slower):
@@ -155,7 +160,7 @@ def test_warm_start_reuses_the_stored_analysis(cache_dir, minilm, faster):
 
     first = minilm[0].to_dict()
     assert Sensitivity.from_report(first) is not None
-    warm = compress("builtin:minilm", options(cache_dir, budget=Budget(0.02, confidence=0.5),
+    warm = compress("builtin:minilm", options(cache_dir, budget=Budget(0.003, confidence=0.5),
                                               reuse_sensitivity=Sensitivity.from_report(first)))
     assert warm.search["method"]["reused"] is True
     assert [l["rank"] for l in warm.layers] == [l["rank"] for l in first["layers"]]

@@ -57,6 +57,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--seq-len", type=positive_int, default=128)
     parser.add_argument("--priority", type=int, default=5, help="0-9, higher runs first (service jobs)")
+    parser.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                        help="where every plan is evaluated, timed and delivered (onnxruntime: the search runs in the "
+                             "runtime you deploy, and the artifact is its ONNX file)")
     parser.add_argument("--export", choices=["onnx", "none"], default=None,
                         help="also write model.onnx, quantized by onnxruntime and measured there (service jobs: "
                              "onnx unless none; mixq compress: only when asked, with --out)")
@@ -73,7 +76,7 @@ def job_request(args) -> dict:
                                              "mode": "absolute" if args.absolute else "relative",
                                              "confidence": args.confidence},
             "ordering": args.ordering, "selection": args.selection, "interlayer": args.interlayer,
-            "analysis_loss": args.analysis_loss,
+            "analysis_loss": args.analysis_loss, "runtime": args.runtime,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "calibration_samples": args.calibration_samples,
             "eval_samples": args.eval_samples, "test_samples": args.test_samples,
             "hutchinson_samples": args.hutchinson_samples, "priority": args.priority, "data": data,

@@ -14,3 +14,5 @@ def quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao\..*")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao\..*")
     warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+    # onnxruntime's quantizer advises pre-processing on the root logger each time it runs.
+    logging.getLogger().addFilter(lambda record: "pre-processing before quantization" not in record.getMessage())

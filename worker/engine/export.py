@@ -22,7 +22,6 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from .evaluation import Evaluator
-from .kernels import DYNAMIC, FX_STATIC, TORCHAO_INT8
 from .latency import paired
 from .plan import Plan
 
@@ -34,14 +33,13 @@ WEIGHT_OPS = ("MatMul", "Gemm", "Conv")  # where a Linear or Conv2d's weight lan
 ELEMENTWISE = ("Relu", "Clip", "Add")  # onnxruntime fuses these into the int8 kernels around them
 LAYER_CALLS = {"aten.linear.default", "aten.conv2d.default"}
 SCOPES, CALLS = "pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy"
-DYNAMIC_QUANTIZATION = ("onnxruntime.quantization.quantize_dynamic: per-channel int8 weights, activations "
-                        "quantized per call (uint8)")
-# Each torch backend's counterpart in onnxruntime's quantizer (fp8 has none: its plans export no ONNX).
+# What each mode of onnxruntime's quantizer does; a torch backend names its counterpart
+# (`Backend.onnx_quantization`): dynamic for the dynamic int8 Linear kernels, static QDQ for static int8.
 QUANTIZATION = {
-    DYNAMIC: DYNAMIC_QUANTIZATION,
-    TORCHAO_INT8: DYNAMIC_QUANTIZATION,
-    FX_STATIC: "onnxruntime.quantization.quantize_static, QDQ: per-channel int8 weights, uint8 activations with "
-               "ranges from the job's calibration batches",
+    "dynamic": "onnxruntime.quantization.quantize_dynamic: per-channel int8 weights, activations quantized per "
+               "call (uint8)",
+    "static": "onnxruntime.quantization.quantize_static, QDQ: per-channel int8 weights, uint8 activations with "
+              "ranges from the job's calibration batches",
 }
 
 
@@ -166,17 +164,17 @@ def corrected(float_path: Path, nodes: dict[str, str], corrections: dict[str, to
 
 
 def quantize(float_path: Path, path: Path, plan: Plan, graph, names: list[str],
-             calibration: list[tuple[torch.Tensor, ...]], large: bool = False,
+             calibration: list[tuple[torch.Tensor, ...]], mode: str | None, large: bool = False,
              bias_corrections: dict[str, torch.Tensor] | None = None) -> int:
-    """Quantize exactly the plan's low-precision layers of the float file (whose graph is `graph`); the others
-    go in `nodes_to_exclude`; the plan's int8 layers take their `bias_corrections`. Returns how many nodes were
-    quantized."""
+    """Quantize exactly the plan's low-precision layers of the float file (whose graph is `graph`) in `mode`
+    (QUANTIZATION); the others go in `nodes_to_exclude`; the plan's int8 layers take their `bias_corrections`.
+    Returns how many nodes were quantized."""
     nodes = layer_nodes(graph, list(plan.layers))
     low, kept = plan.low_precision_layers, [n for n, p in plan.layers.items() if p == plan.baseline_precision]
     missing = [name for name in low if name not in nodes]
     if missing:
         raise ExportError(f"no ONNX node found for layers {missing[:3]}")
-    if plan.backend not in QUANTIZATION:
+    if mode not in QUANTIZATION:
         raise ExportError(f"onnxruntime's quantizer has no counterpart of the {plan.backend} backend")
     low_nodes = [nodes[n] for n in low]
     common = dict(nodes_to_exclude=[nodes[n] for n in kept if n in nodes], per_channel=True,
@@ -184,7 +182,7 @@ def quantize(float_path: Path, path: Path, plan: Plan, graph, names: list[str],
     shifts = {name: shift for name, shift in (bias_corrections or {}).items() if name in set(low)}
     source = corrected(float_path, nodes, shifts, large) if shifts else float_path
     try:
-        if QUANTIZATION[plan.backend] == DYNAMIC_QUANTIZATION:
+        if mode == "dynamic":
             quantize_dynamic(source, path, nodes_to_quantize=low_nodes, op_types_to_quantize=list(WEIGHT_OPS),
                              **common)
         else:
@@ -217,6 +215,8 @@ class OrtModel:
         self.session = onnxruntime.InferenceSession(path if isinstance(path, bytes) else str(path), options,
                                                     providers=providers)
         self.names = names
+        self.size_bytes = len(path) if isinstance(path, bytes) else sum(
+            f.stat().st_size for f in path.parent.glob(path.name + "*"))  # with any external data file
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, _feeds(self.names, inputs))[0]).to(inputs[0].device)
@@ -231,7 +231,7 @@ def providers(device: str) -> list[str]:
 
 
 def export(model: torch.nn.Module, names: list[str], plan: Plan, evaluator: Evaluator,
-           calibration: list[tuple[torch.Tensor, ...]], out_dir: Path, device: str, rounds: int,
+           calibration: list[tuple[torch.Tensor, ...]], out_dir: Path, device: str, rounds: int, mode: str | None,
            bias_corrections: dict[str, torch.Tensor] | None = None) -> OnnxExport:
     """Export the float baseline `model`, quantize the plan's layers, load both files in onnxruntime and
     measure them on the job's splits and batch."""
@@ -242,7 +242,7 @@ def export(model: torch.nn.Module, names: list[str], plan: Plan, evaluator: Eval
     except Exception as exc:  # the exporter cannot lower every model; the error says which part
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc)[:300]}") from None
     graph = onnx.load(str(float_path), load_external_data=False).graph
-    int8 = quantize(float_path, path, plan, graph, names, calibration, large=external_data(model),
+    int8 = quantize(float_path, path, plan, graph, names, calibration, mode, large=external_data(model),
                     bias_corrections=bias_corrections)
     chosen = providers(device)
     try:
@@ -255,7 +255,7 @@ def export(model: torch.nn.Module, names: list[str], plan: Plan, evaluator: Eval
         float=measured[0], quantized=measured[1],
         latency_reduction=1 - measured[1].latency_ms / measured[0].latency_ms, latency_interval=interval,
         int8_layers=int8,
-        quantization=QUANTIZATION[plan.backend],
+        quantization=QUANTIZATION[mode],
         runtime={"onnxruntime": onnxruntime.__version__, "onnx": version("onnx"), "providers": chosen[:1]},
         export_seconds=round(time.perf_counter() - started, 3))
 

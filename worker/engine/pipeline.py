@@ -22,7 +22,7 @@ from .adapters import adapt, attention_implementation, quantizable_layers
 from .data import DataOptions
 from .errors import InputError
 from .evaluation import Evaluator
-from .kernels import Backend, LatencyProfile, choose_backend, float_model
+from .kernels import ONNX_RUNTIME, Backend, LatencyProfile, choose_backend, float_model
 from .artifact import model_size_bytes, save_artifact
 from .cost import Ledger
 from .latency import Latency, LatencyOptions, Paired, measure, paired
@@ -40,7 +40,7 @@ NO_SAVING = "saves no time: its measured saving is nil or negative beyond its no
 RESOLVE_AFTER_ROUNDS = 7
 # Below this many test samples the test-split figure is too coarse to lean on.
 MIN_TEST_SAMPLES = 50
-# A top-1 metric over fewer distinct predicted classes than this cannot tell plans apart.
+# A top-1 metric over fewer distinct predicted classes than this (or than the model has) cannot tell plans apart.
 MIN_DISTINCT_CLASSES = 5
 
 
@@ -67,6 +67,7 @@ class CompressOptions:
     latency: LatencyOptions = field(default_factory=LatencyOptions)
     selection: str = "cost-aware"  # how the order trades accuracy cost against measured speed
     exports: tuple[str, ...] = ()  # deployable formats besides the torch artifact: "onnx" (needs out_dir)
+    runtime: str = "torch"  # where every plan is evaluated, timed and delivered: torch or onnxruntime
     device: str = "cpu"
     low_precision: str = "int8"
     threads: int | None = None
@@ -104,6 +105,7 @@ class CompressOptions:
             latency=LatencyOptions(repeats=latency_repeats, profile_seconds=profile_seconds),
             selection=request.get("selection", "cost-aware"),
             exports=tuple(request.get("exports", ())),
+            runtime=request.get("runtime", "torch"),
             low_precision=request["precisions"][0],
             **{k: v for k, v in runtime.items() if v is not None},
         )
@@ -191,7 +193,7 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
     adapter = float_model(adapt(loaded.model, loaded.task), baseline_precision, options.device)
     data = _to_device(loaded.data, options.device, next(adapter.parameters()).dtype)
     calibration = [adapter.inputs(batch) for batch in data.calibration]
-    backend = choose_backend(adapter, options.device, calibration[0])
+    backend = choose_backend(adapter, options.device, calibration[0], options.runtime)
     if not backend.candidates:
         raise InputError(f"{source} has no layers the {backend.name} backend can quantize")
     backend.fit(calibration)
@@ -212,7 +214,7 @@ def _data_warnings(bench: Workbench) -> list[str]:
         warnings.append(f"the test split has only {data.sizes['test']} samples: its metric is coarse")
     if evaluator.metric_name.startswith("top1"):
         classes = evaluator.distinct_predictions("evaluation")
-        if classes < MIN_DISTINCT_CLASSES:
+        if classes < min(MIN_DISTINCT_CLASSES, evaluator.classes):
             warnings.append(f"the fp32 model predicts only {classes} distinct class(es) on the evaluation split, "
                             f"so {evaluator.metric_name} can hardly tell plans apart")
     return warnings
@@ -385,7 +387,9 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
 
     with track.phase("onnx"):
         exports = {}
-        if "onnx" in options.exports and options.out_dir:
+        if options.runtime == ONNX_RUNTIME:  # the search ran in onnxruntime: its own file is the deliverable
+            exports["onnx"] = _runtime_file(bench.backend, final, baseline_latency, speedup, final_plan)
+        elif "onnx" in options.exports and options.out_dir:
             exports["onnx"] = _onnx(bench, final_plan, final, baseline_metric, options, warnings)
 
     data = evaluator.data
@@ -394,7 +398,8 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         source=bench.source, revision=bench.revision, task=bench.task, status=status, message=STATUS_MESSAGES[status],
         warnings=warnings,
         environment=_environment(options.device, bench.backend.name, attention_implementation(bench.adapter)),
-        backend={"name": bench.backend.name, "note": bench.backend.note, "low_precision": options.low_precision},
+        backend={"name": bench.backend.name, "note": bench.backend.note, "low_precision": options.low_precision,
+                 "runtime": options.runtime},
         data={"description": data.description, "synthetic": data.synthetic, **data.sizes,
               "batch_size": options.data.batch_size, "seq_len": options.data.seq_len},
         metric={"name": evaluator.metric_name, "labelled": evaluator.labelled},
@@ -438,14 +443,30 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
     with track.phase("export"):
         if options.out_dir:
             out = Path(options.out_dir)
-            # The artifact re-applies from plan.json to the original model: a float plan is the original.
-            files = save_artifact(final_model if final_low else bench.adapter, final_plan, out / "artifact")
+            if options.runtime == ONNX_RUNTIME:
+                files = bench.backend.deliver(final_plan, out / "artifact")
+            else:  # the artifact re-applies from plan.json to the original model: a float plan is the original
+                files = save_artifact(final_model if final_low else bench.adapter, final_plan, out / "artifact")
             report.artifact = {name: str(path.relative_to(out)) for name, path in files.items()}
     report.phases = dict(track.phases)
     report.cost = ledger.to_dict()
     if options.out_dir:
         report.write(Path(options.out_dir) / "report.json")
     return report
+
+
+def _runtime_file(backend, final: Final, baseline_latency: Latency, speedup, plan: Plan) -> dict:
+    """The figures of a plan searched in onnxruntime, as the export of a torch plan reports them."""
+    if not plan.low_precision_layers:
+        return {"error": None, "skipped": "no low-precision plan was returned: the float file is the model"}
+    return {"file": f"artifact/{export.QUANTIZED_FILE}", "float_file": f"artifact/{export.FLOAT_FILE}",
+            "metric": final.metric, "test_metric": final.test_metric, "drop": final.drop, "test_drop": final.test_drop,
+            "latency_ms": {"float": baseline_latency.median, "quantized": final.latency_ms["median"]},
+            "latency_reduction": speedup.median, "latency_interval": speedup.to_dict(),
+            "int8_layers": len(plan.low_precision_layers), "quantization": export.QUANTIZATION[backend.mode],
+            "opset": export.OPSET, "size_bytes": final.size_bytes, "error": None,
+            "runtime": {"onnxruntime": export.onnxruntime.__version__, "providers": export.providers(backend.device)[:1]},
+            "searched_in": "onnxruntime"}
 
 
 def _onnx(bench: Workbench, plan: Plan, final: Final, baseline_metric: float, options: CompressOptions,
@@ -456,7 +477,8 @@ def _onnx(bench: Workbench, plan: Plan, final: Final, baseline_metric: float, op
     try:
         result = export.export(bench.backend.baseline, list(bench.adapter.input_names), plan, bench.evaluator,
                                bench.calibration, Path(options.out_dir) / "artifact", options.device,
-                               options.latency.repeats, bench.backend.corrections)
+                               options.latency.repeats, bench.backend.onnx_quantization,
+                               bench.backend.corrections)
     except export.ExportError as exc:
         warnings.append(f"no ONNX export: {exc}")
         return {"error": str(exc)}

@@ -4,11 +4,13 @@ real models for). One module per backend, each registering itself (`registry.py`
 
 | backend        | module           | where           | real kernels                       | simulated as                       |
 |----------------|------------------|-----------------|------------------------------------|------------------------------------|
-| dynamic-int8   | dynamic.py       | CPU, Linear     | `quantize_dynamic` on x86 (fbgemm) | per-channel int8 weights; inputs   |
-|                |                  |                 |                                    | quantized per call to 7 bits       |
+| dynamic-int8   | dynamic.py       | CPU, Linear     | `quantize_dynamic` on oneDNN       | per-channel int8 weights; inputs   |
+|                |                  |                 |                                    | quantized per call to 8 bits       |
 | fx-static-int8 | fx_static.py     | CPU, conv nets  | FX graph mode static int8, oneDNN  | the same FX graph, observers       |
 |                |                  |                 |                                    | replaced by switchable fake-quants |
 | torchao-*      | torchao_linear.py| CUDA, Linear    | torchao `quantize_` (int8 or fp8)  | per-token int8 / per-tensor fp8    |
+| onnxruntime-*  | onnx_runtime.py  | --runtime       | onnxruntime's quantizer, run in    | the torch backend's simulation     |
+|                |                  | onnxruntime     | onnxruntime (dynamic or static)    |                                    |
 
 Every reported metric and latency comes from `Backend.build`; only the sensitivity analysis uses
 `Backend.simulation`. `profile.py` measures what each layer saves.
@@ -34,12 +36,13 @@ for _module in pkgutil.iter_modules(__path__):
 
 from .dynamic import DYNAMIC  # noqa: E402
 from .fx_static import FX_STATIC  # noqa: E402
+from .onnx_runtime import RUNTIME as ONNX_RUNTIME  # noqa: E402
 from .torchao_linear import TORCHAO_FP8, TORCHAO_INT8  # noqa: E402
 
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 UNUSED = "its output does not reach the model's output for this task, so quantizing it cannot change anything"
 
-__all__ = ["BACKENDS", "DYNAMIC", "FX_STATIC", "TORCHAO_FP8", "TORCHAO_INT8", "Backend", "Inputs", "LatencyProfile",
+__all__ = ["BACKENDS", "DYNAMIC", "FX_STATIC", "ONNX_RUNTIME", "RUNTIMES", "TORCHAO_FP8", "TORCHAO_INT8", "Backend", "Inputs", "LatencyProfile",
            "Simulation", "apply_plan", "backend_for", "capture_inputs", "choose_backend", "float_model", "hooks",
            "int8_per_channel", "unused_layers", "weighted"]
 
@@ -60,11 +63,14 @@ def unused_layers(adapter: nn.Module, names: list[str], example: Inputs) -> list
     return [n for n, g in zip(names, grads) if g is None]
 
 
-def choose_backend(adapter: ModelAdapter, device: str, example: Inputs) -> Backend:
-    """The first registered backend, by priority, that takes this model on this device."""
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def choose_backend(adapter: ModelAdapter, device: str, example: Inputs, runtime: str = "torch") -> Backend:
+    """The first registered backend, by priority, that takes this model on this device for this runtime."""
     layers = quantizable_layers(adapter)
     skipped = {n: UNUSED for n in unused_layers(adapter, list(layers), example)}
-    offered = Candidates(adapter, device, example, layers, skipped)
+    offered = Candidates(adapter, device, example, layers, skipped, runtime)
     for backend in BACKENDS:
         chosen = backend.create(offered)
         if chosen is not None:
@@ -74,6 +80,8 @@ def choose_backend(adapter: ModelAdapter, device: str, example: Inputs) -> Backe
 
 def backend_for(adapter: ModelAdapter, plan: Plan, example: Inputs) -> Backend:
     """The backend a plan was made for, rebuilt on `adapter` (for re-applying a stored plan)."""
+    if plan.backend.startswith("onnxruntime"):
+        raise ValueError("an onnxruntime plan is delivered as model.onnx: run that file in onnxruntime")
     backend = choose_backend(adapter, plan.device, example)
     if backend.name != plan.backend:
         raise ValueError(f"the plan needs the {plan.backend} backend, but this model and device give {backend.name}")

@@ -145,6 +145,7 @@ class Candidates:
     example: Inputs
     layers: dict[str, nn.Module]
     skipped: dict[str, str]
+    runtime: str = "torch"  # where the plans run: torch, or onnxruntime (kernels/onnx_runtime.py)
 
     def linear(self) -> list[str]:
         return [n for n, m in self.layers.items() if isinstance(m, nn.Linear) and n not in self.skipped]
@@ -160,6 +161,8 @@ class Backend:
 
     # Asked in descending order by `choose_backend`; `create` says whether this backend takes the model.
     priority: ClassVar[int] = 0
+    # The mode of onnxruntime's quantizer that makes the same kind of int8 model (export.QUANTIZATION), if any.
+    onnx_quantization: ClassVar[str | None] = None
 
     name: str
     note: str

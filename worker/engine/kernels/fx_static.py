@@ -20,7 +20,7 @@ from ..latency import paired
 from ..plan import Plan
 from .base import Backend, Candidates, Inputs, Simulation, hooks, int8_per_channel, swapped, weighted
 from .dynamic import DynamicInt8
-from .profile import LatencyProfile
+from .profile import LatencyProfile, leave_one_out
 from .registry import register
 
 FX_STATIC = "fx-static-int8"
@@ -160,6 +160,7 @@ class FxStaticInt8(Backend):
     """FX graph mode static int8. `graph` is the traced adapter with BatchNorm folded: the baseline."""
 
     priority = 20  # CPU models with convolutions
+    onnx_quantization = "static"
 
     @classmethod
     def create(cls, offered: Candidates) -> "Backend | None":
@@ -357,31 +358,24 @@ class FxStaticInt8(Backend):
         and a quantize, interleaved in rounds (no rebuild: the swap is in place)."""
         example = calibration[0]
         all_low = self.build(self.all_low(), calibration[:1])  # timing does not depend on activation ranges
-        batch = len(example[0])
-        whole = paired(lambda: self.baseline(*example), lambda: all_low(*example), rounds=7, inner=1, samples=batch)
-        rounds = min(30, max(5, int(seconds_per_layer * 500 / max(whole.second_ms, 1e-3))))
         low_modules, float_modules = dict(all_low.named_modules()), dict(self.graph.named_modules())
-        savings = {}
-        for name in self.candidates:
+
+        def pair(name: str, rounds: int):
             int8, fp32 = low_modules[name], FloatIsland(float_modules[name], low_modules[name])
 
-            def run_with(module, name=name):
+            def run_with(module):
                 all_low.set_submodule(name, module)
                 return all_low(*example)
 
-            savings[name] = paired(lambda: run_with(fp32), lambda: run_with(int8), rounds=rounds, inner=1,
-                                   samples=batch)
-            all_low.set_submodule(name, int8)
-        total = sum(timing.difference_ms for timing in savings.values())
-        # Anchored at both measured ends (the baseline and the all-low model); in between a layer's saving
-        # depends on its neighbours' precision, so the model is not additive and only the ends are exact.
-        return LatencyProfile(
-            "leave-one-out on the real kernels: the all-low model against itself with the layer in fp32 "
-            "between a dequantize and a quantize, interleaved; scaled so that the baseline and the all-low "
-            "model are predicted exactly", savings, whole.first_ms, whole.second_ms,
-            intercept_ms=whole.first_ms, slope=whole.difference_ms / total if total > 0 else 1.0, additive=False)
+            try:
+                return paired(lambda: run_with(fp32), lambda: run_with(int8), rounds=rounds, inner=1,
+                              samples=len(example[0]))
+            finally:
+                all_low.set_submodule(name, int8)
 
-
+        return leave_one_out(self.baseline, all_low, example, self.candidates, seconds_per_layer,
+                             "leave-one-out on the real kernels: the all-low model against itself with the layer in "
+                             "fp32 between a dequantize and a quantize, interleaved", pair)
 
 
 class FloatIsland(nn.Module):

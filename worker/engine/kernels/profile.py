@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
@@ -80,3 +80,19 @@ def independent_profile(backend: "Backend", calibration: list[Inputs], seconds_p
         "each layer's fp32 and int8 modules timed alone on its captured inputs, interleaved; their sum "
         "scaled to one whole-model timing of the all-low plan", savings, whole.first_ms, whole.second_ms,
         intercept_ms=whole.first_ms, slope=whole.difference_ms / total if total > 0 else 1.0)
+
+
+def leave_one_out(baseline, all_low, example: Inputs, names: list[str], seconds_per_layer: float, method: str,
+                  pair: Callable[[str, int], Paired]) -> LatencyProfile:
+    """Layers whose saving depends on their neighbours (static int8, any plan in onnxruntime) are timed in
+    context: `pair(name, rounds)` times the all-low model with `name` alone float against the all-low model, in
+    interleaved rounds. The model is anchored at both measured ends, the baseline and the all-low model; in
+    between it is not additive, and only the ends are exact."""
+    batch = len(example[0])
+    whole = paired(lambda: baseline(*example), lambda: all_low(*example), rounds=7, inner=1, samples=batch)
+    rounds = min(30, max(5, int(seconds_per_layer * 500 / max(whole.second_ms, 1e-3))))
+    savings = {name: pair(name, rounds) for name in names}
+    total = sum(timing.difference_ms for timing in savings.values())
+    return LatencyProfile(method + "; scaled so that the baseline and the all-low model are predicted exactly",
+                          savings, whole.first_ms, whole.second_ms, intercept_ms=whole.first_ms,
+                          slope=whole.difference_ms / total if total > 0 else 1.0, additive=False)

@@ -46,6 +46,10 @@ class TorchaoLinear(Backend):
 
     profile = independent_profile  # its kernels take and return float: layers save independently
 
+    @property
+    def onnx_quantization(self) -> str | None:  # fp8 plans have no onnxruntime counterpart
+        return "dynamic" if self.name == TORCHAO_INT8 else None
+
     def build(self, plan: Plan, calibration: list[Inputs]) -> nn.Module:
         from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig,
                                           Int8DynamicActivationInt8WeightConfig, quantize_)
