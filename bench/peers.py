@@ -20,7 +20,8 @@ the baseline in each round, so drift hits all alike; median reduction with a boo
 plan is also exported and measured in onnxruntime. Writes bench/results/peers.{json,md} and the README's
 views of it (peers-readme.md, peers-cost.md).
 
-    .venv/bin/python bench/peers.py [--models minilm,efficientnet-lite0,efficientnet-lite1,efficientnet-lite2]
+    .venv/bin/python bench/peers.py [--models minilm,minilm-sentiment,efficientnet-lite0,efficientnet-lite1,
+                                     efficientnet-lite2]
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ from worker.engine.latency import LatencyOptions, Paired  # noqa: E402
 from worker.engine.pipeline import CompressOptions, compress, prepare, select  # noqa: E402
 from worker.engine.search import Budget, Measurement, Step, search  # noqa: E402
 
-BUDGETS = {"minilm": (0.005, 0.01, 0.02), "efficientnet": (0.0025, 0.005, 0.01)}
+BUDGETS = {"minilm": (0.005, 0.01, 0.02), "minilm-sentiment": (0.01,), "efficientnet": (0.0025, 0.005, 0.01)}
 SIZES = {"minilm": dict(calibration_samples=128, eval_samples=256, test_samples=188),
+         "minilm-sentiment": dict(calibration_samples=128, eval_samples=512, test_samples=512),
          "efficientnet": dict(calibration_samples=128, eval_samples=512, test_samples=360)}
 VARIANTS = {"mixq-hessian-cost-aware": ("hessian", "cost-aware"), "mixq-random": ("random", "sensitivity")}
 DEFAULT = "mixq"
@@ -84,6 +86,42 @@ def nncf_revert(names, accepts, regained, tally) -> list[str]:
         if accepts(low, tally):
             return low
     return []
+
+
+def runtime_figures(report) -> dict:
+    """A plan that lives in onnxruntime, as the rows here report it (the job scored its test split once)."""
+    budget = Budget(report.budget["max_drop"], confidence=0.5)
+    final = report.final
+    return {"metric": final.metric, "test_metric": final.test_metric, "drop": final.drop, "stderr": final.stderr,
+            "test_drop": final.test_drop, "test_stderr": final.test_stderr,
+            "within_budget": budget.accepts(final.drop), "within_budget_on_test": budget.accepts(final.test_drop),
+            "ort": {"ms": {"float": report.baseline.latency_ms["median"], "int8": final.latency_ms["median"]},
+                    "reduction": report.latency["reduction"]}}
+
+
+def ort_uniform(bench, float_path: Path, path: Path, max_drop: float, rounds: int) -> dict:
+    """onnxruntime's own quantizer on every candidate (its uniform int8 file), measured in onnxruntime."""
+    names, evaluator = list(bench.adapter.input_names), bench.evaluator
+    plan = bench.plan(bench.candidates, "int8")
+    started = time.perf_counter()
+    export.quantize(float_path, path, plan, __import__("onnx").load(str(float_path)).graph, names, bench.calibration,
+                    bench.backend.onnx_quantization)
+    seconds = time.perf_counter() - started
+    threads = torch.get_num_threads()
+    float_model, int8_model = (export.OrtModel(p, names, ["CPUExecutionProvider"], threads) for p in (float_path, path))
+    budget = Budget(max_drop, confidence=0.5)
+    base, base_test = evaluator.scores(float_model), evaluator.scores(float_model, "test")
+    scores, test = evaluator.scores(int8_model), evaluator.scores(int8_model, "test")
+    drop, stderr = budget.paired(base, scores)
+    test_drop, test_stderr = budget.paired(base_test, test)
+    timing = Paired(0, 0, 0, 0, *round_robin({0: float_model, 1: int8_model}, bench.example, rounds).values())
+    return {"model": bench.source.removeprefix("builtin:"), "budget": max_drop, "method": "onnxruntime uniform",
+            "k": len(bench.candidates), "metric": sum(scores) / len(scores), "test_metric": sum(test) / len(test),
+            "drop": drop, "stderr": stderr, "test_drop": test_drop, "test_stderr": test_stderr,
+            "within_budget": budget.accepts(drop), "within_budget_on_test": budget.accepts(test_drop),
+            "ort": {"ms": {"float": sorted(timing.first_rounds)[rounds // 2], "int8": sorted(timing.second_rounds)[rounds // 2]},
+                    "reduction": timing.reduction().to_dict()},
+            "cost": {"seconds": round(seconds, 1), "forward": len(base) + len(scores), "evaluations": 1}}
 
 
 def round_robin(models: dict, example, rounds: int) -> dict:
@@ -207,7 +245,7 @@ def run_model(model: str, imagenet, rounds: int) -> dict:
             export.export_float(bench.backend.baseline, list(bench.adapter.input_names), bench.example, float_path)
             for per_tensor in (True, False):
                 figures = nncf_peer.run(bench, Budget(max_drop, confidence=0.5), float_path, rounds, per_tensor,
-                                        transformer=family == "minilm")
+                                        transformer=family != "efficientnet")
                 name = "nncf-real (per-tensor activations)" if per_tensor else "nncf-real (default preset)"
                 runs.append({"model": model, "budget": max_drop, "method": name, "nncf": figures,
                              "k": figures["int8_layers"],
@@ -222,10 +260,24 @@ def run_model(model: str, imagenet, rounds: int) -> dict:
                 mixq_row["onnx"] = {"ms": {"float": exported.float.latency_ms, "int8": exported.quantized.latency_ms},
                                     "reduction": exported.latency_interval, "metric": exported.quantized.metric,
                                     "test_metric": exported.quantized.test_metric}
+            runs.append(ort_uniform(bench, float_path, Path(folder) / "uniform.onnx", max_drop, rounds))
+        if family == "efficientnet":  # conv nets: mixq's torch plan in onnxruntime is the row above
+            print(f"  budget {max_drop}: done", flush=True)
+            continue
+        # mixq searching in onnxruntime itself: every evaluation and timing there.
+        job.runtime = "onnxruntime"
+        started = time.perf_counter()
+        ort = compress(f"builtin:{model}", job)
+        spent = Spent()
+        for phase in MIXQ_PHASES:
+            spent.add(Spent(**ort.cost["phases"][phase]))
+        runs.append({"model": model, "budget": max_drop, "method": f"{DEFAULT} (runtime onnxruntime)",
+                     "k": ort.final.k, "status": ort.status, "job_wall_seconds": round(time.perf_counter() - started, 1),
+                     "cost": spent_dict(spent, ort.search["evaluations"]), **runtime_figures(ort)})
         print(f"  budget {max_drop}: done", flush=True)
 
     # One look at the test split per distinct plan, and latencies in round-robin rounds.
-    torch_runs = [r for r in runs if "low" in r]
+    torch_runs = [r for r in runs if "low" in r]  # plans run on torch's kernels (the others carry their own figures)
     distinct = sorted({frozenset(r["low"]) for r in torch_runs}, key=len)
     models = {frozenset(): bench.backend.baseline, **{p: bench.build(bench.plan(sorted(p), "int8"))
                                                       for p in distinct if p}}
@@ -265,6 +317,9 @@ def _row(result: dict, r: dict) -> str:
     if "nncf" in r:
         torch_side = "–"
         ort = _interval(r["nncf"]["ort_reduction"])
+    elif "ort" in r:
+        torch_side = "–"
+        ort = _interval(r["ort"]["reduction"]) if r["ort"]["reduction"] else "–"
     else:
         torch_side = _interval(r["latency_reduction"])
         ort = _interval(r["onnx"]["reduction"]) if "onnx" in r else "–"
@@ -289,7 +344,7 @@ def markdown(results: list[dict], budgets: set | None = None) -> str:
 
 
 def main() -> None:
-    arguments = parser(__doc__, "minilm,efficientnet-lite0,efficientnet-lite1,efficientnet-lite2")
+    arguments = parser(__doc__, "minilm,minilm-sentiment,efficientnet-lite0,efficientnet-lite1,efficientnet-lite2")
     arguments.add_argument("--rounds", type=int, default=15, help="round-robin timing rounds of the final plans")
     args = arguments.parse_args()
     results = kept(args, "peers", lambda result: result["model"])
