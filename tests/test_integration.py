@@ -87,7 +87,8 @@ def test_worker_killed_mid_job_finishes_exactly_once(stack, servers):
         job_id = client.post("/v1/jobs", json={"model": "builtin:minilm", "budget": {"max_drop": 0.01},
                                                "seq_len": 32, "calibration_samples": 16, "eval_samples": 48,
                                                "hutchinson_samples": 4}).json()["id"]
-        running = _wait(client, job_id, lambda j: j["status"] == "running" and j["phase"] == "sensitivity")
+        # Killed while it works (the probe often answers MiniLM at 1%, so there may be no sensitivity phase).
+        running = _wait(client, job_id, lambda j: j["status"] == "running" and j["phase"] in ("load", "baseline", "probe", "profile", "sensitivity"))
         assert running["attempts"] == 1
         os.killpg(worker.pid, signal.SIGKILL)  # the whole worker (parent and pool child) dies at once
         worker.wait()
