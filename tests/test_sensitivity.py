@@ -122,3 +122,19 @@ def test_a_fallback_is_never_silent(monkeypatch):
     assert result.method["hessian"] == f"{GAUSS_NEWTON} (fallback)"
     assert len(result.warnings) == 1 and "Gauss-Newton" in result.warnings[0]
     assert all(layer.hessian_trace is not None for layer in result.layers)
+
+
+def test_fidelity_traces_with_a_partial_calibration_batch_and_no_reference_computed_yet():
+    """The fp32 reference outputs are computed lazily; computing them while the output probes hook the same
+    model once added batch 0's probes to every calibration batch (a shape error with a partial last batch)."""
+    adapter = adapt(tiny_bert(), FEATURE_EXTRACTION)
+    data = split_batches(token_batch(n=28), None, DataOptions(calibration_samples=12, eval_samples=8,
+                                                              test_samples=8, batch_size=8), "random tokens")
+    evaluator = Evaluator(adapter, data, FEATURE_EXTRACTION)
+    calibration = evaluator.batches("calibration")
+    assert [len(b[0]) for b in calibration] == [8, 4]
+    backend = choose_backend(adapter, "cpu", calibration[0])
+    result = analyse(backend.simulation(calibration), evaluator, backend.candidates,
+                     SensitivityOptions(ordering="hessian", hessian_batches=1, hutchinson_max_samples=4), adapter)
+    assert result.method["hessian"] == GAUSS_NEWTON
+    assert all(layer.hessian_trace > 0 for layer in result.layers)

@@ -189,6 +189,8 @@ def output_traces(simulation: Simulation, evaluator: Evaluator, names: list[str]
         probes = OutputProbes(modules, simulation.model, batches)
 
         def gauss_newton():
+            # The fp32 outputs the probe is drawn from, computed before the probes hook the model that makes them.
+            evaluator.reference["calibration"]
             scale = len(batches) ** -0.5  # L is the mean of the batch losses
 
             def projection(generator):
