@@ -122,7 +122,7 @@ class PlanScores:
         if not key:
             return self.bench.backend.baseline
         if self.last is None or self.last[0] != key:
-            self.last = key, self.bench.build(self.bench.plan(list(low), "int8"))
+            self.last = key, self.bench.build(self.bench.plan(list(low)))
         return self.last[1]
 
     def charge(self, tally: set):

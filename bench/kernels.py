@@ -103,7 +103,7 @@ def run(cache_dir: Path) -> list[dict]:
         float_path = Path(folder) / "float.onnx"
         names = list(bench.adapter.input_names)
         export.export_float(bench.adapter, names, bench.example, float_path)
-        plan = bench.plan(bench.candidates, "int8")
+        plan = bench.plan(bench.candidates)
         started = time.perf_counter()
         export.quantize(float_path, Path(folder) / "int8.onnx", plan, __import__("onnx").load(str(float_path)).graph,
                         names, bench.calibration, "dynamic")

@@ -64,7 +64,7 @@ def run_model(model: str, quick: bool, cache_dir: Path, imagenet: Path) -> dict:
         grid[ordering] = {}
         for fraction in FRACTIONS:
             k = max(1, round(fraction * layers))
-            grid[ordering][k] = bench.evaluator.metric(bench.build(bench.plan(order[:k], "int8")))
+            grid[ordering][k] = bench.evaluator.metric(bench.build(bench.plan(order[:k])))
     return {"model": model, "layers": layers, "reports": reports, "grid": grid}
 
 

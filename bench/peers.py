@@ -102,7 +102,7 @@ def runtime_figures(report) -> dict:
 def ort_uniform(bench, float_path: Path, path: Path, max_drop: float, rounds: int) -> dict:
     """onnxruntime's own quantizer on every candidate (its uniform int8 file), measured in onnxruntime."""
     names, evaluator = list(bench.adapter.input_names), bench.evaluator
-    plan = bench.plan(bench.candidates, "int8")
+    plan = bench.plan(bench.candidates)
     started = time.perf_counter()
     export.quantize(float_path, path, plan, __import__("onnx").load(str(float_path)).graph, names, bench.calibration,
                     bench.backend.onnx_quantization)
@@ -279,7 +279,7 @@ def run_model(model: str, imagenet, rounds: int) -> dict:
     # One look at the test split per distinct plan, and latencies in round-robin rounds.
     torch_runs = [r for r in runs if "low" in r]  # plans run on torch's kernels (the others carry their own figures)
     distinct = sorted({frozenset(r["low"]) for r in torch_runs}, key=len)
-    models = {frozenset(): bench.backend.baseline, **{p: bench.build(bench.plan(sorted(p), "int8"))
+    models = {frozenset(): bench.backend.baseline, **{p: bench.build(bench.plan(sorted(p)))
                                                       for p in distinct if p}}
     test = {plan: evaluator.scores(built, "test") for plan, built in models.items()}
     times = round_robin(models, bench.example, rounds)

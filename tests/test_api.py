@@ -220,7 +220,11 @@ def _detail(response) -> str:
     ({"model": "builtin:minilm", "budget": {"max_drop": 0.01}, "colour": "blue"}, "Extra inputs are not permitted"),
     ({"model": "builtin:minilm", "budget": {"max_drop": 0.01}, "batch_size": 0}, "greater than or equal to 1"),
     ({"model": "builtin:minilm", "budget": {"max_drop": 0.01}, "ordering": "best"}, "augmented"),
-    ({"model": "builtin:minilm", "budget": {"max_drop": 0.01}, "precisions": ["int8", "fp8"]}, "at most 1 item"),
+    ({"model": "builtin:minilm", "budget": {"max_drop": 0.01}, "precisions": ["int8", "fp8"]}, "fp8 is a GPU"),
+    ({"model": "builtin:minilm", "budget": {"max_drop": 0.01}, "precisions": ["int8", "int8wo", "int4wo", "int8"]},
+     "at most 3 items"),
+    ({"model": "builtin:minilm", "budget": {"max_drop": 0.01}, "precisions": ["int8wo", "int8wo"]}, "at most once"),
+    ({"model": "builtin:minilm", "budget": {"max_drop": 0.01}, "latency": "throughput"}, "decode"),
     ({"budget": {"max_drop": 0.01}}, "model"),
     ({"model": "builtin:minilm"}, "budget"),
 ])

@@ -65,7 +65,7 @@ def _quantized_weight_nodes(graph, mode: str) -> set[str]:
 def test_exactly_the_plans_low_layers_become_int8(exported, tmp_path):
     bench, path = exported
     low = bench.candidates[::2]
-    plan = bench.plan(low, "int8")
+    plan = bench.plan(low)
     graph = onnx.load(str(path)).graph
     nodes = export.layer_nodes(graph, bench.candidates)
     out = tmp_path / export.QUANTIZED_FILE
@@ -121,7 +121,7 @@ def test_the_readme_snippet_runs_an_exported_model(exported, tmp_path):
     bench, path = exported
     readme = (ROOT / "README.md").read_text()
     snippet = re.search(r"<!-- onnx-snippet -->\s*```python\n(.*?)```", readme, re.S).group(1)
-    plan = bench.plan(bench.candidates, "int8")
+    plan = bench.plan(bench.candidates)
     export.quantize(path, tmp_path / "model.onnx", plan, onnx.load(str(path)).graph, list(bench.adapter.input_names),
                     bench.calibration, bench.backend.onnx_quantization)
     np.savez(tmp_path / "inputs.npz", **{name: t.numpy() for name, t in zip(bench.adapter.input_names,

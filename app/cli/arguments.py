@@ -60,6 +60,12 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
                         help="where every plan is evaluated, timed and delivered (onnxruntime: the search runs in the "
                              "runtime you deploy, and the artifact is its ONNX file)")
+    parser.add_argument("--precisions", type=lambda text: text.split(","), default=None,
+                        help="comma-separated low precisions a plan may mix per layer: int8, int8wo, int4wo (CPU), or "
+                             "fp8 alone (GPU); default int8, and int8,int8wo,int4wo for causal language models")
+    parser.add_argument("--latency", choices=["decode", "prefill"], default=None,
+                        help="a causal language model's speed to optimise: one decoding step (tokens/s, the default) "
+                             "or the prefill of a --seq-len prompt (time to first token)")
     parser.add_argument("--export", choices=["onnx", "none"], default=None,
                         help="also write model.onnx, quantized by onnxruntime and measured there (service jobs: "
                              "onnx unless none; mixq compress: only when asked, with --out)")
@@ -80,4 +86,6 @@ def job_request(args) -> dict:
             "batch_size": args.batch_size, "seq_len": args.seq_len, "calibration_samples": args.calibration_samples,
             "eval_samples": args.eval_samples, "test_samples": args.test_samples,
             "hutchinson_samples": args.hutchinson_samples, "priority": args.priority, "data": data,
+            **({} if args.precisions is None else {"precisions": args.precisions}),
+            **({} if args.latency is None else {"latency": args.latency}),
             **({} if args.export is None else {"exports": [] if args.export == "none" else [args.export]})}

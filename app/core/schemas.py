@@ -106,9 +106,14 @@ class JobOptions(Strict):
     eval_samples: int = Field(256, ge=1, le=100_000)
     test_samples: int = Field(256, ge=1, le=100_000, description="held out from every decision; scores the final plan")
     hutchinson_samples: int = Field(16, ge=2, le=1000)
-    precisions: list[Literal["int8", "fp8"]] = Field(
-        default_factory=lambda: ["int8"], min_length=1, max_length=1,
-        description="one low precision per job: ['int8'] on CPU, ['int8'] or ['fp8'] on GPU workers")
+    precisions: list[Literal["int8", "fp8", "int8wo", "int4wo"]] | None = Field(
+        None, min_length=1, max_length=3,
+        description="the low precisions a plan may use, chosen per layer: ['int8'] (or ['fp8'] on GPU workers); on "
+                    "CPU, int8 with int8wo and int4wo (weight-only) in any mix. Default: ['int8'], and all three "
+                    "for causal language models")
+    latency: Literal["decode", "prefill"] | None = Field(
+        None, description="a causal language model's timed workload the search makes faster: one decoding step at "
+                          "batch 1 (tokens/s; the default) or the prefill of a seq_len prompt (time to first token)")
     priority: int = Field(5, ge=0, le=9)
     exports: list[Literal["onnx"]] = Field(
         default_factory=lambda: ["onnx"], max_length=1,
@@ -119,6 +124,15 @@ class JobOptions(Strict):
     data: DataIn | None = None
     webhook_url: str | None = Field(None, max_length=2000, pattern=WEBHOOK_PATTERN,
                                     description="notified (HMAC-signed per tenant) when the job ends")
+
+    @field_validator("precisions")
+    @classmethod
+    def _one_family(cls, value: list[str] | None) -> list[str] | None:
+        if value and "fp8" in value and len(value) > 1:
+            raise ValueError("fp8 is a GPU precision of its own: ask for ['fp8'] alone")
+        if value and len(set(value)) != len(value):
+            raise ValueError("each precision at most once")
+        return value
 
     @field_validator("webhook_url")
     @classmethod

@@ -238,7 +238,20 @@ function summary(report) {
     card("Size", `${(b.size_bytes / 1e6).toFixed(1)} → ${(f.size_bytes / 1e6).toFixed(1)} MB`, `${f.k}/${report.layers.length} layers ${report.backend.low_precision}`),
     card("Runtime", report.backend.runtime || "torch", report.backend.name, "runtime"),
     card("Search", `${report.search.evaluations} evaluations`, method.analysis ? `sensitivity analysis ${method.analysis}` : `max ${report.search.max_evaluations} (${report.search.refinement_evaluations} refinement), ${report.search.ordering} ordering, ${report.search.selection} selection, Hessian ${method.hessian || "–"}`),
-    card("Cost", `${cost.seconds.toFixed(0)} s`, `samples through ${cost.forward.toLocaleString()} forward, ${cost.timed.toLocaleString()} timed, ${cost.simulated.toLocaleString()} simulated and ${cost.backward.toLocaleString()} backward passes`, "cost"));
+    card("Cost", `${cost.seconds.toFixed(0)} s`, `samples through ${cost.forward.toLocaleString()} forward, ${cost.timed.toLocaleString()} timed, ${cost.simulated.toLocaleString()} simulated and ${cost.backward.toLocaleString()} backward passes`, "cost"),
+    ...generationCards(report, card));
+}
+
+// A causal language model's perplexity (the budget is on its relative increase) and generation speeds.
+function generationCards(report, card) {
+  const cards = [];
+  const ppl = report.metric.perplexity, gen = report.generation;
+  if (ppl) cards.push(card("Perplexity", `${ppl.baseline.toFixed(2)} → ${ppl.final.toFixed(2)}`, `test split ${ppl.baseline_test.toFixed(2)} → ${ppl.final_test.toFixed(2)}; budget on its relative increase`, "perplexity"));
+  if (gen) {
+    cards.push(card("Decode, batch 1", `${gen.decode.baseline_tokens_per_second.toFixed(1)} → ${gen.decode.plan_tokens_per_second.toFixed(1)} tokens/s`, interval(gen.decode.reduction), "decode"));
+    cards.push(card("Time to first token", `${gen.prefill.baseline_ms.toFixed(1)} → ${gen.prefill.plan_ms.toFixed(1)} ms`, `${gen.prefill.prompt_tokens}-token prompt; ${interval(gen.prefill.reduction)}`, "prefill"));
+  }
+  return cards;
 }
 
 const onnxReady = (report) => Boolean(report && report.exports && report.exports.onnx && report.exports.onnx.file && !report.exports.onnx.error);

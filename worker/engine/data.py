@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION
+from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION, TEXT_GENERATION
 from . import hub
 from .errors import InputError
 from .paths import HF_CONFIG, HF_REPO_ID, SPLIT_NAME, resolve_under_root
@@ -106,18 +106,55 @@ def split_batches(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None, 
     bounds = torch.tensor([0, *sizes.values()]).cumsum(0).tolist()
     parts = {split: order[bounds[i]:bounds[i + 1]] for i, split in enumerate(SPLITS)}
 
-    def batches(index: torch.Tensor) -> list[Batch]:
-        out = []
-        for start in range(0, len(index), options.batch_size):
-            rows = index[start:start + options.batch_size]
-            batch = {k: v[rows] for k, v in inputs.items()}
-            if labels is not None:
-                batch["labels"] = labels[rows]
-            out.append(batch)
-        return out
+    return Dataset(**{split: _batched(inputs, labels, parts[split], options.batch_size) for split in SPLITS},
+                   labelled=labels is not None, description=description, synthetic=synthetic, sizes=sizes)
 
-    return Dataset(**{split: batches(parts[split]) for split in SPLITS}, labelled=labels is not None,
-                   description=description, synthetic=synthetic, sizes=sizes)
+
+def _batched(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None, index: torch.Tensor, size: int
+             ) -> list[Batch]:
+    out = []
+    for start in range(0, len(index), size):
+        rows = index[start:start + size]
+        batch = {k: v[rows] for k, v in inputs.items()}
+        if labels is not None:
+            batch["labels"] = labels[rows]
+        out.append(batch)
+    return out
+
+
+def token_windows(tokenizer, documents: list[str], options: DataOptions, description: str) -> Dataset:
+    """A causal language model's text: each document tokenized and cut into non-overlapping windows of
+    `seq_len` tokens (a shorter tail is dropped), and whole documents dealt to the calibration, evaluation and
+    test splits in a seeded shuffle, so no document lends text to two splits. The windows are their own labels
+    (the next token at every position): the metric is perplexity."""
+    length = options.seq_len
+    windows = []
+    for text in documents:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        windows.append([ids[i:i + length] for i in range(0, len(ids) - length + 1, length)])
+    available = sum(len(w) for w in windows)
+    wanted = [options.calibration_samples, options.eval_samples, options.test_samples]
+    if available < len(SPLITS) or sum(1 for w in windows if w) < len(SPLITS):
+        raise InputError(f"the text gives {available} window(s) of {length} tokens from "
+                         f"{sum(1 for w in windows if w)} document(s); need at least one document per split")
+    if sum(wanted) > available:  # shrink every split proportionally rather than share a document
+        wanted = [max(1, int(count * available / sum(wanted))) for count in wanted]
+    order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(options.seed)).tolist()
+    parts: list[list[list[int]]] = [[] for _ in SPLITS]
+    split = 0
+    for document in order:
+        while split < len(SPLITS) - 1 and len(parts[split]) >= wanted[split]:
+            split += 1
+        parts[split] += windows[document][:wanted[split] - len(parts[split])]
+    if not all(parts):
+        raise InputError(f"the text's {available} windows of {length} tokens do not reach every split")
+    batches = {}
+    for name, rows in zip(SPLITS, parts):
+        ids = torch.tensor(rows, dtype=torch.long)
+        batches[name] = _batched({"input_ids": ids}, None, torch.arange(len(ids)), options.batch_size)
+    return Dataset(**batches, labelled=True, sizes={name: len(rows) for name, rows in zip(SPLITS, parts)},
+                   description=f"{description}: {sum(len(p) for p in parts)} windows of {length} tokens, "
+                               "documents disjoint across splits")
 
 
 def tokenize(tokenizer, texts: list[str], seq_len: int) -> dict[str, torch.Tensor]:
@@ -146,6 +183,10 @@ def load_dataset_for(task: str, options: DataOptions, model_root: Path | None, c
         where = str(path)
         if arrays is not None:
             return split_batches(arrays, labels, options, f"{where} (.npz)")
+    if task == TEXT_GENERATION:
+        if texts is None:
+            raise InputError(f"{where} has no text for a language model")
+        return token_windows(preprocessing.load_tokenizer(), texts, options, where)
     if task == IMAGE_CLASSIFICATION:
         if images is None:
             raise InputError(f"{where} has no images for an image classifier")
@@ -230,6 +271,8 @@ def _read_local(path: Path, options: DataOptions, task: str, preprocessing: Prep
             x = torch.from_numpy(archive["pixel_values"] if "pixel_values" in archive else archive["x"]).float()
             y = archive["labels"] if "labels" in archive else archive["y"] if "y" in archive else None
         return None, None, None if y is None else torch.from_numpy(y).long(), {"pixel_values": x}
+    if suffix == ".txt":  # one text (a document, a sentence) per line
+        return [line for line in path.read_text(errors="replace").splitlines() if line.strip()], None, None, None
     if suffix in (".jsonl", ".csv"):
         rows = _read_rows(path, suffix)
         if not rows:
@@ -240,7 +283,7 @@ def _read_local(path: Path, options: DataOptions, task: str, preprocessing: Prep
         has_labels = options.label_column and all(r.get(options.label_column) not in (None, "") for r in rows)
         labels = _labels_tensor([r[options.label_column] for r in rows]) if has_labels else None
         return texts, None, labels, None
-    raise InputError(f"unsupported data file {path.name}: use .jsonl, .csv, .npz or a folder of images per class")
+    raise InputError(f"unsupported data file {path.name}: use .jsonl, .csv, .txt, .npz or a folder of images per class")
 
 
 def _read_rows(path: Path, suffix: str) -> list[dict]:

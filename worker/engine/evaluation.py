@@ -7,6 +7,9 @@
 | classifier, no labels      | top-1 agreement with the fp32 model   | KL(fp32 softmax || model softmax) |
 |   (`metric="logit_cosine"`)| mean cosine of the logits to fp32     | KL(fp32 softmax || model softmax) |
 | embeddings                 | mean cosine to fp32 embeddings        | 1/2 squared distance to fp32      |
+| language model, text       | log-likelihood per token (perplexity) | KL(fp32 next-token || model's),   |
+|                            |                                       | mean over positions               |
+| language model, no text    | next-token agreement with fp32        | the same KL                       |
 
 Without labels the metric and the loss are fidelity to the fp32 model, computed once here as the
 reference. The cosine of the logits is for classifiers whose top-1 answers barely vary (random weights):
@@ -23,10 +26,17 @@ import torch
 import torch.nn.functional as F
 
 from . import cost
-from .adapters import FEATURE_EXTRACTION
+from .adapters import FEATURE_EXTRACTION, TEXT_GENERATION
 from .data import Batch, Dataset
 
 LOGIT_COSINE = "logit_cosine"
+LOG_LIKELIHOOD = "log_likelihood"  # per token, mean over a window; perplexity = exp(-metric)
+
+
+def window_log_likelihood(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean log-probability of each window's next tokens (positions 1..T-1), one figure per window."""
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+    return -nll.view(len(ids), -1).mean(1)
 
 
 class _References(dict):
@@ -37,10 +47,11 @@ class _References(dict):
         super().__init__()
         self.model, self.evaluator = model, evaluator
 
-    def __missing__(self, split: str) -> list[torch.Tensor]:
+    def __missing__(self, split: str) -> list:
         with torch.inference_mode():
-            outputs = [self.model(*self.evaluator.inputs(b)).float() for b in getattr(self.evaluator.data, split)]
-        cost.count("forward", sum(len(out) for out in outputs))
+            outputs = [self.evaluator.kept(self.model(*self.evaluator.inputs(b)).float(), b, split)
+                       for b in getattr(self.evaluator.data, split)]
+        cost.count("forward", sum(len(b[self.evaluator.input_names[0]]) for b in getattr(self.evaluator.data, split)))
         self[split] = outputs
         return outputs
 
@@ -55,6 +66,7 @@ class Evaluator:
         self.input_names = input_names or reference.input_names
         self.data = data
         self.embedding = task == FEATURE_EXTRACTION
+        self.generation = task == TEXT_GENERATION
         self.labelled = data.labelled and not self.embedding
         # The loss the sensitivity analysis scores layers on: fidelity to fp32, or the labels' cross-entropy.
         self.task_loss = self.labelled and analysis_loss == "task"
@@ -63,6 +75,8 @@ class Evaluator:
 
     @property
     def metric_name(self) -> str:
+        if self.generation:
+            return LOG_LIKELIHOOD if self.labelled else "next_token_agreement"
         if self.embedding:
             return "cosine_fidelity"
         if self.labelled:
@@ -81,10 +95,26 @@ class Evaluator:
         chosen = getattr(self.data, split)
         return [self.inputs(b) for b in (chosen if limit is None else chosen[:limit])]
 
+    def kept(self, out: torch.Tensor, batch, split: str):
+        """What is kept of the reference's output on a batch: all of it, except a language model's evaluation and
+        test splits, where its scores and next-token choices are all that is needed (full logits of every window
+        would take gigabytes)."""
+        if not self.generation or split == "calibration":
+            return out
+        return {"scores": self._generation_scores(out, batch, None), "tokens": out.argmax(-1)}
+
+    def _generation_scores(self, out: torch.Tensor, batch, reference) -> torch.Tensor:
+        if self.labelled:
+            return window_log_likelihood(out, batch["input_ids"])
+        tokens = out.argmax(-1) if reference is None else reference["tokens"]
+        return (out.argmax(-1) == tokens).float().mean(1)
+
     def _scored(self, outputs, split: str) -> list[float]:
         scores = []
         for batch, out, reference in zip(getattr(self.data, split), outputs, self.reference[split]):
-            if self.embedding or self.logit_cosine:
+            if self.generation:
+                scores.append(reference["scores"] if out is reference else self._generation_scores(out, batch, reference))
+            elif self.embedding or self.logit_cosine:
                 scores.append(F.cosine_similarity(out, reference, dim=-1))
             else:
                 target = batch["labels"] if self.labelled else reference.argmax(-1)
@@ -128,8 +158,12 @@ class Evaluator:
         if self.embedding:
             return 0.5 * (out - reference).pow(2).sum(-1).mean()
         if self.task_loss:
+            if self.generation:
+                return -window_log_likelihood(out, self.data.calibration[index]["input_ids"]).mean()
             return F.cross_entropy(out, self.data.calibration[index]["labels"])
-        return F.kl_div(F.log_softmax(out, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean")
+        # Per next-token distribution (a language model has one per position), averaged over them.
+        return F.kl_div(F.log_softmax(out.flatten(0, -2), -1), F.log_softmax(reference.flatten(0, -2), -1),
+                        log_target=True, reduction="batchmean")
 
     def loss(self, model: torch.nn.Module, batches: int | None = None) -> torch.Tensor:
         """Mean loss over the first `batches` calibration batches (all by default); differentiable."""
@@ -155,8 +189,9 @@ class Evaluator:
         if self.embedding:  # loss = 1/2 mean_s ||out_s - ref_s||²: Hessian I / rows
             u = torch.randint(0, 2, reference.shape, generator=generator).float() * 2 - 1
         else:  # KL(p0 || softmax(out)) / rows at out = ref: Hessian (diag(p) - p pᵀ) / rows,
-            # which is E[(e_y - p)(e_y - p)ᵀ] / rows for y drawn from p.
-            p = reference.float().cpu().softmax(-1)  # sampled on the CPU generator, wherever the model runs
+            # which is E[(e_y - p)(e_y - p)ᵀ] / rows for y drawn from p; a language model has a row per position.
+            p = reference.float().cpu().flatten(0, -2).softmax(-1)  # drawn on the CPU generator, wherever it runs
+            rows = len(p)
             drawn = torch.multinomial(p, 1, generator=generator).squeeze(1)
-            u = F.one_hot(drawn, p.shape[-1]).float() - p
+            u = (F.one_hot(drawn, p.shape[-1]).float() - p).view(reference.shape)
         return (u * (scale / rows ** 0.5)).to(reference.device)

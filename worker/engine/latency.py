@@ -47,18 +47,46 @@ def _samples(inputs: tuple) -> int:
 
 
 @torch.inference_mode()
-def measure(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], options: LatencyOptions) -> Latency:
-    cost.count("timed", (options.warmup + options.repeats) * _samples(inputs))
+def measure(model: torch.nn.Module, workload: "Workload", options: LatencyOptions) -> Latency:
+    """The model's latency on one call of the workload, timed `options.repeats` times after a warm-up."""
+    call, sync = workload.call(model), workload.sync
+    cost.count("timed", (options.warmup + options.repeats) * workload.samples)
     for _ in range(options.warmup):
-        model(*inputs)
-    _synchronise(inputs)
+        call()
+    sync()
     times: list[float] = []
     for _ in range(options.repeats):
         t0 = time.perf_counter()
-        model(*inputs)
-        _synchronise(inputs)
+        call()
+        sync()
         times.append((time.perf_counter() - t0) * 1000)
     return Latency.of(times)
+
+
+@dataclass
+class Workload:
+    """What one timed call of a model is: one batch of the example inputs, by default; a causal language model
+    times a decoding step or a prompt's prefill instead (generation.py)."""
+
+    example: tuple
+    name: str = "batch"
+    unit: str = "ms per batch"
+
+    @property
+    def samples(self) -> int:
+        return _samples(self.example)
+
+    @property
+    def rows(self) -> int:
+        """Input rows each Linear layer sees per call (what a per-shape latency profile times)."""
+        return self.example[0].shape[:-1].numel() if self.example[0].is_floating_point() else self.example[0].numel()
+
+    def sync(self) -> None:
+        _synchronise(self.example)
+
+    def call(self, model: torch.nn.Module):
+        """A function that runs one timed call of `model` (set up, if the workload needs it, beforehand)."""
+        return lambda: model(*self.example)
 
 
 def _timed(call, inner: int, sync) -> float:

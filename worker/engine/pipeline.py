@@ -6,6 +6,7 @@ to a callback, which may raise `Cancelled` to stop the job at the next step boun
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 from contextlib import contextmanager
@@ -18,18 +19,19 @@ import torch
 
 from . import allocator, export
 from . import sensitivity as sens
-from .adapters import adapt, attention_implementation, quantizable_layers
+from . import generation
+from .adapters import TEXT_GENERATION, adapt, attention_implementation, quantizable_layers
 from .data import DataOptions
 from .errors import InputError
 from .evaluation import Evaluator
-from .kernels import ONNX_RUNTIME, Backend, LatencyProfile, choose_backend, float_model
+from .kernels import LINEAR_FORMAT_NAMES, ONNX_RUNTIME, Backend, LatencyProfile, choose_backend, float_model
 from .artifact import model_size_bytes, save_artifact
 from .cost import Ledger
-from .latency import Latency, LatencyOptions, Paired, measure, paired
+from .latency import Latency, LatencyOptions, Paired, Workload, measure, paired
 from .plan import Plan
 from .report import STATUS_MESSAGES, Baseline, Final, Report
-from .search import (DEFAULT_CONFIDENCE, REFINEMENT_STEPS, SELECTIONS, Budget, Measurement, Step, cost_aware_order, max_evaluations,
-                     search)
+from .search import (DEFAULT_CONFIDENCE, REFINEMENT_STEPS, SELECTIONS, Budget, Measurement, Step, cost_aware_order,
+                     frontier_order, max_evaluations, search)
 from .sources import load_model
 from .spec import parse_source
 
@@ -42,6 +44,8 @@ RESOLVE_AFTER_ROUNDS = 7
 MIN_TEST_SAMPLES = 50
 # A top-1 metric over fewer distinct predicted classes than this (or than the model has) cannot tell plans apart.
 MIN_DISTINCT_CLASSES = 5
+# The formats a plan chooses among when the request names none: a language model's per layer among three.
+TASK_FORMATS = {TEXT_GENERATION: LINEAR_FORMAT_NAMES}
 
 
 @dataclass
@@ -69,7 +73,8 @@ class CompressOptions:
     exports: tuple[str, ...] = ()  # deployable formats besides the torch artifact: "onnx" (needs out_dir)
     runtime: str = "torch"  # where every plan is evaluated, timed and delivered: torch or onnxruntime
     device: str = "cpu"
-    low_precision: str = "int8"
+    formats: tuple[str, ...] = ()  # the low precisions a plan may use; empty: the task's default (TASK_FORMATS)
+    generation_latency: str | None = None  # a language model's timed workload: decode (default) or prefill
     threads: int | None = None
     model_root: Path | None = None
     cache_dir: Path = Path("var/cache")
@@ -106,7 +111,8 @@ class CompressOptions:
             selection=request.get("selection", "cost-aware"),
             exports=tuple(request.get("exports", ())),
             runtime=request.get("runtime", "torch"),
-            low_precision=request["precisions"][0],
+            formats=tuple(request.get("precisions") or ()),
+            generation_latency=request.get("latency"),
             **{k: v for k, v in runtime.items() if v is not None},
         )
 
@@ -162,6 +168,7 @@ class Workbench:
     calibration: list[tuple[torch.Tensor, ...]]
     baseline_precision: str
     device: str
+    workload: Workload  # what one timed call is: the example batch, or a language model's decode step / prefill
 
     @property
     def candidates(self) -> list[str]:
@@ -171,13 +178,15 @@ class Workbench:
     def example(self) -> tuple[torch.Tensor, ...]:
         return self.calibration[0]
 
-    def plan(self, low: list[str], low_precision: str) -> Plan:
-        """The plan with `low` in low precision and every other candidate in the baseline precision."""
-        chosen = set(low)
-        return Plan(layers={n: low_precision if n in chosen else self.baseline_precision for n in self.candidates},
-                    baseline_precision=self.baseline_precision, device=self.device, backend=self.backend.name,
-                    source=self.source, revision=self.revision,
-                    calibration={"batches": len(self.calibration), "data": self.evaluator.data.description})
+    def plan(self, low: list[str]) -> Plan:
+        """The plan with the candidates `low` in low precision (a layer named by several items: the last) and
+        every other layer in the baseline precision."""
+        layers = {n: self.baseline_precision for n in self.backend.layers}
+        layers.update(self.backend.assignment(low))
+        return Plan(layers=layers, baseline_precision=self.baseline_precision, device=self.device,
+                    backend=self.backend.name, source=self.source, revision=self.revision,
+                    calibration={"batches": len(self.calibration), "data": self.evaluator.data.description},
+                    choices=list(self.backend.formats))
 
     def build(self, plan: Plan) -> torch.nn.Module:
         return self.backend.build(plan, self.calibration)
@@ -193,7 +202,18 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
     adapter = float_model(adapt(loaded.model, loaded.task), baseline_precision, options.device)
     data = _to_device(loaded.data, options.device, next(adapter.parameters()).dtype)
     calibration = [adapter.inputs(batch) for batch in data.calibration]
-    backend = choose_backend(adapter, options.device, calibration[0], options.runtime)
+    generating = loaded.task == TEXT_GENERATION
+    if options.generation_latency and not generating:
+        raise InputError(f"latency {options.generation_latency} is for causal language models; {source} is "
+                         f"{loaded.task}")
+    if generating and options.runtime != "torch":
+        raise InputError("a causal language model's plans run in torch: its decode loop and KV cache are not in "
+                         "the ONNX export")
+    formats = options.formats or TASK_FORMATS.get(loaded.task, ("int8",))
+    try:
+        backend = choose_backend(adapter, options.device, calibration[0], options.runtime, formats)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     if not backend.candidates:
         raise InputError(f"{source} has no layers the {backend.name} backend can quantize")
     backend.fit(calibration)
@@ -201,8 +221,10 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
     # the reference.
     evaluator = Evaluator(backend.baseline, data, loaded.task, loaded.metric, input_names=adapter.input_names,
                           analysis_loss=options.sensitivity.loss)
+    workload = (generation.workload(options.generation_latency or generation.DECODE, calibration[0]) if generating
+                else Workload(calibration[0]))
     return Workbench(str(spec), loaded.revision, loaded.task, adapter, evaluator, backend, calibration,
-                     baseline_precision, options.device)
+                     baseline_precision, options.device, workload)
 
 
 def _data_warnings(bench: Workbench) -> list[str]:
@@ -220,16 +242,23 @@ def _data_warnings(bench: Workbench) -> list[str]:
     return warnings
 
 
-def select(analysis: sens.Sensitivity, profile: LatencyProfile, eligible: list[str], options: CompressOptions
-           ) -> list[str]:
+def select(analysis: sens.Sensitivity, profile: LatencyProfile, eligible: list[str], options: CompressOptions,
+           backend: Backend) -> list[str]:
     """The order the search bisects over. Cost-aware: accuracy cost (the sensitivity score) per millisecond
-    the layer saves; sensitivity: the ordering alone. A random ordering has no scores and stays random."""
+    the layer saves; sensitivity: the ordering alone. A random ordering has no scores and stays random. With
+    several formats per layer, cost-aware is the frontier of upgrades (search.frontier_order)."""
     eligible_set = set(eligible)
     ordering = [n for n in analysis.ordering if n in eligible_set]
     if options.selection == "sensitivity" or options.sensitivity.ordering == "random":
         return ordering
     scores = {layer.name: layer.score for layer in analysis.layers}
-    return cost_aware_order(ordering, scores, {n: profile.saving(n) for n in ordering})
+    savings = {n: profile.saving(n) for n in ordering}
+    if backend.several:
+        by_layer: dict[str, list[str]] = {}
+        for item in ordering:
+            by_layer.setdefault(backend.layer_of(item), []).append(item)
+        return frontier_order(by_layer, scores, savings)
+    return cost_aware_order(ordering, scores, savings)
 
 
 def _latency_model(profile: LatencyProfile | None, steps: list) -> dict | None:
@@ -246,12 +275,12 @@ class Plans:
     """Every plan the search evaluates: built once on the real kernels, scored per sample on the evaluation
     split (so its drop comes with a paired standard error), and kept while it may still be returned."""
 
-    def __init__(self, bench: Workbench, budget: Budget, baseline_scores: list[float], low_precision: str):
-        self.bench, self.budget, self.baseline_scores, self.low_precision = bench, budget, baseline_scores, low_precision
+    def __init__(self, bench: Workbench, budget: Budget, baseline_scores: list[float]):
+        self.bench, self.budget, self.baseline_scores = bench, budget, baseline_scores
         self.models: dict[tuple, torch.nn.Module] = {}
 
     def evaluate(self, low: list[str]) -> Measurement:
-        model = self.models[tuple(low)] = self.bench.build(self.bench.plan(low, self.low_precision))
+        model = self.models[tuple(low)] = self.bench.build(self.bench.plan(low))
         scores = self.bench.evaluator.scores(model)
         _, stderr = self.budget.paired(self.baseline_scores, scores)
         return Measurement(statistics.fmean(scores), stderr)
@@ -264,13 +293,14 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
     torch.manual_seed(0)
     ledger = Ledger()
     track = _Tracker(progress, ledger)
-    budget = options.budget
 
     with track.phase("load"):
         bench = prepare(source, options)
-        evaluator, example = bench.evaluator, bench.example
+        evaluator = bench.evaluator
         warnings = [bench.backend.fallback] if bench.backend.fallback else []
         warnings += _data_warnings(bench)
+        budget = _budget_for(options.budget, evaluator)
+        backend, workload = bench.backend, bench.workload
 
     with track.phase("baseline"):
         baseline = bench.backend.baseline
@@ -278,7 +308,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         baseline_metric, baseline_test = statistics.fmean(baseline_scores), statistics.fmean(baseline_test_scores)
         baseline_size = model_size_bytes(baseline)
 
-    plans = Plans(bench, budget, baseline_scores, options.low_precision)
+    plans = Plans(bench, budget, baseline_scores)
     latencies: dict[tuple, Latency] = {}
     profile: LatencyProfile | None = None
     evaluated = 0
@@ -287,9 +317,9 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         nonlocal evaluated
         evaluated += 1
         key = tuple(low)
-        step.predicted_latency_ms = profile.predict_ms(low) if profile else None
+        step.predicted_latency_ms = profile.predict_ms(backend.effective(low)) if profile else None
         if step.accepted:  # only points within budget can be returned, so only they are timed
-            latencies[key] = timed or measure(plans.models[key], example, options.latency)
+            latencies[key] = timed or measure(plans.models[key], workload, options.latency)
             step.latency_ms = latencies[key].median
         else:
             del plans.models[key]
@@ -299,29 +329,37 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
     def against_baseline(low: tuple) -> Paired:
         """The plan against the baseline in paired, interleaved rounds: drift hits both alike, and the
         reduction comes with its interval."""
-        return paired(lambda: baseline(*example), lambda: plans.models[low](*example),
+        return paired(workload.call(baseline), workload.call(plans.models[low]),
                       rounds=options.latency.repeats, inner=1, warmup=options.latency.warmup,
-                      samples=len(example[0]), resolve_after=RESOLVE_AFTER_ROUNDS)
+                      samples=workload.samples, resolve_after=RESOLVE_AFTER_ROUNDS)
+
+    def profiled() -> LatencyProfile:
+        return backend.profile(bench.calibration, options.latency.profile_seconds, workload)
 
     candidates = bench.candidates
+    if backend.several:  # which format is each layer's fastest is measured before the probe can take it
+        with track.phase("profile"):
+            profile = profiled()
+    # The probe: each layer in its fastest format (the only one, with one format).
+    probe_low = _fastest(backend, profile) if backend.several else candidates
     timing: Paired | None = None  # the final plan against the baseline, once known
     with track.phase("probe"):
-        # Every candidate low, before any analysis: within budget and faster, nothing is left to search.
-        probe = Step.measured(len(candidates), plans.evaluate(candidates), baseline_metric, budget, stage="probe")
+        # Before any analysis: within budget and faster, nothing is left to search.
+        probe = Step.measured(len(probe_low), plans.evaluate(probe_low), baseline_metric, budget, stage="probe")
         if probe.accepted:
-            timing = against_baseline(tuple(candidates))
-        on_step(probe, candidates, max_evaluations(len(candidates), REFINEMENT_STEPS),
+            timing = against_baseline(tuple(probe_low))
+        on_step(probe, probe_low, max_evaluations(len(candidates), REFINEMENT_STEPS),
                 timed=timing and Latency.of(timing.second_rounds))
         if timing and not timing.reduction().faster:
             timing = None  # perhaps a subset is faster: the profile says which layers save time
     easy = timing is not None
 
-    with track.phase("profile"):
-        eligible = candidates
-        if not easy:
-            profile = bench.backend.profile(bench.calibration, options.latency.profile_seconds)
-            eligible = [n for n in candidates if profile.measurable(n)]
-            probe.predicted_latency_ms = profile.predict_ms(candidates)
+    if not backend.several:
+        with track.phase("profile"):
+            if not easy:
+                profile = profiled()
+                probe.predicted_latency_ms = profile.predict_ms(candidates)
+    eligible = candidates if easy else [n for n in candidates if profile.measurable(n)]
 
     with track.phase("sensitivity"):
         reused = options.reuse_sensitivity
@@ -341,15 +379,15 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
     with track.phase("search"):
         steps = [probe]
         result = None
-        order = list(candidates) if easy else select(analysis, profile, eligible, options) if eligible else []
+        order = list(probe_low) if easy else select(analysis, profile, eligible, options, backend) if eligible else []
         if order and not easy:
-            # The probe is the order's k = L step when every candidate is eligible; otherwise k = L is new.
-            known = probe if len(order) == len(candidates) else None
+            # The probe is the order's k = L step when the whole order makes the probe's plan; else k = L is new.
+            known = probe if backend.assignment(order) == backend.assignment(probe_low) else None
             result = search(order, plans.evaluate, baseline_metric, budget, on_step=on_step, probe=known)
             steps = result.steps if known else [probe, *result.steps]
 
     with track.phase("final"):
-        fastest = tuple(candidates) if easy else min(latencies, key=lambda key: latencies[key].median) \
+        fastest = tuple(probe_low) if easy else min(latencies, key=lambda key: latencies[key].median) \
             if latencies else ()
         if fastest and timing is None:
             timing = against_baseline(fastest)
@@ -357,15 +395,16 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         if timing:
             baseline_latency, latencies[fastest] = Latency.of(timing.first_rounds), Latency.of(timing.second_rounds)
         else:  # nothing was timed against it: the baseline alone
-            baseline_latency = measure(baseline, example, options.latency)
+            baseline_latency = measure(baseline, workload, options.latency)
         faster = speedup is not None and speedup.faster
         status = ("compressed" if faster else "no_saving" if not eligible else "no_speedup" if latencies
                   else "none_fit")
         final_low = list(fastest) if faster else []
         final_model = plans.models[fastest] if faster else baseline
-        final_plan = bench.plan(final_low, options.low_precision)
-        chosen = next((s for s in steps if s.accepted and set(s.low(order) if s.stage != "probe" else candidates)
-                       == set(final_low)), None) if final_low else None
+        final_plan = bench.plan(final_low)
+        chosen = next((s for s in steps if s.accepted and backend.assignment(
+            s.low(order) if s.stage != "probe" else probe_low) == backend.assignment(final_low)), None) \
+            if final_low else None
         # The one look at the test split: no decision above used it.
         test_scores = evaluator.scores(final_model, "test") if final_low else baseline_test_scores
         test_drop, test_stderr = budget.paired(baseline_test_scores, test_scores)
@@ -384,6 +423,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
                             f"budget of {budget.max_drop} that it meets on the evaluation split ({final.drop:.4f})")
         for step in steps:
             step.chosen = step is chosen
+        figures = _generation(bench, final_model, options) if bench.task == TEXT_GENERATION else None
 
     with track.phase("onnx"):
         exports = {}
@@ -398,11 +438,11 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         source=bench.source, revision=bench.revision, task=bench.task, status=status, message=STATUS_MESSAGES[status],
         warnings=warnings,
         environment=_environment(options.device, bench.backend.name, attention_implementation(bench.adapter)),
-        backend={"name": bench.backend.name, "note": bench.backend.note, "low_precision": options.low_precision,
-                 "runtime": options.runtime},
+        backend={"name": backend.name, "note": backend.note, "low_precision": "/".join(backend.formats),
+                 "formats": list(backend.formats), "runtime": options.runtime},
         data={"description": data.description, "synthetic": data.synthetic, **data.sizes,
               "batch_size": options.data.batch_size, "seq_len": options.data.seq_len},
-        metric={"name": evaluator.metric_name, "labelled": evaluator.labelled},
+        metric=_metric(evaluator, budget, baseline_metric, baseline_test, final),
         budget={**asdict(budget), "z": budget.z},
         baseline=Baseline(metric=baseline_metric, test_metric=baseline_test, latency_ms=baseline_latency.to_dict(),
                           size_bytes=baseline_size, precision=bench.baseline_precision),
@@ -412,7 +452,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
                  "method": "the returned plan (or, if none beat it, the fastest within budget) against the baseline "
                            "in paired, interleaved rounds; median over rounds of 1 - plan/baseline, percentile "
                            "bootstrap interval over rounds; compressed only when the whole interval is above zero"},
-        layers=[{**layer.to_dict(), "precision": final_plan.layers[layer.name],
+        layers=[{**layer.to_dict(), "precision": backend.precision_in(layer.name, final_plan),
                  "latency_saving_ms": profile.saving(layer.name) if profile else None,
                  "saving_noise_ms": profile.savings[layer.name].noise_ms if profile else None,
                  "excluded": None if layer.name in eligible else NO_SAVING}
@@ -426,6 +466,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
             "method": analysis.method,
             "profile": None if profile else "not needed: every candidate in low precision is within budget and "
                                             "faster than the baseline",
+            "latency_workload": {"name": workload.name, "unit": workload.unit},
             "acceptance": {"rule": "drop + z * stderr <= max_drop (stderr paired over the evaluation samples)",
                            "confidence": budget.confidence, "z": budget.z},
             "latency_model": _latency_model(profile, steps),
@@ -438,6 +479,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         },
         plan=final_plan,
         exports=exports,
+        generation=figures,
     )
 
     with track.phase("export"):
@@ -453,6 +495,55 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
     if options.out_dir:
         report.write(Path(options.out_dir) / "report.json")
     return report
+
+
+def _budget_for(budget: Budget, evaluator: Evaluator) -> Budget:
+    """A language model scored on text has a log-likelihood metric: a relative budget is on its perplexity."""
+    if evaluator.generation and evaluator.labelled and budget.mode == "relative":
+        return Budget(budget.max_drop, budget.min_drop, "perplexity", budget.confidence)
+    return budget
+
+
+def _metric(evaluator: Evaluator, budget: Budget, baseline: float, baseline_test: float, final: Final) -> dict:
+    """The metric's name and direction; a language model's also as perplexity (exp of minus the metric)."""
+    figures = {"name": evaluator.metric_name, "labelled": evaluator.labelled, "higher_is_better": True,
+               "budget_on": {"perplexity": "relative increase of perplexity", "absolute": "metric points"}.get(
+                   budget.mode, "relative drop of the metric")}
+    if budget.mode == "perplexity":
+        figures["perplexity"] = {"baseline": math.exp(-baseline), "final": math.exp(-final.metric),
+                                 "baseline_test": math.exp(-baseline_test), "final_test": math.exp(-final.test_metric)}
+    return figures
+
+
+def _fastest(backend: Backend, profile: LatencyProfile) -> list[str]:
+    """Each layer's candidate that saves most, where one may save anything (LatencyProfile.measurable)."""
+    best: dict[str, str] = {}
+    for item in backend.candidates:
+        layer = backend.layer_of(item)
+        if profile.measurable(item) and (layer not in best or profile.saving(item) > profile.saving(best[layer])):
+            best[layer] = item
+    return list(best.values())
+
+
+def _generation(bench: Workbench, model: torch.nn.Module, options: CompressOptions) -> dict:
+    """Decode speed and time to first token, each the returned model against the baseline in paired rounds, and
+    memory computed from the weights and the KV cache of one prompt."""
+    figures = {}
+    for kind in generation.GENERATION_LATENCIES:
+        workload = generation.workload(kind, bench.calibration[0])
+        timing = paired(workload.call(bench.backend.baseline), workload.call(model), rounds=options.latency.repeats,
+                        inner=1, warmup=options.latency.warmup, samples=1)
+        figures[kind] = {"baseline_ms": timing.first_ms, "plan_ms": timing.second_ms,
+                         "reduction": timing.reduction().to_dict()}
+    for side in ("baseline", "plan"):
+        figures["decode"][f"{side}_tokens_per_second"] = 1000 / figures["decode"][f"{side}_ms"]
+    tokens = bench.calibration[0][0].shape[1]
+    figures["prefill"]["prompt_tokens"] = tokens
+    figures["memory"] = {"weights_bytes": model_size_bytes(model),
+                         "kv_cache_bytes": generation.kv_cache_bytes(bench.adapter.model.config, tokens + 1),
+                         "method": "computed, not a measured peak: the serialised weights plus the fp32 KV cache of "
+                                   "one prompt and one generated token"}
+    return figures
 
 
 def _runtime_file(backend, final: Final, baseline_latency: Latency, speedup, plan: Plan) -> dict:
@@ -472,6 +563,9 @@ def _runtime_file(backend, final: Final, baseline_latency: Latency, speedup, pla
 def _onnx(bench: Workbench, plan: Plan, final: Final, baseline_metric: float, options: CompressOptions,
           warnings: list[str]) -> dict:
     """The plan as ONNX, measured in onnxruntime; what goes wrong there is a warning, not a failed job."""
+    if bench.task == TEXT_GENERATION or bench.backend.several:
+        return {"error": None, "skipped": "a plan with weight-only or mixed formats, or a language model's decode "
+                                          "loop, has no onnxruntime counterpart here: the torch artifact is the model"}
     if not plan.low_precision_layers:
         return {"error": None, "skipped": "no low-precision plan was returned, so there is nothing to quantize"}
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 PLAN_FORMAT = "mixq.plan/1"
 FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
-LOW_PRECISIONS = ("int8", "fp8")
+LOW_PRECISIONS = ("int8", "fp8", "int8wo", "int4wo")  # int8wo, int4wo: weight-only (kernels/linear_formats.py)
 
 
 @dataclass
@@ -26,6 +26,8 @@ class Plan:
     source: str = ""
     revision: str = ""
     calibration: dict = field(default_factory=dict)  # how activation ranges were calibrated
+    # The formats the plan chose among (its backend's): several for a plan that may mix them.
+    choices: list[str] = field(default_factory=lambda: ["int8"])
 
     def __post_init__(self) -> None:
         allowed = FLOAT_PRECISIONS + LOW_PRECISIONS
@@ -38,6 +40,10 @@ class Plan:
         """The first k layers of `ordering` (least sensitive first) in `low` precision, the rest float."""
         baseline = kwargs.get("baseline_precision", "fp32")
         return cls(layers={name: (low if i < k else baseline) for i, name in enumerate(ordering)}, **kwargs)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return tuple(self.choices)
 
     @property
     def low_precision_layers(self) -> list[str]:

@@ -75,6 +75,8 @@ class Report:
     exports: dict = field(default_factory=dict)  # deployable formats: {"onnx": figures measured in onnxruntime}
     latency: dict = field(default_factory=dict)  # the final timing: reduction with its interval, and how
     cost: dict = field(default_factory=dict)  # samples through forward/timed/simulated/backward passes, seconds
+    # A language model's generation speeds (decode tokens/s, time to first token) and memory, against fp32.
+    generation: dict | None = None
     format: str = REPORT_FORMAT
 
     def to_dict(self) -> dict:
@@ -107,6 +109,23 @@ def _cost(spent: dict) -> str:
             f"{spent['backward']:,} backward samples, {spent['seconds']:.1f}s")
 
 
+def _generation_lines(report: Report) -> list[str]:
+    """A language model's perplexity and generation speeds."""
+    lines = []
+    perplexity = report.metric.get("perplexity")
+    if perplexity:
+        lines.append(f"perplexity {perplexity['baseline']:.2f} -> {perplexity['final']:.2f} on the evaluation split, "
+                     f"{perplexity['baseline_test']:.2f} -> {perplexity['final_test']:.2f} on the test split")
+    figures = report.generation
+    if figures:
+        decode, prefill = figures["decode"], figures["prefill"]
+        lines.append(f"decode {decode['baseline_tokens_per_second']:.1f} -> {decode['plan_tokens_per_second']:.1f} "
+                     f"tokens/s at batch 1; time to first token ({prefill['prompt_tokens']}-token prompt) "
+                     f"{prefill['baseline_ms']:.1f} -> {prefill['plan_ms']:.1f} ms; weights "
+                     f"{figures['memory']['weights_bytes'] / 1e6:.1f} MB")
+    return lines
+
+
 def render(report: Report) -> str:
     """Plain-text summary for the CLI: warnings first, then the figures."""
     base, final, search = report.baseline, report.final, report.search
@@ -114,7 +133,7 @@ def render(report: Report) -> str:
     lines = [f"mixq: {report.source} ({report.revision}) - {report.status}: {report.message}", ""]
     lines += [f"warning: {warning}" for warning in report.warnings]
     lines += ["" if report.warnings else None,
-              f"{'':12}{metric + ' (eval)':>22}{'(test)':>10}{'latency / batch':>28}{'size':>12}"]
+              f"{'':12}{metric + ' (eval)':>22}{'(test)':>10}{'latency':>28}{'size':>12}"]
     for label, side in (("baseline", base), ("final", final)):
         lines.append(f"{label:12}{side.metric:>22.4f}{side.test_metric:>10.4f}{_ms(side.latency_ms):>28}"
                      f"{side.size_bytes / 1e6:>10.2f}MB")
@@ -132,6 +151,7 @@ def render(report: Report) -> str:
     ]
     if final.accepted_by:
         lines.append(f"accepted by the {final.accepted_by}")
+    lines += _generation_lines(report)
     analysis = search["method"].get("analysis")
     lines += [
         "",

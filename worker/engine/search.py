@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 
-BUDGET_MODES = ("relative", "absolute")
+BUDGET_MODES = ("relative", "absolute", "perplexity")
 # The default one-sided confidence that a plan's drop on new data stays within the budget: chosen by
 # measurement (bench/confidence.py, docs/method.md).
 DEFAULT_CONFIDENCE = 0.9
@@ -37,7 +37,8 @@ class Budget:
     stop.
 
     Drops are relative to the baseline (0.01 = 1% of the baseline metric) in mode "relative", metric
-    points in mode "absolute".
+    points in mode "absolute", and in mode "perplexity" (the metric a mean log-likelihood per token) the
+    relative increase of perplexity exp(-metric): exp(baseline - metric) - 1.
     """
 
     max_drop: float
@@ -61,6 +62,8 @@ class Budget:
 
     def drop(self, baseline: float, metric: float) -> float:
         absolute = baseline - metric
+        if self.mode == "perplexity":
+            return math.expm1(absolute)
         if self.mode == "absolute":
             return absolute
         return absolute / abs(baseline) if baseline else absolute
@@ -71,8 +74,11 @@ class Budget:
         differences = [b - s for b, s in zip(baseline, scores, strict=True)]
         mean_baseline = statistics.fmean(baseline)
         stderr = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else 0.0
+        drop = self.drop(mean_baseline, statistics.fmean(scores))
+        if self.mode == "perplexity":  # delta method: d expm1(x) / dx = 1 + drop
+            return drop, stderr * (1 + drop)
         scale = abs(mean_baseline) if self.mode == "relative" and mean_baseline else 1.0
-        return self.drop(mean_baseline, statistics.fmean(scores)), stderr / scale
+        return drop, stderr / scale
 
     def bound(self, drop: float, stderr: float = 0.0) -> float:
         """The drop the acceptance rule checks: the point estimate plus z standard errors."""
@@ -151,6 +157,25 @@ def cost_aware_order(names: list[str], cost: dict[str, float], saving: dict[str,
         return (0, -s, name) if c <= 0 else (1, c / s, name)
 
     return sorted(names, key=key)
+
+
+def frontier_order(layers: dict[str, list[str]], cost: dict[str, float], saving: dict[str, float]) -> list[str]:
+    """Several formats per layer (the knapsack with several items per layer): each layer's items on the lower
+    convex hull of (saving, cost) from (0, 0), taken as upgrades (from float, or from the layer's previous hull
+    item) and merged across layers by marginal cost per millisecond saved. Applying a prefix gives each layer
+    its last item in it. Items off the hull, or saving nothing, are left out: whatever saving such an item
+    offers, hull items give for less cost. With one item per layer this is `cost_aware_order`'s ratio rule."""
+    upgrades = []
+    for layer, items in layers.items():
+        points = [item for item in items if saving[item] > 0]
+        at_saving = at_cost = 0.0
+        while points:
+            slope, _, best = min(((cost[i] - at_cost) / (saving[i] - at_saving), -saving[i], i) for i in points)
+            upgrades.append((slope, best))
+            at_saving, at_cost = saving[best], cost[best]
+            points = [item for item in points if saving[item] > at_saving]
+    # Stable: a layer's upgrades keep their order (along a lower hull the slopes never decrease).
+    return [item for _, item in sorted(upgrades, key=lambda upgrade: upgrade[0])]
 
 
 def bisect_layers(

@@ -176,14 +176,16 @@ def _charged(traces: dict[str, TraceEstimate], samples: int, backward_per_sample
 
 def output_traces(simulation: Simulation, evaluator: Evaluator, names: list[str], options: SensitivityOptions,
                   adapter: nn.Module) -> tuple[dict[str, TraceEstimate], str, list[str]]:
-    """Tr(d²L/dy_i²) for every candidate's output y_i, with how it was computed and any warnings.
+    """Tr(d²L/dy_i²) for every candidate layer's output y_i (keyed by layer), with how it was computed and any
+    warnings.
 
     Fidelity losses: the Gauss-Newton trace, exact at the fp32 weights (one ordinary backward per sample).
     Labelled losses: Hutchinson's Hessian-vector products (double backward, eager attention while it runs);
     if the model has no double backward, the Gauss-Newton (Fisher) trace of the cross-entropy, with a warning.
     """
     batches = evaluator.batches("calibration", options.hessian_batches)
-    modules = {n: simulation.modules[n] for n in names}
+    # One probe per layer, however many formats it is a candidate in: the trace is the layer output's.
+    modules = {simulation.layer(n): simulation.modules[n] for n in names}
     caps = (options.hutchinson_max_samples, options.hutchinson_min_samples, options.hutchinson_tol)
     with _no_weight_gradients(simulation.model), torch.enable_grad():
         probes = OutputProbes(modules, simulation.model, batches)
@@ -299,7 +301,8 @@ def _unscored_layers(modules: dict[str, nn.Module], names: list[str]) -> list[La
 def unscored(backend, ordering: str, why: str) -> Sensitivity:
     """The candidates in network order with no scores, when the analysis was not needed (`why`)."""
     modules = dict(backend.adapter.named_modules())
-    return _ranked(_unscored_layers(modules, backend.candidates), list(backend.candidates),
+    candidates = {n: modules[backend.layer_of(n)] for n in backend.candidates}
+    return _ranked(_unscored_layers(candidates, backend.candidates), list(backend.candidates),
                    {"ordering": ordering, "analysis": why}, [])
 
 
@@ -319,7 +322,7 @@ def analyse(simulation: Simulation, evaluator: Evaluator, names: list[str], opti
     errors = simulation.local_errors(evaluator.batches("calibration", options.hessian_batches))
     method.update(hessian=how, hessian_samples=max(t.samples for t in traces.values()))
     for layer in layers:
-        estimate, (error, count) = traces[layer.name], errors[layer.name]
+        estimate, (error, count) = traces[simulation.layer(layer.name)], errors[layer.name]
         layer.hessian_trace, layer.trace_stderr, layer.output_error = estimate.mean, estimate.stderr, error
         layer.hessian_term = 0.5 * estimate.mean / count * error
     progress(0.5, "inter-layer dependencies")
@@ -330,8 +333,21 @@ def analyse(simulation: Simulation, evaluator: Evaluator, names: list[str], opti
         parts = [(h, 0.0) for h in hessian_share]
     else:
         measure = conditional_terms if options.interlayer == "conditional" else pairwise_terms
-        terms, batches, stability = stable_terms(measure, probe, names, options.interlayer_batches,
-                                                 lambda f, m: progress(0.5 + 0.5 * f, m))
+        # Candidates that can all be low at once form a group (one format each): each group's dependencies are
+        # measured among its own members.
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            groups.setdefault(simulation.group(name), []).append(name)
+        measured, batches, stability = {}, 0, None
+        for index, members in enumerate(groups.values()):
+            terms, used, agreement = stable_terms(
+                measure, probe, members, options.interlayer_batches,
+                lambda f, m: progress(0.5 + 0.5 * (index + f) / len(groups), m))
+            measured.update(zip(members, terms))
+            batches = max(batches, used)
+            if agreement is not None:
+                stability = agreement if stability is None else min(stability, agreement)
+        terms = [measured[name] for name in names]
         for layer, term in zip(layers, terms):
             layer.interlayer = term
         method.update(interlayer=options.interlayer, interlayer_weight=options.interlayer_weight,

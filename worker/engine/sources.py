@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import builtins, hub, sizing
-from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION
+from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION, TEXT_GENERATION
 from .catalogue import BUILTIN_INPUTS
 from .data import DataOptions, Dataset, Preprocessing, load_dataset_for
 from .errors import InputError
@@ -38,6 +38,7 @@ class LoadedModel:
 TASK_BY_ARCHITECTURE_SUFFIX = {
     "ForImageClassification": IMAGE_CLASSIFICATION,
     "ForSequenceClassification": SEQUENCE_CLASSIFICATION,
+    "ForCausalLM": TEXT_GENERATION,
 }
 
 
@@ -58,7 +59,7 @@ def load_model(spec: ModelSpec, data_options: DataOptions, model_root: Path | No
         built = builtins.load_builtin(spec.id, data_options, cache_dir)
         if data_options.spec or data_options.synthetic:  # the user's data, prepared as the builtin's own is
             data = load_dataset_for(built.task, data_options, model_root, cache_dir, built.preprocessing(),
-                                    image_shape=BUILTIN_INPUTS[spec.id][1] or None, hub_token=hub_token)
+                                    image_shape=_builtin_image_shape(spec.id), hub_token=hub_token)
             return LoadedModel(spec, built.model, built.task, built.version, data)
         return LoadedModel(spec, built.model, built.task, built.version, built.default_data(), built.metric)
     if spec.kind == "local":
@@ -71,8 +72,8 @@ def load_model(spec: ModelSpec, data_options: DataOptions, model_root: Path | No
 
 def _load_transformers(spec: ModelSpec, folder: Path, revision: str, data_options: DataOptions,
                        model_root: Path | None, cache_dir: Path, hub_token: bool) -> LoadedModel:
-    from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification,
-                              AutoModelForSequenceClassification, AutoTokenizer)
+    from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM,
+                              AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer)
 
     if not (folder / "config.json").is_file():
         raise InputError(f"{spec} has no config.json: expected a model saved with save_pretrained")
@@ -84,8 +85,12 @@ def _load_transformers(spec: ModelSpec, folder: Path, revision: str, data_option
     if task == IMAGE_CLASSIFICATION:  # the API checked this already, from the same config; a worker checks again
         sizing.check_memory(sizing.image_bytes(data_options.total_samples, _config_image_shape(config)),
                             data_options.max_input_bytes)
+    if task == TEXT_GENERATION:
+        sizing.check_memory(sizing.logits_bytes(data_options.calibration_samples, data_options.batch_size,
+                                                data_options.seq_len, config.vocab_size), data_options.max_input_bytes)
     auto = {IMAGE_CLASSIFICATION: AutoModelForImageClassification,
-            SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification}.get(task, AutoModel)
+            SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification,
+            TEXT_GENERATION: AutoModelForCausalLM}.get(task, AutoModel)
     if not any(folder.glob("*.safetensors")):
         raise InputError(f"{spec} has no .safetensors weights: mixq loads only safetensors (pickled weights can "
                          "run code on load)")
@@ -112,6 +117,11 @@ def _load_transformers(spec: ModelSpec, folder: Path, revision: str, data_option
     data = load_dataset_for(task, data_options, model_root, cache_dir, preprocessing,
                             image_shape=_config_image_shape(config), hub_token=hub_token)
     return LoadedModel(spec, model, task, revision, data)
+
+
+def _builtin_image_shape(name: str) -> tuple[int, ...] | None:
+    kind, shape = BUILTIN_INPUTS[name]
+    return shape if kind == "image" else None
 
 
 def _config_image_shape(config) -> tuple[int, ...]:

@@ -61,7 +61,8 @@ def validated_request(request: dict) -> JobCreate:
 
 
 def check_input_size(body: JobCreate) -> None:
-    """An image model's inputs at the size its own config says (a ViT may take 2048 px, not 224), read before
+    """An image model's inputs at the size its own config says (a ViT may take 2048 px, not 224), and a language
+    model's logits at its vocabulary, read before
     the job is accepted, from the Hub or the model root as the worker will read it; a config that cannot be
     read here is left to the worker, which checks again before it allocates anything."""
     settings = get_settings()
@@ -71,9 +72,11 @@ def check_input_size(body: JobCreate) -> None:
     except InputError:
         return
     shape = sizing.image_shape(config) if config else None
+    vocab = sizing.vocabulary(config) if config else None
     try:
-        if shape:
-            sizing.check(body.model_dump(), settings.max_job_memory_bytes, settings.max_job_sample_passes, shape)
+        if shape or vocab:
+            sizing.check(body.model_dump(), settings.max_job_memory_bytes, settings.max_job_sample_passes, shape,
+                         vocab)
     except InputError as exc:
         raise invalid(("body",), str(exc)) from None
 

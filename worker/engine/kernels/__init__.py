@@ -9,6 +9,8 @@ real models for). One module per backend, each registering itself (`registry.py`
 | fx-static-int8 | fx_static.py     | CPU, conv nets  | FX graph mode static int8, oneDNN  | the same FX graph, observers       |
 |                |                  |                 |                                    | replaced by switchable fake-quants |
 | torchao-*      | torchao_linear.py| CUDA, Linear    | torchao `quantize_` (int8 or fp8)  | per-token int8 / per-tensor fp8    |
+| cpu-linear-    | linear_formats.py| CPU, Linear,    | per layer: oneDNN dynamic int8, or | per format: 8-bit inputs and/or    |
+| formats        |                  | several formats | weight-only int8 / int4 kernels    | int8 / 4-bit-group weights         |
 | onnxruntime-*  | onnx_runtime.py  | --runtime       | onnxruntime's quantizer, run in    | the torch backend's simulation     |
 |                |                  | onnxruntime     | onnxruntime (dynamic or static)    |                                    |
 
@@ -36,13 +38,14 @@ for _module in pkgutil.iter_modules(__path__):
 
 from .dynamic import DYNAMIC  # noqa: E402
 from .fx_static import FX_STATIC  # noqa: E402
+from .linear_formats import FORMATS as LINEAR_FORMAT_NAMES, LINEAR_FORMATS  # noqa: E402
 from .onnx_runtime import RUNTIME as ONNX_RUNTIME  # noqa: E402
 from .torchao_linear import TORCHAO_FP8, TORCHAO_INT8  # noqa: E402
 
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 UNUSED = "its output does not reach the model's output for this task, so quantizing it cannot change anything"
 
-__all__ = ["BACKENDS", "DYNAMIC", "FX_STATIC", "ONNX_RUNTIME", "RUNTIMES", "TORCHAO_FP8", "TORCHAO_INT8", "Backend", "Inputs", "LatencyProfile",
+__all__ = ["BACKENDS", "DYNAMIC", "FX_STATIC", "LINEAR_FORMATS", "LINEAR_FORMAT_NAMES", "ONNX_RUNTIME", "RUNTIMES", "TORCHAO_FP8", "TORCHAO_INT8", "Backend", "Inputs", "LatencyProfile",
            "Simulation", "apply_plan", "backend_for", "capture_inputs", "choose_backend", "float_model", "hooks",
            "int8_per_channel", "unused_layers", "weighted"]
 
@@ -66,23 +69,28 @@ def unused_layers(adapter: nn.Module, names: list[str], example: Inputs) -> list
 RUNTIMES = ("torch", "onnxruntime")
 
 
-def choose_backend(adapter: ModelAdapter, device: str, example: Inputs, runtime: str = "torch") -> Backend:
-    """The first registered backend, by priority, that takes this model on this device for this runtime."""
+def choose_backend(adapter: ModelAdapter, device: str, example: Inputs, runtime: str = "torch",
+                   formats: tuple[str, ...] = ("int8",)) -> Backend:
+    """The first registered backend, by priority, that takes this model on this device for this runtime in
+    these low-precision formats."""
     layers = quantizable_layers(adapter)
     skipped = {n: UNUSED for n in unused_layers(adapter, list(layers), example)}
-    offered = Candidates(adapter, device, example, layers, skipped, runtime)
+    offered = Candidates(adapter, device, example, layers, skipped, runtime, tuple(formats))
     for backend in BACKENDS:
         chosen = backend.create(offered)
         if chosen is not None:
+            if not chosen.several:
+                chosen.formats = tuple(formats[:1])
             return chosen
-    raise ValueError(f"no kernel backend takes this model on {device}")
+    raise ValueError(f"no kernel backend takes this model on {device} in {', '.join(formats)}"
+                     + ("" if runtime == "torch" else f" for {runtime}"))
 
 
 def backend_for(adapter: ModelAdapter, plan: Plan, example: Inputs) -> Backend:
     """The backend a plan was made for, rebuilt on `adapter` (for re-applying a stored plan)."""
     if plan.backend.startswith("onnxruntime"):
         raise ValueError("an onnxruntime plan is delivered as model.onnx: run that file in onnxruntime")
-    backend = choose_backend(adapter, plan.device, example)
+    backend = choose_backend(adapter, plan.device, example, formats=plan.formats)
     if backend.name != plan.backend:
         raise ValueError(f"the plan needs the {plan.backend} backend, but this model and device give {backend.name}")
     return backend

@@ -73,6 +73,20 @@ def capture_inputs(model: nn.Module, names: list[str], example: Inputs) -> dict[
     return seen
 
 
+# ---- items: a layer in one of several formats ---------------------------------------------------------
+
+SEPARATOR = "@"  # module names never contain it
+
+
+def join_item(layer: str, precision: str) -> str:
+    return f"{layer}{SEPARATOR}{precision}"
+
+
+def split_item(item: str) -> tuple[str, str]:
+    layer, _, precision = item.rpartition(SEPARATOR)
+    return layer, precision
+
+
 # ---- simulations ---------------------------------------------------------------------------------
 
 class Simulation:
@@ -84,6 +98,14 @@ class Simulation:
 
     model: nn.Module
     modules: dict[str, nn.Module]
+
+    def layer(self, name: str) -> str:
+        """The layer a candidate quantizes (a candidate is the layer itself unless it names a format too)."""
+        return name
+
+    def group(self, name: str) -> str:
+        """Candidates of one group may all be low at once (one format each): the inter-layer term's unit."""
+        return ""
 
     def quantized(self, names: Iterable[str]):
         raise NotImplementedError
@@ -146,9 +168,15 @@ class Candidates:
     layers: dict[str, nn.Module]
     skipped: dict[str, str]
     runtime: str = "torch"  # where the plans run: torch, or onnxruntime (kernels/onnx_runtime.py)
+    formats: tuple[str, ...] = ("int8",)  # the low precisions asked for
 
     def linear(self) -> list[str]:
         return [n for n, m in self.layers.items() if isinstance(m, nn.Linear) and n not in self.skipped]
+
+    @property
+    def int8_only(self) -> bool:
+        """Only the 8-bit formats every backend knows were asked for (a single-format backend's terms)."""
+        return set(self.formats) <= {"int8", "fp8"}
 
     def usable(self) -> list[str]:
         return [n for n in self.layers if n not in self.skipped]
@@ -173,6 +201,7 @@ class Backend:
     fallback: str | None = None  # set when this is not the path the model should have had, saying why
     # Per int8 layer, what `fit` subtracts from its bias (static int8's bias correction); empty elsewhere.
     corrections: dict[str, torch.Tensor] = field(default_factory=dict)
+    formats: tuple[str, ...] = ("int8",)  # several: each candidate is an item `layer@format` (join_item)
 
     @classmethod
     def create(cls, offered: Candidates) -> "Backend | None":
@@ -188,8 +217,40 @@ class Backend:
     def simulation(self, calibration: list[Inputs]) -> Simulation:
         raise NotImplementedError
 
+    @property
+    def several(self) -> bool:
+        return len(self.formats) > 1
+
+    def layer_of(self, candidate: str) -> str:
+        return split_item(candidate)[0] if self.several else candidate
+
+    @property
+    def layers(self) -> list[str]:
+        """The layers the candidates quantize, in network order."""
+        return list(dict.fromkeys(self.layer_of(c) for c in self.candidates))
+
+    def assignment(self, low: Iterable[str]) -> dict[str, str]:
+        """Each low layer's precision: the format's own with one format, else the item's; a layer named by
+        several items takes the last."""
+        if not self.several:
+            return {name: self.formats[0] for name in low}
+        return dict(split_item(item) for item in low)
+
+    def effective(self, low: Iterable[str]) -> list[str]:
+        """The candidates that decide the plan `low` makes (a layer named by several items: its last)."""
+        if not self.several:
+            return list(low)
+        return [join_item(layer, precision) for layer, precision in self.assignment(low).items()]
+
+    def precision_in(self, candidate: str, plan: Plan) -> str:
+        """What `plan` does with one candidate: its low precision if the plan chose it, else the baseline's."""
+        if not self.several:
+            return plan.layers[candidate]
+        layer, precision = split_item(candidate)
+        return precision if plan.layers[layer] == precision else plan.baseline_precision
+
     def all_low(self) -> Plan:
-        return Plan(layers={n: "int8" for n in self.candidates}, backend=self.name)
+        return Plan(layers=self.assignment(self.candidates), backend=self.name)
 
     def profile(self, calibration: list[Inputs], seconds_per_layer: float = 0.5):
         """What each candidate saves on the real kernels: a `LatencyProfile` (profile.py)."""

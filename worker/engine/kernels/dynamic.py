@@ -46,7 +46,7 @@ class DynamicInt8(Backend):
 
     @classmethod
     def create(cls, offered: Candidates) -> "DynamicInt8 | None":
-        if offered.device.startswith("cuda"):
+        if offered.device.startswith("cuda") or not offered.int8_only:
             return None
         return cls.linear_only(offered)
 

@@ -166,7 +166,7 @@ class FxStaticInt8(Backend):
     def create(cls, offered: Candidates) -> "Backend | None":
         from torch.ao.quantization.quantize_fx import fuse_fx
 
-        if offered.device.startswith("cuda") or not any(isinstance(m, nn.Conv2d) for m in offered.layers.values()):
+        if offered.device.startswith("cuda") or not offered.int8_only or not any(isinstance(m, nn.Conv2d) for m in offered.layers.values()):
             return None
         try:
             graph = fuse_fx(copy.deepcopy(offered.adapter).eval())
@@ -351,11 +351,12 @@ class FxStaticInt8(Backend):
     def simulation(self, calibration: list[Inputs]) -> Simulation:
         return FxStaticSimulation(self, calibration)
 
-    def profile(self, calibration: list[Inputs], seconds_per_layer: float = 0.5) -> LatencyProfile:
+    def profile(self, calibration: list[Inputs], seconds_per_layer: float = 0.5, workload=None) -> LatencyProfile:
         """A static int8 layer's cost depends on its neighbours (a float neighbour means a quantize or a
         dequantize, and oneDNN's layouts change between them), so each layer is timed in context: the
         all-low model against itself with that one layer swapped for its fp32 version between a dequantize
-        and a quantize, interleaved in rounds (no rebuild: the swap is in place)."""
+        and a quantize, interleaved in rounds (no rebuild: the swap is in place). `workload` is
+        ignored: these backends serve no generation model, so it is always the example batch."""
         example = calibration[0]
         all_low = self.build(self.all_low(), calibration[:1])  # timing does not depend on activation ranges
         low_modules, float_modules = dict(all_low.named_modules()), dict(self.graph.named_modules())

@@ -31,7 +31,7 @@ class OnnxRuntimeInt8(Backend):
 
     @classmethod
     def create(cls, offered: Candidates) -> "OnnxRuntimeInt8 | None":
-        if offered.runtime != RUNTIME:
+        if offered.runtime != RUNTIME or not offered.int8_only:
             return None
         from .registry import BACKENDS
 
@@ -96,9 +96,10 @@ class OnnxRuntimeInt8(Backend):
     def simulation(self, calibration: list[Inputs]) -> Simulation:
         return self.torch.simulation(calibration)
 
-    def profile(self, calibration: list[Inputs], seconds_per_layer: float = 0.5) -> LatencyProfile:
+    def profile(self, calibration: list[Inputs], seconds_per_layer: float = 0.5, workload=None) -> LatencyProfile:
         """Each layer timed in context in onnxruntime: the all-int8 file against the one with that layer alone
-        left float (a float island between onnxruntime's quantize and dequantize nodes)."""
+        left float (a float island between onnxruntime's quantize and dequantize nodes). `workload` is
+        ignored: these backends serve no generation model, so it is always the example batch."""
         example, everything = calibration[0], list(self.candidates)
         all_low = self.build(self.all_low(), calibration)
 

@@ -8,8 +8,11 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
-from ..latency import Paired, paired
-from .base import Inputs, capture_inputs
+from ..latency import Paired, Workload, paired
+from ..plan import Plan
+from .base import Inputs, hooks, split_item
+
+_NOTHING = Paired(0.0, 0.0, 0.0, 0.0)
 
 if TYPE_CHECKING:
     from .base import Backend
@@ -58,28 +61,78 @@ def rounds_within(call, seconds: float) -> int:
     return min(30, max(5, int(seconds / (6 * took))))
 
 
-def independent_profile(backend: "Backend", calibration: list[Inputs], seconds_per_layer: float = 0.5
-                        ) -> LatencyProfile:
+def _inputs_in(model, names: list[str], workload: "Workload") -> dict[str, tuple]:
+    """The positional inputs each named module receives in one timed call of the workload."""
+    call, seen = workload.call(model), {}  # set up first (a decoding step prefills its cache)
+    modules = dict(model.named_modules())
+    with torch.inference_mode(), hooks([modules[n].register_forward_pre_hook(
+            lambda _m, args, n=n: seen.setdefault(n, args)) for n in names]):
+        call()
+    return seen
+
+
+def _anchored(method: str, savings: dict[str, Paired], chosen: list[str], whole: Paired, additive: bool = True
+              ) -> LatencyProfile:
+    """The profile with its sum over `chosen` scaled to one whole-model timing of the plan they make."""
+    total = sum(savings[name].difference_ms for name in chosen)
+    return LatencyProfile(method, savings, whole.first_ms, whole.second_ms, intercept_ms=whole.first_ms,
+                          slope=whole.difference_ms / total if total > 0 else 1.0, additive=additive)
+
+
+def independent_profile(backend: "Backend", calibration: list[Inputs], seconds_per_layer: float = 0.5,
+                        workload: "Workload | None" = None) -> LatencyProfile:
     """Layers whose kernels take and return float (dynamic int8, torchao) save independently of each other:
-    each is timed alone, fp32 module against int8 module on the inputs it receives, and the sum is scaled to
-    one whole-model timing of the all-low plan against the baseline."""
-    example = calibration[0]
-    cuda = example[0].is_cuda
+    each is timed alone, fp32 module against int8 module on the inputs it receives in one call of the workload,
+    and the sum is scaled to one whole-model timing of the all-low plan against the baseline."""
+    workload = workload or Workload(calibration[0])
+    cuda = calibration[0][0].is_cuda
     low_model = backend.build(backend.all_low(), calibration)
-    float_inputs = capture_inputs(backend.adapter, backend.candidates, example)
-    low_inputs = capture_inputs(low_model, backend.candidates, example)
+    float_inputs = _inputs_in(backend.adapter, backend.candidates, workload)
+    low_inputs = _inputs_in(low_model, backend.candidates, workload)
     float_modules, low_modules = dict(backend.adapter.named_modules()), dict(low_model.named_modules())
     savings = {n: paired(lambda n=n: float_modules[n](*float_inputs[n]),
                          lambda n=n: low_modules[n](*low_inputs[n]), cuda=cuda,
                          rounds=rounds_within(lambda n=n: float_modules[n](*float_inputs[n]), seconds_per_layer))
                for n in backend.candidates}
-    whole = paired(lambda: backend.baseline(*example), lambda: low_model(*example), rounds=7, inner=1, cuda=cuda,
-                   samples=len(example[0]))
-    total = sum(timing.difference_ms for timing in savings.values())
-    return LatencyProfile(
-        "each layer's fp32 and int8 modules timed alone on its captured inputs, interleaved; their sum "
-        "scaled to one whole-model timing of the all-low plan", savings, whole.first_ms, whole.second_ms,
-        intercept_ms=whole.first_ms, slope=whole.difference_ms / total if total > 0 else 1.0)
+    whole = paired(workload.call(backend.baseline), workload.call(low_model), rounds=7, inner=1, cuda=cuda,
+                   samples=workload.samples)
+    return _anchored("each layer's fp32 and int8 modules timed alone on its captured inputs, interleaved; their "
+                     "sum scaled to one whole-model timing of the all-low plan", savings, backend.candidates, whole)
+
+
+def shared_shape_profile(backend: "Backend", calibration: list[Inputs], seconds_per_layer: float = 0.5,
+                         workload: "Workload | None" = None) -> LatencyProfile:
+    """Many layers, several formats each, few distinct shapes (a transformer's blocks repeat): each distinct
+    (weight shape, bias, format) is timed once, the float module against its low module on random input of the
+    workload's rows, interleaved; layers of that shape share the figure. The sum over each layer's fastest format
+    is scaled to one whole-model timing of that plan against the baseline."""
+    workload = workload or Workload(calibration[0])
+    modules = dict(backend.adapter.named_modules())
+    timed: dict[tuple, Paired] = {}
+    savings = {}
+    with torch.inference_mode():
+        for item in backend.candidates:
+            layer, precision = split_item(item)
+            linear = modules[layer]
+            key = (tuple(linear.weight.shape), linear.bias is not None, precision)
+            if key not in timed:
+                x = torch.randn(workload.rows, linear.in_features, generator=torch.Generator().manual_seed(0))
+                low = backend.low_module(linear, precision)
+                timed[key] = paired(lambda: linear(x), lambda: low(x),
+                                    rounds=rounds_within(lambda: linear(x), seconds_per_layer))
+            savings[item] = timed[key]
+    fastest = {}
+    for item, timing in savings.items():  # each layer's format that saves most, where one saves anything
+        layer = split_item(item)[0]
+        if timing.difference_ms > 0 and timing.difference_ms > savings.get(fastest.get(layer), _NOTHING).difference_ms:
+            fastest[layer] = item
+    chosen = list(fastest.values())
+    plan_model = backend.build(Plan(layers=backend.assignment(chosen), backend=backend.name), calibration)
+    whole = paired(workload.call(backend.baseline), workload.call(plan_model), rounds=7, inner=1,
+                   samples=workload.samples)
+    return _anchored(f"each distinct weight shape and format timed once ({len(timed)} pairs), float against low on "
+                     f"{workload.rows} input row(s) as in one {workload.name} call, interleaved; the sum over each "
+                     "layer's fastest format scaled to one whole-model timing of that plan", savings, chosen, whole)
 
 
 def leave_one_out(baseline, all_low, example: Inputs, names: list[str], seconds_per_layer: float, method: str,
@@ -92,7 +145,5 @@ def leave_one_out(baseline, all_low, example: Inputs, names: list[str], seconds_
     whole = paired(lambda: baseline(*example), lambda: all_low(*example), rounds=7, inner=1, samples=batch)
     rounds = min(30, max(5, int(seconds_per_layer * 500 / max(whole.second_ms, 1e-3))))
     savings = {name: pair(name, rounds) for name in names}
-    total = sum(timing.difference_ms for timing in savings.values())
-    return LatencyProfile(method + "; scaled so that the baseline and the all-low model are predicted exactly",
-                          savings, whole.first_ms, whole.second_ms, intercept_ms=whole.first_ms,
-                          slope=whole.difference_ms / total if total > 0 else 1.0, additive=False)
+    return _anchored(method + "; scaled so that the baseline and the all-low model are predicted exactly",
+                     savings, names, whole, additive=False)

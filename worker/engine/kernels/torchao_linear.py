@@ -36,7 +36,7 @@ class TorchaoLinear(Backend):
 
     @classmethod
     def create(cls, offered: Candidates) -> "TorchaoLinear | None":
-        if not offered.device.startswith("cuda"):
+        if not offered.device.startswith("cuda") or not offered.int8_only:
             return None
         fp8 = torch.cuda.get_device_capability() >= (8, 9)
         convs = {n: "torchao quantizes Linear layers only" for n, m in offered.layers.items()
