@@ -1,0 +1,55 @@
+"""Each CPU format of `cpu-linear-formats` against fp32 on SmolLM2-135M's Linear shapes, at 1 input row (a decoding
+step at batch 1) and at 128 rows (a 128-token prefill): which kernels are real and fast on this CPU. Float and low
+modules timed in paired, interleaved rounds on the same random input. Writes bench/results/lm_kernels.{json,md}.
+
+    .venv/bin/python bench/lm_kernels.py
+"""
+
+from __future__ import annotations
+
+from common import engine_process, parser, save
+
+engine_process()
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from worker.engine.kernels.linear_formats import FORMATS, low_module  # noqa: E402
+from worker.engine.latency import paired  # noqa: E402
+
+# (in, out) of SmolLM2-135M's Linear layers: q/o, k/v, gate/up, down projections, and the tied vocabulary head.
+SHAPES = {"q_proj, o_proj": (576, 576), "k_proj, v_proj": (576, 192), "gate_proj, up_proj": (576, 1536),
+          "down_proj": (1536, 576), "lm_head": (576, 49152)}
+ROWS = (1, 128)
+
+
+def main() -> None:
+    args = parser(__doc__, "smollm2-135m").parse_args()
+    torch.manual_seed(0)
+    results = []
+    with torch.inference_mode():
+        for rows in ROWS:
+            for names, (inputs, outputs) in SHAPES.items():
+                linear, x = nn.Linear(inputs, outputs, bias=False), torch.randn(rows, inputs)
+                row = {"rows": rows, "layers": names, "shape": [inputs, outputs], "us": {}}
+                for precision in FORMATS:
+                    low = low_module(linear, precision)
+                    timing = paired(lambda: linear(x), lambda: low(x), rounds=9, inner=20 if rows == 1 else 2)
+                    row["us"]["fp32"] = row["us"].get("fp32", []) + [timing.first_ms * 1000]
+                    row["us"][precision] = timing.second_ms * 1000
+                row["us"]["fp32"] = sorted(row["us"]["fp32"])[len(FORMATS) // 2]  # the median of its three pairings
+                results.append(row)
+                print(row, flush=True)
+    lines = ["µs per call (median of paired rounds), 2 threads; in brackets: time relative to fp32", "",
+             "| input rows | layers (in → out) | fp32 | " + " | ".join(FORMATS) + " |",
+             "|---|---|---|" + "---|" * len(FORMATS)]
+    for row in results:
+        base = row["us"]["fp32"]
+        cells = " | ".join(f"{row['us'][p]:,.0f} ({row['us'][p] / base:.1f}×)" for p in FORMATS)
+        lines.append(f"| {row['rows']} | {row['layers']} ({row['shape'][0]} → {row['shape'][1]}) | {base:,.0f} "
+                     f"| {cells} |")
+    save(args.out, "lm_kernels", results, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
