@@ -5,7 +5,10 @@ against fp32 (paired, interleaved rounds), weights size, evaluations and wall ti
 bench/results/llm.{json,md}.
 
 The weights were dequantized from a 4-bit GGUF file, so weight-only int4 loses less on them than it would on the
-original bf16 weights: its figures here are optimistic.
+original bf16 weights: its figures here are optimistic. The uniform weight-only plans' perplexities come from
+their simulation (the same quantized weights in a float matmul, equal to the kernels' outputs to float rounding:
+tests/test_language_models.py): their real kernels take minutes per evaluation on this CPU (bench/lm_kernels.py).
+Their speed columns, like every other, are the real kernels'.
 
     .venv/bin/python bench/llm.py
 """
@@ -71,15 +74,22 @@ def uniform() -> list[dict]:
     budget = Budget(0.01, mode="perplexity")
     evaluator = bench.evaluator
     baseline = {split: evaluator.baseline_scores(split) for split in ("evaluation", "test")}
+    simulation = bench.backend.simulation(bench.calibration)
     rows = []
     for precision in LINEAR_FORMAT_NAMES:
         started = time.perf_counter()
-        items = [join_item(layer, precision) for layer in bench.backend.layers]
-        plan = bench.plan([item for item in items if item in set(bench.candidates)])
+        candidates = set(bench.candidates)
+        items = [item for item in (join_item(layer, precision) for layer in bench.backend.layers) if item in candidates]
+        plan = bench.plan(items)
         model = bench.build(plan)
-        scores = {split: evaluator.scores(model, split) for split in baseline}
+        if precision == "int8":
+            scores = {split: evaluator.scores(model, split) for split in baseline}
+        else:
+            with simulation.quantized(items):
+                scores = {split: evaluator.scores(simulation.model, split) for split in baseline}
         drop, stderr = budget.paired(baseline["test"], scores["test"])
-        rows.append({"plan": f"uniform {precision}", "formats": formats_of(plan.to_dict()),
+        rows.append({"plan": f"uniform {precision}" + ("" if precision == "int8" else " (perplexity simulated)"),
+                     "formats": formats_of(plan.to_dict()),
                      "perplexity": {"baseline": math.exp(-statistics.fmean(baseline["evaluation"])),
                                     "final": math.exp(-statistics.fmean(scores["evaluation"])),
                                     "baseline_test": math.exp(-statistics.fmean(baseline["test"])),

@@ -287,3 +287,19 @@ def test_openapi_documents_the_jobs_api(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/artifact"} <= set(paths)
     assert client.get("/docs").status_code == 200
+
+
+def test_models_lists_the_language_model_builtin(client, keys):
+    names = [m["name"] for m in client.get("/v1/models", headers=auth(keys["a"])).json()["builtin"]]
+    assert "smollm2-135m" in names
+
+
+def test_a_language_model_job_is_sized_by_sequence_length_times_vocabulary(client, keys):
+    base = {"model": "builtin:smollm2-135m", "budget": {"max_drop": 0.01}, "precisions": ["int8", "int4wo"]}
+    # 1,000 calibration windows of 4,096 tokens keep 49,152 logits per token: about 0.8 TB
+    response = client.post("/v1/jobs", json={**base, "seq_len": 4096, "calibration_samples": 1000},
+                           headers=auth(keys["a"]))
+    assert response.status_code == 422 and "vocabulary" in _detail(response)
+    accepted = client.post("/v1/jobs", json={**base, "seq_len": 64, "latency": "prefill"}, headers=auth(keys["a"]))
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["request"]["precisions"] == ["int8", "int4wo"]

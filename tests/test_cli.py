@@ -88,6 +88,9 @@ def test_artifact_reapplies_to_the_original_model(digits_run, cache_dir):
     (["compress", "builtin:digits-resnet", "--budget", "0"], "budget must be in (0, 1)"),
     (["compress", "builtin:digits-resnet", "--budget", "abc"], "is not a number"),
     (["compress", "builtin:digits-resnet"], "--budget"),
+    (["compress", "builtin:digits-resnet", "--budget", "0.01", "--precisions", "int8,int2"], "int4wo"),
+    (["compress", "builtin:digits-resnet", "--budget", "0.01", "--latency", "prefill"],
+     "for causal language models"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(args, message):
     result = run(*args)

@@ -200,7 +200,7 @@ async function renderJob(id) {
     report ? summary(report) : null,
     report ? onnxPanel(report) : null,
     report ? el("div", { class: "charts" },
-      el("div", { class: "panel" }, el("h2", { style: "margin-top:0" }, "Search: metric at each evaluated k"), el("div", { class: "chart-box" }, el("canvas", { id: "search-chart", role: "img", "aria-label": "metric versus number of int8 layers for every evaluated point" }))),
+      el("div", { class: "panel" }, el("h2", { style: "margin-top:0" }, "Search: metric at each evaluated k"), el("div", { class: "chart-box" }, el("canvas", { id: "search-chart", role: "img", "aria-label": "metric versus number of low-precision layers for every evaluated point" }))),
       el("div", { class: "panel" }, el("h2", { style: "margin-top:0" }, "Sensitivity per layer (network order)"), el("div", { class: "chart-box" }, el("canvas", { id: "layer-chart", role: "img", "aria-label": "sensitivity score per layer split into Hessian and inter-layer parts, coloured by precision" })))) : null,
     report ? layerTable(report) : null);
   if (report) { searchChart(report); layerChart(report); }
@@ -300,7 +300,8 @@ function searchChart(report) {
 
 function layerChart(report) {
   const layers = report.layers;
-  const int8 = (l) => report.plan.layers[l.name] !== report.baseline.precision;
+  // A row is a layer, or with several formats a layer in one format (its `precision` says what the plan did).
+  const int8 = (l) => l.precision !== report.baseline.precision;
   charts.layers = new Chart(document.getElementById("layer-chart"), {
     type: "bar",
     data: { labels: layers.map((l, i) => String(i)), datasets: [
@@ -316,7 +317,7 @@ function layerChart(report) {
                 y: { stacked: true, title: { display: true, text: "score (share)" } },
                 saving: { position: "right", grid: { drawOnChartArea: false }, title: { display: true, text: "saving ms" } } },
       plugins: { legend: { labels: { generateLabels: () => [
-        { text: "int8: Hessian / inter-layer", fillStyle: "#2f6fde" }, { text: "", fillStyle: "#9dbdf3" },
+        { text: `${report.backend.low_precision}: Hessian / inter-layer`, fillStyle: "#2f6fde" }, { text: "", fillStyle: "#9dbdf3" },
         { text: `${report.baseline.precision}: Hessian / inter-layer`, fillStyle: "#8a93a6" }, { text: "", fillStyle: "#cfd4de" },
         { text: "measured saving (ms)", fillStyle: "#b7791f" }] } },
         tooltip: { callbacks: { title: (items) => layers[items[0].dataIndex].name.replace(/^model\./, ""), afterLabel: (c) => `precision ${layers[c.dataIndex].precision}, rank ${layers[c.dataIndex].rank}` } } } },

@@ -516,11 +516,12 @@ def _metric(evaluator: Evaluator, budget: Budget, baseline: float, baseline_test
 
 
 def _fastest(backend: Backend, profile: LatencyProfile) -> list[str]:
-    """Each layer's candidate that saves most, where one may save anything (LatencyProfile.measurable)."""
+    """Each layer's candidate that saves most, where one saves anything (a layer whose every format is slower
+    than float stays float)."""
     best: dict[str, str] = {}
     for item in backend.candidates:
         layer = backend.layer_of(item)
-        if profile.measurable(item) and (layer not in best or profile.saving(item) > profile.saving(best[layer])):
+        if profile.saving(item) > 0 and (layer not in best or profile.saving(item) > profile.saving(best[layer])):
             best[layer] = item
     return list(best.values())
 
