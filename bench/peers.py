@@ -142,7 +142,7 @@ def spent_dict(spent: Spent, evaluations: int) -> dict:
     return {**spent.to_dict(), "evaluations": evaluations}
 
 
-def run_model(model: str, imagenet, rounds: int) -> dict:
+def run_model(model: str, imagenet, rounds: int, budgets: tuple[float, ...] | None = None) -> dict:
     family = "efficientnet" if model.startswith("efficientnet") else model
     data, root = data_for(model, imagenet, **SIZES[family])
     cache_dir = ROOT / "var" / "cache"
@@ -184,7 +184,7 @@ def run_model(model: str, imagenet, rounds: int) -> dict:
         analysis_spent[ordering] = spent
 
     runs = []
-    for max_drop in BUDGETS[family]:
+    for max_drop in budgets or BUDGETS[family]:
         peer_budget = Budget(max_drop, confidence=0.5)  # the peers accept on the drop alone
 
         def record(method, low, spent: Spent, evaluations: int, **extra):
@@ -346,10 +346,12 @@ def markdown(results: list[dict], budgets: set | None = None) -> str:
 def main() -> None:
     arguments = parser(__doc__, "minilm,minilm-sentiment,efficientnet-lite0,efficientnet-lite1,efficientnet-lite2")
     arguments.add_argument("--rounds", type=int, default=15, help="round-robin timing rounds of the final plans")
+    arguments.add_argument("--budgets", type=lambda text: tuple(float(b) for b in text.split(",")), default=None,
+                           help="comma-separated budgets instead of each model's own (BUDGETS)")
     args = arguments.parse_args()
     results = kept(args, "peers", lambda result: result["model"])
     for model in args.models.split(","):
-        results.append(run_model(model, args.imagenet, args.rounds))
+        results.append(run_model(model, args.imagenet, args.rounds, args.budgets))
         save(args.out, "peers", results, markdown(results))
         (args.out / "peers-readme.md").write_text(markdown(results, {0.01}))
 
