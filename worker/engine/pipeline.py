@@ -341,7 +341,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         with track.phase("profile"):
             profile = profiled()
     # The probe: each layer in its fastest format (the only one, with one format).
-    probe_low = _fastest(backend, profile) if backend.several else candidates
+    probe_low = profile.fastest(backend.layer_of) if backend.several else candidates
     timing: Paired | None = None  # the final plan against the baseline, once known
     with track.phase("probe"):
         # Before any analysis: within budget and faster, nothing is left to search.
@@ -513,17 +513,6 @@ def _metric(evaluator: Evaluator, budget: Budget, baseline: float, baseline_test
         figures["perplexity"] = {"baseline": math.exp(-baseline), "final": math.exp(-final.metric),
                                  "baseline_test": math.exp(-baseline_test), "final_test": math.exp(-final.test_metric)}
     return figures
-
-
-def _fastest(backend: Backend, profile: LatencyProfile) -> list[str]:
-    """Each layer's candidate that saves most, where one saves anything (a layer whose every format is slower
-    than float stays float)."""
-    best: dict[str, str] = {}
-    for item in backend.candidates:
-        layer = backend.layer_of(item)
-        if profile.saving(item) > 0 and (layer not in best or profile.saving(item) > profile.saving(best[layer])):
-            best[layer] = item
-    return list(best.values())
 
 
 def _generation(bench: Workbench, model: torch.nn.Module, options: CompressOptions) -> dict:

@@ -12,7 +12,6 @@ from ..latency import Paired, Workload, paired
 from ..plan import Plan
 from .base import Inputs, hooks, split_item
 
-_NOTHING = Paired(0.0, 0.0, 0.0, 0.0)
 
 if TYPE_CHECKING:
     from .base import Backend
@@ -44,12 +43,26 @@ class LatencyProfile:
         timing = self.savings[name]
         return timing.difference_ms + timing.noise_ms > 0
 
+    def fastest(self, layer_of: Callable[[str], str]) -> list[str]:
+        return fastest_items(self.savings, layer_of)
+
     def predict_ms(self, low: Iterable[str]) -> float:
         return self.intercept_ms - self.slope * sum(self.saving(n) for n in low)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "baseline_ms": self.baseline_ms, "all_low_ms": self.all_low_ms,
                 "intercept_ms": self.intercept_ms, "slope": self.slope, "additive": self.additive}
+
+
+def fastest_items(savings: dict[str, Paired], layer_of: Callable[[str], str]) -> list[str]:
+    """Each layer's candidate that saves most, where one saves anything (a layer whose every format is slower
+    than float has none)."""
+    best: dict[str, str] = {}
+    for item, timing in savings.items():
+        layer = layer_of(item)
+        if timing.difference_ms > 0 and (layer not in best or timing.difference_ms > savings[best[layer]].difference_ms):
+            best[layer] = item
+    return list(best.values())
 
 
 def rounds_within(call, seconds: float) -> int:
@@ -121,12 +134,7 @@ def shared_shape_profile(backend: "Backend", calibration: list[Inputs], seconds_
                 timed[key] = paired(lambda: linear(x), lambda: low(x),
                                     rounds=rounds_within(lambda: linear(x), seconds_per_layer))
             savings[item] = timed[key]
-    fastest = {}
-    for item, timing in savings.items():  # each layer's format that saves most, where one saves anything
-        layer = split_item(item)[0]
-        if timing.difference_ms > 0 and timing.difference_ms > savings.get(fastest.get(layer), _NOTHING).difference_ms:
-            fastest[layer] = item
-    chosen = list(fastest.values())
+    chosen = fastest_items(savings, lambda item: split_item(item)[0])
     plan_model = backend.build(Plan(layers=backend.assignment(chosen), backend=backend.name), calibration)
     whole = paired(workload.call(backend.baseline), workload.call(plan_model), rounds=7, inner=1,
                    samples=workload.samples)
