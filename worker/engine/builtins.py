@@ -140,14 +140,21 @@ def _train_digits(config) -> torch.nn.Module:
     torch.manual_seed(0)
     model = AutoModelForImageClassification.from_config(config)
     (x, y), _ = _digits_split()
-    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    epochs, batch = 12, 64
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=epochs * -(-len(x) // batch))
+    return _fit(model, list(model.parameters()), len(x),
+                lambda rows: F.cross_entropy(model(pixel_values=x[rows]).logits, y[rows]),
+                lr=3e-3, weight_decay=1e-4, epochs=12, batch=64)
+
+
+def _fit(model: torch.nn.Module, parameters: list, samples: int, loss_of: Callable[[torch.Tensor], torch.Tensor],
+         lr: float, weight_decay: float, epochs: int, batch: int) -> torch.nn.Module:
+    """AdamW with a one-cycle schedule over seeded shuffles of `samples` rows; `loss_of(rows)` is a batch's loss."""
+    optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=epochs * -(-samples // batch))
     generator = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(epochs):
-        for rows in torch.randperm(len(x), generator=generator).split(batch):
-            loss = F.cross_entropy(model(pixel_values=x[rows]).logits, y[rows])
+        for rows in torch.randperm(samples, generator=generator).split(batch):
+            loss = loss_of(rows)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -308,20 +315,10 @@ def _train_sentiment(path: Path, tokenizer) -> torch.nn.Module:
             parameter.requires_grad_(True)
     (texts, labels), _ = _sentiment_split()
     inputs = tokenize(tokenizer, texts, SENTIMENT_SEQ_LEN)
-    optimiser = torch.optim.AdamW([p for m in trained for p in m.parameters()], lr=1e-4, weight_decay=0.01)
-    epochs, batch = 2, 32
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=1e-4, total_steps=epochs * -(-len(texts) // batch))
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(epochs):
-        for rows in torch.randperm(len(texts), generator=generator).split(batch):
-            loss = F.cross_entropy(model(input_ids=inputs["input_ids"][rows],
-                                         attention_mask=inputs["attention_mask"][rows]).logits, labels[rows])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-    return model.eval()
+    return _fit(model, [p for m in trained for p in m.parameters()], len(texts),
+                lambda rows: F.cross_entropy(model(input_ids=inputs["input_ids"][rows],
+                                                   attention_mask=inputs["attention_mask"][rows]).logits, labels[rows]),
+                lr=1e-4, weight_decay=0.01, epochs=2, batch=32)
 
 
 def _minilm_sentiment(options: DataOptions, cache_dir: Path) -> Builtin:
