@@ -52,14 +52,30 @@ def data_for(model: str, imagenet: Path, **sizes):
 
 
 def provenance() -> dict:
-    """The code a result came from: commit (and whether the tree had uncommitted changes) and report format."""
+    """The code and machine a result came from: commit (and whether the tree had uncommitted changes), report
+    format, and the hardware (CPU model and instruction sets, or GPU) every figure was measured on."""
+    from worker.engine.hardware import detect
     from worker.engine.report import REPORT_FORMAT
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "worker", "app")),
-            "report_format": REPORT_FORMAT, "command": " ".join(["python", *sys.argv])}
+            "report_format": REPORT_FORMAT, "command": " ".join(["python", *sys.argv]),
+            "hardware": detect(device()).to_dict()}
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def hardware_line() -> str:
+    """The line every results table starts with: which machine measured it."""
+    from worker.engine.hardware import detect
+
+    return f"Measured on {detect(device()).describe()}."
 
 
 def save(out: Path, name: str, results, table: str) -> None:
@@ -67,6 +83,7 @@ def save(out: Path, name: str, results, table: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({"provenance": provenance(), "results": results}, indent=2,
                                                  default=str))
+    table = f"{hardware_line()}\n\n{table}"
     (out / f"{name}.md").write_text(table)
     print(table, flush=True)
 

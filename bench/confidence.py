@@ -56,7 +56,7 @@ def run_model(model: str, imagenet, resamples: int, cache_dir) -> dict:
     eligible = [n for n in candidates if profile.measurable(n)]
     analysis = sens.analyse(bench.backend.simulation(bench.calibration), bench.evaluator, candidates,
                             options.sensitivity, bench.adapter)
-    order = select(analysis, profile, eligible, options)
+    order = select(analysis, profile, eligible, options, bench.backend)
     print(f"{model}: pool {pool}, {len(candidates)} candidates, {len(order)} eligible", flush=True)
     rng = random.Random(0)
     splits = [rng.sample(range(pool), pool) for _ in range(resamples)]

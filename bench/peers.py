@@ -227,7 +227,7 @@ def run_model(model: str, imagenet, rounds: int, budgets: tuple[float, ...] | No
                 low = list(names)
             else:
                 options.sensitivity.ordering, options.selection = ordering, selection
-                order = select(analyses[ordering], profile, eligible, options)
+                order = select(analyses[ordering], profile, eligible, options, bench.backend)
                 known = probe if len(order) == len(names) else None
                 result = search(order, lambda low: measured(low, mixq_budget, tally), baseline_metric, mixq_budget,
                                 probe=known)

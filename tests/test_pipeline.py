@@ -172,3 +172,44 @@ def test_an_analysis_that_never_ran_is_never_reused(cache_dir, faster):
 
     easy = compress("builtin:digits-resnet", options(cache_dir, budget=Budget(0.05, confidence=0.5))).to_dict()
     assert Sensitivity.from_report(easy) is None
+
+
+def _cast_timing(plan_vs_cast: float):
+    """The final timings, stubbed by which models they compare: any plan takes 0.6 of fp32's time, and
+    `plan_vs_cast` of the whole-model cast's."""
+    from worker.engine.kernels import WholeCast
+
+    def timed_pair(first, second, workload, options):
+        ratio = plan_vs_cast if isinstance(first, WholeCast) else 0.6
+        return timed_as(ratio)(workload.call(first), workload.call(second))
+    return timed_pair
+
+
+@pytest.mark.parametrize("plan_vs_cast", [0.8, 1.05])
+def test_a_plan_must_also_beat_the_whole_model_cast_to_the_baseline_float(cache_dir, tmp_path, faster, monkeypatch,
+                                                                          plan_vs_cast):
+    """With a bf16 baseline (named here; `auto` picks it where the CPU runs bf16 natively), the reduction is
+    reported against fp32 and against the cast, and a plan slower than the cast gives way to the cast, which
+    re-applies from its artifact."""
+    import torch
+
+    from worker.engine.artifact import load_artifact
+    from worker.engine.kernels import WHOLE_CAST, WholeCast
+
+    monkeypatch.setattr(pipeline, "_timed_pair", _cast_timing(plan_vs_cast))
+    report = compress("builtin:minilm", options(cache_dir, out_dir=tmp_path, baseline="bf16",
+                                                budget=Budget(0.05, confidence=0.5)))
+    against = report.latency["against"]
+    assert report.latency["baseline"] == {"asked": "bf16", "beaten": "bf16", "accuracy_against": "fp32"}
+    if plan_vs_cast < 1:
+        assert report.status == "compressed" and report.final.k > 0
+        assert against["bf16"]["median"] == pytest.approx(0.2) and against["fp32"]["median"] == pytest.approx(0.4)
+        return
+    assert report.status == "float_cast" and report.final.k == 0 and against["bf16"] is None
+    assert any("cast to bf16" in w and "is returned" in w for w in report.warnings)
+    assert report.plan.backend == WHOLE_CAST and set(report.plan.layers.values()) == {"bf16"}
+    assert 0 <= report.final.drop < 0.05 and report.final.accepted_by.startswith("the whole model cast to bf16")
+    bench = pipeline.prepare("builtin:minilm", options(cache_dir))
+    reloaded = load_artifact(bench.adapter, tmp_path / "artifact", bench.example)
+    assert isinstance(reloaded, WholeCast) and reloaded.dtype == torch.bfloat16
+    assert report.final.test_metric < report.baseline.test_metric  # the cast's own figures, not the baseline's

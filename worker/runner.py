@@ -25,6 +25,7 @@ from app.core.db import session_scope
 from app.core.models import CANCELLED, FAILED, SUCCEEDED, Job, utcnow
 from app.core.settings import Settings, get_settings
 from worker.engine.errors import Cancelled, InputError
+from worker.engine.hardware import detect
 from worker.engine.pipeline import CompressOptions, Progress, compress
 from worker.engine.report import REPORT_FORMAT
 from worker.engine.sensitivity import Sensitivity
@@ -37,9 +38,11 @@ SENSITIVITY_FIELDS = ("ordering", "interlayer", "analysis_loss", "hutchinson_sam
                       "batch_size", "seq_len", "data")
 
 
-def sensitivity_key(request: dict, revision: str) -> str:
-    # The report format versions the analysis itself: a new engine never reuses an old one's scores.
-    identity = [REPORT_FORMAT, request["model"], revision, {k: request.get(k) for k in SENSITIVITY_FIELDS}]
+def sensitivity_key(request: dict, revision: str, hardware_key: str) -> str:
+    # The report format versions the analysis itself: a new engine never reuses an old one's scores. The hardware
+    # too: what the simulation reproduces (activation widths, kernels, the format menu) is measured per machine.
+    identity = [REPORT_FORMAT, request["model"], revision, hardware_key,
+                {k: request.get(k) for k in SENSITIVITY_FIELDS}]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -51,7 +54,7 @@ def warm_start(job_id: str, request: dict, settings: Settings, hub_token: bool
                                     hub_token)
     except InputError:
         return None, None, None  # the pipeline reports the real problem when it loads the model
-    key = sensitivity_key(request, revision)
+    key = sensitivity_key(request, revision, detect(settings.device).key)
     with session_scope() as session:
         job = session.get(Job, job_id)
         job.revision, job.sensitivity_key = revision, key

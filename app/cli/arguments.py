@@ -61,8 +61,12 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where every plan is evaluated, timed and delivered (onnxruntime: the search runs in the "
                              "runtime you deploy, and the artifact is its ONNX file)")
     parser.add_argument("--precisions", type=lambda text: text.split(","), default=None,
-                        help="comma-separated low precisions a plan may mix per layer: int8, int8wo, int4wo (CPU), or "
-                             "fp8 alone (GPU); default int8, and int8,int8wo,int4wo for causal language models")
+                        help="comma-separated low precisions a plan may mix per layer: int8, int8wo, int4wo, bf16 (CPU), "
+                             "or fp8 alone (GPU); default: the worker's measured menu (int8, and int8,int8wo,int4wo "
+                             "for causal language models, each with bf16 where this CPU runs it natively)")
+    parser.add_argument("--baseline", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="the float execution a plan must beat on latency; auto: the fastest float this machine "
+                             "runs natively, measured (accuracy is always against the model as given)")
     parser.add_argument("--latency", choices=["decode", "prefill"], default=None,
                         help="a causal language model's speed to optimise: one decoding step (tokens/s, the default) "
                              "or the prefill of a --seq-len prompt (time to first token)")
@@ -82,7 +86,7 @@ def job_request(args) -> dict:
                                              "mode": "absolute" if args.absolute else "relative",
                                              "confidence": args.confidence},
             "ordering": args.ordering, "selection": args.selection, "interlayer": args.interlayer,
-            "analysis_loss": args.analysis_loss, "runtime": args.runtime,
+            "analysis_loss": args.analysis_loss, "runtime": args.runtime, "baseline": args.baseline,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "calibration_samples": args.calibration_samples,
             "eval_samples": args.eval_samples, "test_samples": args.test_samples,
             "hutchinson_samples": args.hutchinson_samples, "priority": args.priority, "data": data,

@@ -86,7 +86,7 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     report: Mapped[dict | None] = mapped_column(JSONType)
-    result_status: Mapped[str | None] = mapped_column(String(32))  # compressed | no_speedup | none_fit | no_saving
+    result_status: Mapped[str | None] = mapped_column(String(32))  # compressed | no_speedup | none_fit | no_saving | float_cast
     baseline_metric: Mapped[float | None] = mapped_column(Float)
     final_metric: Mapped[float | None] = mapped_column(Float)
     latency_reduction: Mapped[float | None] = mapped_column(Float)

@@ -106,11 +106,16 @@ class JobOptions(Strict):
     eval_samples: int = Field(256, ge=1, le=100_000)
     test_samples: int = Field(256, ge=1, le=100_000, description="held out from every decision; scores the final plan")
     hutchinson_samples: int = Field(16, ge=2, le=1000)
-    precisions: list[Literal["int8", "fp8", "int8wo", "int4wo"]] | None = Field(
-        None, min_length=1, max_length=3,
+    precisions: list[Literal["int8", "fp8", "int8wo", "int4wo", "bf16"]] | None = Field(
+        None, min_length=1, max_length=4,
         description="the low precisions a plan may use, chosen per layer: ['int8'] (or ['fp8'] on GPU workers); on "
-                    "CPU, int8 with int8wo and int4wo (weight-only) in any mix. Default: ['int8'], and all three "
-                    "for causal language models")
+                    "CPU, int8 with int8wo and int4wo (weight-only) and bf16 in any mix. Default: the worker's "
+                    "measured menu: ['int8'] (int8, int8wo, int4wo for causal language models), plus bf16 for "
+                    "Linear-only models where the worker's CPU runs bf16 faster than fp32")
+    baseline: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="the float execution a plan must beat on latency (accuracy is always against the model "
+                            "as given, fp32): auto = the fastest float this worker runs natively (measured), or name "
+                            "one. The report gives the reduction against fp32 and against this one")
     latency: Literal["decode", "prefill"] | None = Field(
         None, description="a causal language model's timed workload the search makes faster: one decoding step at "
                           "batch 1 (tokens/s; the default) or the prefill of a seq_len prompt (time to first token)")

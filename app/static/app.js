@@ -222,6 +222,8 @@ function warningsPanel(report) {
     el("ul", {}, ...report.warnings.map((w) => el("li", {}, w))));
 }
 
+// Whether the returned model is a plan (or the cast), not the baseline itself (report.py's RETURNS_A_PLAN).
+const returnsPlan = (report) => ["compressed", "float_cast"].includes(report.status);
 const interval = (r) => (r ? `95% interval ${pct(r.low)} to ${pct(r.high)} over ${r.rounds} paired rounds` : "nothing timed against the baseline");
 
 function summary(report) {
@@ -234,12 +236,34 @@ function summary(report) {
       `drop ${num(f.drop)} ± ${num(f.stderr)} of budget ${budget.max_drop} ${budget.mode}; accepted when drop + ${budget.z.toFixed(2)}·SE fits (confidence ${budget.confidence})`),
     card("Test split (no decision used it)", `${num(b.test_metric)} → ${num(f.test_metric)}`, `drop ${num(f.test_drop)}${testInterval}`, "test-metric"),
     card("Latency median", `${b.latency_ms.median.toFixed(2)} → ${f.latency_ms.median.toFixed(2)} ms`, `p90 ${b.latency_ms.p90.toFixed(2)} → ${f.latency_ms.p90.toFixed(2)} ms; attention ${report.environment.attention}`),
-    card("Latency reduction", pct(report.latency_reduction), `${interval(report.latency.reduction)}; ${report.message}`, "latency-reduction"),
+    card("Latency reduction", pct(report.latency_reduction), returnsPlan(report) ? `${interval(report.latency.reduction)}; ${report.message}`
+      : `${report.message}${report.latency.reduction ? ` (the fastest plan within budget measured ${pct(report.latency.reduction.median)}, ${interval(report.latency.reduction)}: not returned)` : ""}`, "latency-reduction"),
     card("Size", `${(b.size_bytes / 1e6).toFixed(1)} → ${(f.size_bytes / 1e6).toFixed(1)} MB`, `${f.k}/${report.layers.length} layers ${report.backend.low_precision}`),
+    ...againstFloats(report, card),
     card("Runtime", report.backend.runtime || "torch", report.backend.name, "runtime"),
+    card("Hardware", hardwareName(report), hardwareDetail(report), "hardware"),
     card("Search", `${report.search.evaluations} evaluations`, method.analysis ? `sensitivity analysis ${method.analysis}` : `max ${report.search.max_evaluations} (${report.search.refinement_evaluations} refinement), ${report.search.ordering} ordering, ${report.search.selection} selection, Hessian ${method.hessian || "–"}`),
     card("Cost", `${cost.seconds.toFixed(0)} s`, `samples through ${cost.forward.toLocaleString()} forward, ${cost.timed.toLocaleString()} timed, ${cost.simulated.toLocaleString()} simulated and ${cost.backward.toLocaleString()} backward passes`, "cost"),
     ...generationCards(report, card));
+}
+
+// Which machine measured every figure on this page (reports from before the hardware was recorded: its CPU field).
+const hardwareName = (report) => (report.environment.hardware ? report.environment.hardware.model_name : report.environment.cpu);
+function hardwareDetail(report) {
+  const hw = report.environment.hardware;
+  if (!hw) return `${report.environment.threads} threads; instruction sets not recorded`;
+  const menu = report.backend.menu;
+  return `${hw.capability} dispatch, ${hw.threads} threads; ${hw.flags.join(", ") || "no AVX2"}` +
+    (menu ? `; formats offered: ${menu.offered.join(", ")} (weight-only activations ${menu.weight_only_activations}; fastest float ${menu.fastest_float})` : "");
+}
+
+// The returned model's reduction against each float it was timed with: fp32, and the whole model cast to the
+// worker's fastest float where that is not fp32 (what "just cast it" would give).
+function againstFloats(report, card) {
+  const against = (report.latency && report.latency.against) || {};
+  return Object.entries(against).filter(([precision]) => precision !== report.baseline.precision).map(([precision, r]) =>
+    card(`Against the whole model in ${precision}`, r ? pct(r.median) : "returned",
+      r ? interval(r) : `the ${precision} cast itself is the returned model`, `against-${precision}`));
 }
 
 // A causal language model's perplexity (the budget is on its relative increase) and generation speeds.

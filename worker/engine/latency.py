@@ -5,7 +5,6 @@ the other with its uncertainty (a bootstrap interval over the rounds)."""
 from __future__ import annotations
 
 import math
-import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -109,15 +108,31 @@ class Paired:
     first_rounds: list[float] = field(default_factory=list, repr=False)  # per round, ms per call
     second_rounds: list[float] = field(default_factory=list, repr=False)
 
-    def reduction(self, confidence: float = 0.95, resamples: int = 2000) -> "Reduction":
-        """How much faster the second call is, as a share of the first: the median over rounds of each
-        round's 1 - second / first, with a percentile bootstrap interval over the rounds."""
-        shares = [1 - b / a for a, b in zip(self.first_rounds, self.second_rounds)]
-        rng = random.Random(0)
-        medians = sorted(statistics.median(rng.choices(shares, k=len(shares))) for _ in range(resamples))
-        tail = (1 - confidence) / 2
-        low, high = medians[int(tail * resamples)], medians[min(resamples - 1, int((1 - tail) * resamples))]
+    def reduction(self, confidence: float = 0.95) -> "Reduction":
+        """How much faster the second call is, as a share of the first: the median over rounds of each round's
+        1 - second / first, with the distribution-free interval for a median (order statistics of the rounds'
+        shares, from the binomial distribution: the sign test's interval). "Faster" (the whole interval above
+        zero) is then a one-sided sign test at level (1 - confidence) / 2 or less: two calls that do not differ
+        are called faster at most that often, whatever the noise's shape, provided rounds are independent.
+        (A percentile bootstrap of the median, which this replaced, called 2.8% of identical pairs faster at a
+        nominal 2.5%, and 10.2% with the early stop it was used with.)"""
+        shares = sorted(1 - b / a for a, b in zip(self.first_rounds, self.second_rounds))
+        rank = median_rank(len(shares), confidence)
+        low, high = (shares[rank], shares[-1 - rank]) if rank is not None else (-math.inf, math.inf)
         return Reduction(statistics.median(shares), low, high, len(shares), confidence)
+
+
+def median_rank(n: int, confidence: float) -> int | None:
+    """The 0-based rank k such that [x(k), x(n-1-k)] of n sorted independent values covers their median with at
+    least `confidence`: the largest k with P(Binomial(n, 1/2) <= k) <= (1 - confidence) / 2. None when even
+    [min, max] covers it less often (fewer than 6 rounds at 95%)."""
+    tail, cumulative, rank = (1 - confidence) / 2, 0.0, None
+    for k in range(n):
+        cumulative += math.comb(n, k) / 2 ** n
+        if cumulative > tail:
+            break
+        rank = k
+    return rank
 
 
 @dataclass
@@ -139,24 +154,25 @@ class Reduction:
 
 
 @torch.inference_mode()
-def paired(first, second, rounds: int = 9, inner: int = 3, warmup: int = 2, cuda: bool = False,
-           samples: int = 0, resolve_after: int | None = None) -> Paired:
-    """`samples` per call, for the cost ledger. With `resolve_after`, rounds stop early, from that many on, as
-    soon as the reduction's interval lies wholly on one side of zero (the answer a caller needs is known)."""
+def paired(first, second, rounds: int = 15, inner: int = 3, warmup: int = 2, cuda: bool = False,
+           samples: int = 0) -> Paired:
+    """A fixed number of rounds, each timing `inner` calls of both, which goes first alternating from round to
+    round (a call that runs second in a warm cache is not always the same one). `samples` per call, for the
+    cost ledger. The number of rounds is fixed: stopping once an interval clears zero would look at the data
+    many times and call identical calls faster far more often than its level says."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(warmup):
         first(), second()
     sync()
     a, b = [], []
-    for _ in range(rounds):
-        a.append(_timed(first, inner, sync))
-        b.append(_timed(second, inner, sync))
-        if resolve_after and len(a) >= resolve_after:
-            interval = Paired(0, 0, 0, 0, a, b).reduction()
-            if interval.low > 0 or interval.high < 0:
-                break
-    cost.count("timed", 2 * (warmup + len(a) * inner) * samples)
-    rounds = len(a)
+    for round_ in range(rounds):
+        if round_ % 2:
+            b.append(_timed(second, inner, sync))
+            a.append(_timed(first, inner, sync))
+        else:
+            a.append(_timed(first, inner, sync))
+            b.append(_timed(second, inner, sync))
+    cost.count("timed", 2 * (warmup + rounds * inner) * samples)
     differences = sorted(x - y for x, y in zip(a, b))
     quartiles = statistics.quantiles(differences, n=4, method="inclusive") if rounds > 1 else [0.0, 0.0, 0.0]
     return Paired(statistics.median(a), statistics.median(b), statistics.median(differences),

@@ -7,7 +7,6 @@ to a callback, which may raise `Cancelled` to stop the job at the next step boun
 from __future__ import annotations
 
 import math
-import platform
 import statistics
 from contextlib import contextmanager
 from importlib.metadata import version
@@ -24,7 +23,10 @@ from .adapters import TEXT_GENERATION, adapt, attention_implementation, quantiza
 from .data import DataOptions
 from .errors import InputError
 from .evaluation import Evaluator
-from .kernels import LINEAR_FORMAT_NAMES, ONNX_RUNTIME, Backend, LatencyProfile, choose_backend, float_model
+from .hardware import Hardware, detect
+from .kernels import (INTEGER_FORMATS, ONNX_RUNTIME, WHOLE_CAST, Backend, LatencyProfile, WholeCast, choose_backend,
+                      float_model)
+from .kernels.menu import Menu, load_or_measure
 from .artifact import model_size_bytes, save_artifact
 from .cost import Ledger
 from .latency import Latency, LatencyOptions, Paired, Workload, measure, paired
@@ -38,14 +40,14 @@ from .spec import parse_source
 PHASES = ("load", "baseline", "probe", "profile", "sensitivity", "search", "final", "onnx", "export")
 
 NO_SAVING = "saves no time: its measured saving is nil or negative beyond its noise"
-# The final timing stops from this many paired rounds on once its interval excludes zero.
-RESOLVE_AFTER_ROUNDS = 7
 # Below this many test samples the test-split figure is too coarse to lean on.
 MIN_TEST_SAMPLES = 50
 # A top-1 metric over fewer distinct predicted classes than this (or than the model has) cannot tell plans apart.
 MIN_DISTINCT_CLASSES = 5
-# The formats a plan chooses among when the request names none: a language model's per layer among three.
-TASK_FORMATS = {TEXT_GENERATION: LINEAR_FORMAT_NAMES}
+# The formats a plan chooses among when the request names none: a language model's per layer among three
+# (each task's list gains bf16 where the worker's measured menu offers it: menu.Menu.formats_for).
+TASK_FORMATS = {TEXT_GENERATION: INTEGER_FORMATS}
+BASELINES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -75,6 +77,7 @@ class CompressOptions:
     device: str = "cpu"
     formats: tuple[str, ...] = ()  # the low precisions a plan may use; empty: the task's default (TASK_FORMATS)
     generation_latency: str | None = None  # a language model's timed workload: decode (default) or prefill
+    baseline: str = "auto"  # the float execution plans must beat on latency; auto: the worker's fastest (measured)
     threads: int | None = None
     model_root: Path | None = None
     cache_dir: Path = Path("var/cache")
@@ -87,6 +90,8 @@ class CompressOptions:
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}")
 
     @classmethod
     def from_request(cls, request: dict, *, interlayer_weight: float = 0.5, hutchinson_tol: float = 0.1,
@@ -113,6 +118,7 @@ class CompressOptions:
             runtime=request.get("runtime", "torch"),
             formats=tuple(request.get("precisions") or ()),
             generation_latency=request.get("latency"),
+            baseline=request.get("baseline", "auto"),
             **{k: v for k, v in runtime.items() if v is not None},
         )
 
@@ -144,12 +150,13 @@ class _Tracker:
         self.report(1.0, f"{name} done in {self.phases[name]:.1f}s")
 
 
-def _environment(device: str, backend: str, attention: str | None) -> dict:
+def _environment(device: str, backend: str, attention: str | None, hardware: Hardware) -> dict:
     import transformers
 
     return {
         "torch": torch.__version__, "torchao": version("torchao"), "transformers": transformers.__version__,
-        "device": device, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "device": device, "threads": torch.get_num_threads(), "cpu": hardware.model_name,
+        "hardware": hardware.to_dict(),
         "quantized_engine": torch.backends.quantized.engine, "backend": backend,
         "attention": attention or "none (the model has no attention layers)", "allocator": allocator.description(),
     }
@@ -169,6 +176,9 @@ class Workbench:
     baseline_precision: str
     device: str
     workload: Workload  # what one timed call is: the example batch, or a language model's decode step / prefill
+    hardware: Hardware
+    menu: Menu  # the formats this worker offers, measured
+    reference_precision: str  # the float execution plans must beat on latency (fp32, or a whole-model 16-bit cast)
 
     @property
     def candidates(self) -> list[str]:
@@ -186,7 +196,8 @@ class Workbench:
         return Plan(layers=layers, baseline_precision=self.baseline_precision, device=self.device,
                     backend=self.backend.name, source=self.source, revision=self.revision,
                     calibration={"batches": len(self.calibration), "data": self.evaluator.data.description},
-                    choices=list(self.backend.formats))
+                    choices=list(self.backend.formats),
+                    weight_only_activations=getattr(self.backend, "activations", "fp32"))
 
     def build(self, plan: Plan) -> torch.nn.Module:
         return self.backend.build(plan, self.calibration)
@@ -198,6 +209,8 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("device cuda requested but no GPU is available")
     loaded = load_model(spec, options.data, options.model_root, options.cache_dir, options.revision, options.hub_token)
+    hardware = detect(options.device)
+    menu = load_or_measure(hardware, options.cache_dir)
     baseline_precision = "fp32" if options.device == "cpu" else "fp16"
     adapter = float_model(adapt(loaded.model, loaded.task), baseline_precision, options.device)
     data = _to_device(loaded.data, options.device, next(adapter.parameters()).dtype)
@@ -210,8 +223,11 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
         raise InputError("a causal language model's plans run in torch: its decode loop and KV cache are not in "
                          "the ONNX export")
     formats = options.formats or TASK_FORMATS.get(loaded.task, ("int8",))
+    if not options.formats and options.runtime == "torch" and _linear_only(adapter):
+        formats = menu.formats_for(formats)
     try:
-        backend = choose_backend(adapter, options.device, calibration[0], options.runtime, formats)
+        backend = choose_backend(adapter, options.device, calibration[0], options.runtime, formats,
+                                 menu.weight_only_activations if options.device == "cpu" else "fp32")
     except ValueError as exc:
         raise InputError(str(exc)) from None
     if not backend.candidates:
@@ -223,8 +239,16 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
                           analysis_loss=options.sensitivity.loss)
     workload = (generation.workload(options.generation_latency or generation.DECODE, calibration[0]) if generating
                 else Workload(calibration[0]))
+    reference = menu.fastest_float if options.baseline == "auto" else options.baseline
+    if generating or options.runtime != "torch":
+        reference = baseline_precision  # a whole-model cast is timed for torch models with one forward per call
     return Workbench(str(spec), loaded.revision, loaded.task, adapter, evaluator, backend, calibration,
-                     baseline_precision, options.device, workload)
+                     baseline_precision, options.device, workload, hardware, menu, reference)
+
+
+def _linear_only(adapter: torch.nn.Module) -> bool:
+    """Whether every quantizable layer is a Linear (bf16 per layer is a Linear format; conv nets run static int8)."""
+    return all(isinstance(m, torch.nn.Linear) for m in quantizable_layers(adapter).values())
 
 
 def _data_warnings(bench: Workbench) -> list[str]:
@@ -307,6 +331,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         baseline_scores, baseline_test_scores = evaluator.baseline_scores(), evaluator.baseline_scores("test")
         baseline_metric, baseline_test = statistics.fmean(baseline_scores), statistics.fmean(baseline_test_scores)
         baseline_size = model_size_bytes(baseline)
+        reference = _reference(bench, budget, baseline_scores, warnings)
 
     plans = Plans(bench, budget, baseline_scores)
     latencies: dict[tuple, Latency] = {}
@@ -329,9 +354,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
     def against_baseline(low: tuple) -> Paired:
         """The plan against the baseline in paired, interleaved rounds: drift hits both alike, and the
         reduction comes with its interval."""
-        return paired(workload.call(baseline), workload.call(plans.models[low]),
-                      rounds=options.latency.repeats, inner=1, warmup=options.latency.warmup,
-                      samples=workload.samples, resolve_after=RESOLVE_AFTER_ROUNDS)
+        return _timed_pair(baseline, plans.models[low], workload, options)
 
     def profiled() -> LatencyProfile:
         return backend.profile(bench.calibration, options.latency.profile_seconds, workload)
@@ -402,21 +425,39 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         final_low = list(fastest) if faster else []
         final_model = plans.models[fastest] if faster else baseline
         final_plan = bench.plan(final_low)
+        if reference is not None:
+            # The plan (or the baseline it fell back to) against the whole model cast to the worker's fastest
+            # float: a user could cast in one line, so a plan that does not beat the cast is not the answer.
+            versus_cast = _timed_pair(reference.model, final_model, workload, options).reduction()
+            if reference.returnable and not versus_cast.faster:
+                warnings.append(f"{reference.describe()} is at least as fast as the "
+                                + ("fastest plan within budget" if final_low else "baseline")
+                                + f" (the plan's reduction against it {versus_cast.median:.1%}, 95% interval "
+                                  f"{versus_cast.low:.1%} to {versus_cast.high:.1%}): the cast model is returned")
+                status, final_low, final_model = "float_cast", [], reference.model
+                final_plan = reference.plan(bench.plan([]))
+                timing = _timed_pair(baseline, final_model, workload, options)
+                speedup, versus_cast = timing.reduction(), None
+                faster = speedup.faster
+                baseline_latency, latencies[()] = Latency.of(timing.first_rounds), Latency.of(timing.second_rounds)
         chosen = next((s for s in steps if s.accepted and backend.assignment(
             s.low(order) if s.stage != "probe" else probe_low) == backend.assignment(final_low)), None) \
             if final_low else None
+        cast = status == "float_cast"
         # The one look at the test split: no decision above used it.
-        test_scores = evaluator.scores(final_model, "test") if final_low else baseline_test_scores
+        test_scores = evaluator.scores(final_model, "test") if final_low or cast else baseline_test_scores
         test_drop, test_stderr = budget.paired(baseline_test_scores, test_scores)
-        final = Final(metric=chosen.metric if chosen else baseline_metric, test_metric=statistics.fmean(test_scores),
-                      latency_ms=(latencies[fastest] if faster else baseline_latency).to_dict(),
-                      size_bytes=model_size_bytes(final_model) if final_low else baseline_size,
-                      drop=chosen.drop if chosen else 0.0, stderr=chosen.stderr if chosen else 0.0,
+        admitted = reference if cast else chosen
+        final = Final(metric=admitted.metric if admitted else baseline_metric,
+                      test_metric=statistics.fmean(test_scores),
+                      latency_ms=(latencies[() if cast else fastest] if faster else baseline_latency).to_dict(),
+                      size_bytes=model_size_bytes(final_model) if final_low or cast else baseline_size,
+                      drop=admitted.drop if admitted else 0.0, stderr=admitted.stderr if admitted else 0.0,
                       test_drop=test_drop, test_stderr=test_stderr,
                       test_drop_interval=list(budget.interval(test_drop, test_stderr)), k=len(final_low),
-                      accepted_by=f"{chosen.stage} step k={chosen.k}: drop {chosen.drop:.4f} + z·SE "
-                                  f"{budget.z:.2f}·{chosen.stderr:.4f} = {chosen.bound:.4f} <= {budget.max_drop}"
-                      if chosen else None)
+                      accepted_by=f"{admitted.stage} step k={admitted.k}: drop {admitted.drop:.4f} + z·SE "
+                                  f"{budget.z:.2f}·{admitted.stderr:.4f} = {admitted.bound:.4f} <= {budget.max_drop}"
+                      if chosen else reference.accepted_by(budget) if cast else None)
         if final_low and not budget.accepts(final.test_drop):
             warnings.append(f"on the test split the plan drops {final.test_drop:.4f} (95% interval "
                             f"{final.test_drop_interval[0]:.4f} to {final.test_drop_interval[1]:.4f}), over the "
@@ -437,9 +478,14 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
     report = Report(
         source=bench.source, revision=bench.revision, task=bench.task, status=status, message=STATUS_MESSAGES[status],
         warnings=warnings,
-        environment=_environment(options.device, bench.backend.name, attention_implementation(bench.adapter)),
+        environment=_environment(options.device, bench.backend.name, attention_implementation(bench.adapter),
+                                 bench.hardware),
         backend={"name": backend.name, "note": backend.note, "low_precision": "/".join(backend.formats),
-                 "formats": list(backend.formats), "runtime": options.runtime},
+                 "formats": list(backend.formats), "runtime": options.runtime,
+                 "menu": {"asked": list(options.formats) or None, "offered": list(backend.formats),
+                          "floats": list(bench.menu.floats), "fastest_float": bench.menu.fastest_float,
+                          "weight_only_activations": bench.menu.weight_only_activations,
+                          "reasons": bench.menu.reasons}},
         data={"description": data.description, "synthetic": data.synthetic, **data.sizes,
               "batch_size": options.data.batch_size, "seq_len": options.data.seq_len},
         metric=_metric(evaluator, budget, baseline_metric, baseline_test, final),
@@ -449,6 +495,11 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         final=final,
         latency_reduction=speedup.median if faster else 0.0,
         latency={"reduction": speedup.to_dict() if speedup else None,
+                 "against": {bench.baseline_precision: speedup.to_dict() if speedup else None,
+                             **({reference.precision: versus_cast.to_dict() if versus_cast else None}
+                                if reference is not None else {})},
+                 "baseline": {"asked": options.baseline, "beaten": bench.reference_precision,
+                              "accuracy_against": bench.baseline_precision},
                  "method": "the returned plan (or, if none beat it, the fastest within budget) against the baseline "
                            "in paired, interleaved rounds; median over rounds of 1 - plan/baseline, percentile "
                            "bootstrap interval over rounds; compressed only when the whole interval is above zero"},
@@ -488,13 +539,64 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
             if options.runtime == ONNX_RUNTIME:
                 files = bench.backend.deliver(final_plan, out / "artifact")
             else:  # the artifact re-applies from plan.json to the original model: a float plan is the original
-                files = save_artifact(final_model if final_low else bench.adapter, final_plan, out / "artifact")
+                files = save_artifact(final_model if final_low or status == "float_cast" else bench.adapter,
+                                      final_plan, out / "artifact")
             report.artifact = {name: str(path.relative_to(out)) for name, path in files.items()}
     report.phases = dict(track.phases)
     report.cost = ledger.to_dict()
     if options.out_dir:
         report.write(Path(options.out_dir) / "report.json")
     return report
+
+
+@dataclass
+class Reference:
+    """The whole model cast to a 16-bit float, scored on the evaluation split against the model as given."""
+
+    model: WholeCast
+    metric: float
+    drop: float
+    stderr: float
+    fits: bool  # within budget by the same rule as any plan
+    returnable: bool  # may be the answer: within budget, and cast from the model as given (not a rewritten graph)
+
+    @property
+    def precision(self) -> str:
+        return self.model.precision
+
+    def describe(self) -> str:
+        return f"the whole model cast to {self.precision}"
+
+    def accepted_by(self, budget: Budget) -> str:
+        return (f"{self.describe()}: drop {self.drop:.4f} + z·SE {budget.z:.2f}·{self.stderr:.4f} = "
+                f"{budget.bound(self.drop, self.stderr):.4f} <= {budget.max_drop}")
+
+    def plan(self, float_plan: Plan) -> Plan:
+        """The plan that re-applies the cast: every layer in the cast's precision, which is the plan's baseline."""
+        return Plan(**{**asdict(float_plan), "layers": {n: self.precision for n in float_plan.layers},
+                       "baseline_precision": self.precision, "backend": WHOLE_CAST})
+
+
+def _reference(bench: Workbench, budget: Budget, baseline_scores: list[float], warnings: list[str]
+               ) -> Reference | None:
+    """The float execution plans must beat besides the baseline: the worker's fastest native float, cast whole."""
+    if bench.reference_precision == bench.baseline_precision:
+        return None
+    model = WholeCast(bench.backend.baseline, bench.reference_precision)
+    scores = bench.evaluator.scores(model)
+    drop, stderr = budget.paired(baseline_scores, scores)
+    fits = budget.accepts(drop, stderr)
+    if not fits:
+        warnings.append(f"the whole model cast to {model.precision} drops {drop:.4f} ± {stderr:.4f}, over the budget "
+                        f"of {budget.max_drop}: it is timed beside the plan but cannot be the answer")
+    return Reference(model, statistics.fmean(scores), drop, stderr, fits,
+                     returnable=fits and bench.backend.baseline is bench.adapter)
+
+
+def _timed_pair(first: torch.nn.Module, second: torch.nn.Module, workload: Workload, options: CompressOptions
+                ) -> Paired:
+    return paired(workload.call(first), workload.call(second), rounds=options.latency.repeats, inner=1,
+                  warmup=options.latency.warmup, samples=workload.samples)
 
 
 def _budget_for(budget: Budget, evaluator: Evaluator) -> Budget:

@@ -13,6 +13,7 @@ from pathlib import Path
 PLAN_FORMAT = "mixq.plan/1"
 FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
 LOW_PRECISIONS = ("int8", "fp8", "int8wo", "int4wo")  # int8wo, int4wo: weight-only (kernels/linear_formats.py)
+WEIGHT_ONLY_ACTIVATIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -28,12 +29,16 @@ class Plan:
     calibration: dict = field(default_factory=dict)  # how activation ranges were calibrated
     # The formats the plan chose among (its backend's): several for a plan that may mix them.
     choices: list[str] = field(default_factory=lambda: ["int8"])
+    # The dtype the weight-only kernels ran their activations and scales in (the worker's format menu chose it).
+    weight_only_activations: str = "fp32"
 
     def __post_init__(self) -> None:
         allowed = FLOAT_PRECISIONS + LOW_PRECISIONS
         bad = {name: p for name, p in self.layers.items() if p not in allowed}
         if bad:
             raise ValueError(f"unknown precision(s) {bad}; allowed: {', '.join(allowed)}")
+        if self.weight_only_activations not in WEIGHT_ONLY_ACTIVATIONS:
+            raise ValueError(f"weight_only_activations must be one of {', '.join(WEIGHT_ONLY_ACTIVATIONS)}")
 
     @classmethod
     def from_ordering(cls, ordering: list[str], k: int, low: str, **kwargs) -> "Plan":
@@ -47,7 +52,9 @@ class Plan:
 
     @property
     def low_precision_layers(self) -> list[str]:
-        return [name for name, p in self.layers.items() if p in LOW_PRECISIONS]
+        """Layers below the baseline's precision: integer formats, and 16-bit floats under an fp32 baseline."""
+        return [name for name, p in self.layers.items()
+                if p in LOW_PRECISIONS or (p != self.baseline_precision and self.baseline_precision == "fp32")]
 
     def to_dict(self) -> dict:
         return {"format": PLAN_FORMAT, **asdict(self)}

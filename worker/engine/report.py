@@ -14,11 +14,16 @@ from .plan import Plan
 
 REPORT_FORMAT = "mixq.report/3"
 
+# The statuses whose returned model is not the baseline.
+RETURNS_A_PLAN = ("compressed", "float_cast")
+
 STATUS_MESSAGES = {
     "compressed": "mixed-precision plan within budget and faster than the baseline",
     "no_speedup": "plans within budget were measured, none beat the baseline: the baseline is returned",
     "none_fit": "even one low-precision layer exceeds the budget: the baseline is returned",
     "no_saving": "no layer saves measurable time in low precision on this machine: the baseline is returned",
+    "float_cast": "casting the whole model to this machine's fastest float is within budget and at least as fast as "
+                  "every plan: the cast model is returned",
 }
 
 
@@ -131,6 +136,9 @@ def render(report: Report) -> str:
     base, final, search = report.baseline, report.final, report.search
     metric = report.metric["name"]
     lines = [f"mixq: {report.source} ({report.revision}) - {report.status}: {report.message}", ""]
+    hardware = report.environment.get("hardware")
+    if hardware:
+        lines += [f"measured on {hardware['description']}", ""]
     lines += [f"warning: {warning}" for warning in report.warnings]
     lines += ["" if report.warnings else None,
               f"{'':12}{metric + ' (eval)':>22}{'(test)':>10}{'latency':>28}{'size':>12}"]
@@ -138,17 +146,27 @@ def render(report: Report) -> str:
         lines.append(f"{label:12}{side.metric:>22.4f}{side.test_metric:>10.4f}{_ms(side.latency_ms):>28}"
                      f"{side.size_bytes / 1e6:>10.2f}MB")
     budget, reduction = report.budget, (report.latency or {}).get("reduction")
-    speed = (f"latency reduction {reduction['median'] * 100:.1f}% (95% interval {reduction['low'] * 100:.1f} to "
-             f"{reduction['high'] * 100:.1f}%, {reduction['rounds']} paired rounds)" if reduction
-             else f"latency reduction {report.latency_reduction * 100:.1f}%")
-    interval = final.test_drop_interval or [final.test_drop, final.test_drop]
+    interval = (f"(95% interval {reduction['low'] * 100:.1f} to {reduction['high'] * 100:.1f}%, "
+                f"{reduction['rounds']} paired rounds)" if reduction else "")
+    if report.status in RETURNS_A_PLAN:
+        speed = (f"latency reduction {reduction['median'] * 100:.1f}% {interval}" if reduction
+                 else f"latency reduction {report.latency_reduction * 100:.1f}%")
+    else:  # the baseline is returned: a figure of a plan that was not returned is not its reduction
+        speed = ("no latency reduction: the baseline is returned" + (
+            f" (the fastest plan within budget measured {reduction['median'] * 100:.1f}% {interval} against it, "
+            "not enough)" if reduction else ""))
+    test_interval = final.test_drop_interval or [final.test_drop, final.test_drop]
     lines += [
         "",
         f"{speed}, drop {final.drop:.4f} ± {final.stderr:.4f} on the evaluation split, {final.test_drop:.4f} on the "
-        f"test split (95% interval {interval[0]:.4f} to {interval[1]:.4f}; budget {budget['max_drop']} "
+        f"test split (95% interval {test_interval[0]:.4f} to {test_interval[1]:.4f}; budget {budget['max_drop']} "
         f"{budget['mode']} at confidence {budget['confidence']}), {final.k}/{len(report.layers)} layers low "
         "precision",
     ]
+    for precision, versus in (report.latency or {}).get("against", {}).items():
+        if precision != base.precision and versus:
+            lines.append(f"against the whole model cast to {precision}: {versus['median'] * 100:.1f}% (95% interval "
+                         f"{versus['low'] * 100:.1f} to {versus['high'] * 100:.1f}%)")
     if final.accepted_by:
         lines.append(f"accepted by the {final.accepted_by}")
     lines += _generation_lines(report)

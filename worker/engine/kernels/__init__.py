@@ -20,6 +20,7 @@ Every reported metric and latency comes from `Backend.build`; only the sensitivi
 
 from __future__ import annotations
 
+import copy
 import importlib
 import pkgutil
 
@@ -38,15 +39,16 @@ for _module in pkgutil.iter_modules(__path__):
 
 from .dynamic import DYNAMIC  # noqa: E402
 from .fx_static import FX_STATIC  # noqa: E402
-from .linear_formats import FORMATS as LINEAR_FORMAT_NAMES, LINEAR_FORMATS  # noqa: E402
+from .linear_formats import FORMATS as LINEAR_FORMAT_NAMES, INTEGER_FORMATS, LINEAR_FORMATS  # noqa: E402
 from .onnx_runtime import RUNTIME as ONNX_RUNTIME  # noqa: E402
 from .torchao_linear import TORCHAO_FP8, TORCHAO_INT8  # noqa: E402
 
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WHOLE_CAST = "whole-cast"  # a plan that is the whole model cast to a 16-bit float (pipeline's reference)
 UNUSED = "its output does not reach the model's output for this task, so quantizing it cannot change anything"
 
-__all__ = ["BACKENDS", "DYNAMIC", "FX_STATIC", "LINEAR_FORMATS", "LINEAR_FORMAT_NAMES", "ONNX_RUNTIME", "RUNTIMES", "TORCHAO_FP8", "TORCHAO_INT8", "Backend", "Inputs", "LatencyProfile",
-           "Simulation", "apply_plan", "backend_for", "capture_inputs", "choose_backend", "float_model", "hooks",
+__all__ = ["BACKENDS", "WHOLE_CAST", "DYNAMIC", "FX_STATIC", "INTEGER_FORMATS", "LINEAR_FORMATS", "LINEAR_FORMAT_NAMES", "ONNX_RUNTIME", "RUNTIMES", "TORCHAO_FP8", "TORCHAO_INT8", "Backend", "Inputs", "LatencyProfile",
+           "Simulation", "WholeCast", "apply_plan", "backend_for", "capture_inputs", "choose_backend", "float_model", "hooks",
            "int8_per_channel", "unused_layers", "weighted"]
 
 
@@ -70,12 +72,12 @@ RUNTIMES = ("torch", "onnxruntime")
 
 
 def choose_backend(adapter: ModelAdapter, device: str, example: Inputs, runtime: str = "torch",
-                   formats: tuple[str, ...] = ("int8",)) -> Backend:
+                   formats: tuple[str, ...] = ("int8",), weight_only_activations: str = "fp32") -> Backend:
     """The first registered backend, by priority, that takes this model on this device for this runtime in
-    these low-precision formats."""
+    these low-precision formats (weight-only kernels with `weight_only_activations`)."""
     layers = quantizable_layers(adapter)
     skipped = {n: UNUSED for n in unused_layers(adapter, list(layers), example)}
-    offered = Candidates(adapter, device, example, layers, skipped, runtime, tuple(formats))
+    offered = Candidates(adapter, device, example, layers, skipped, runtime, tuple(formats), weight_only_activations)
     for backend in BACKENDS:
         chosen = backend.create(offered)
         if chosen is not None:
@@ -90,7 +92,8 @@ def backend_for(adapter: ModelAdapter, plan: Plan, example: Inputs) -> Backend:
     """The backend a plan was made for, rebuilt on `adapter` (for re-applying a stored plan)."""
     if plan.backend.startswith("onnxruntime"):
         raise ValueError("an onnxruntime plan is delivered as model.onnx: run that file in onnxruntime")
-    backend = choose_backend(adapter, plan.device, example, formats=plan.formats)
+    backend = choose_backend(adapter, plan.device, example, formats=plan.formats,
+                             weight_only_activations=plan.weight_only_activations)
     if backend.name != plan.backend:
         raise ValueError(f"the plan needs the {plan.backend} backend, but this model and device give {backend.name}")
     return backend
@@ -101,6 +104,22 @@ def float_model(adapter: nn.Module, precision: str, device: str) -> nn.Module:
     return adapter.to(device=device, dtype=FLOAT_DTYPES[precision]).eval()
 
 
+class WholeCast(nn.Module):
+    """A float model cast whole to a 16-bit dtype (weights, activations, attention and norms alike), taking and
+    returning what the original does: the "just cast it" execution a mixed plan must also beat."""
+
+    def __init__(self, model: nn.Module, precision: str):
+        super().__init__()
+        self.precision, self.dtype = precision, FLOAT_DTYPES[precision]
+        self.model = copy.deepcopy(model).to(self.dtype).eval()
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        cast = [x.to(self.dtype) if x.is_floating_point() else x for x in inputs]
+        return self.model(*cast).float()
+
+
 def apply_plan(adapter: ModelAdapter, plan: Plan, calibration: list[Inputs]) -> nn.Module:
     """A new model with the plan's low-precision layers on real kernels; `adapter` is left untouched."""
+    if plan.backend == WHOLE_CAST:
+        return WholeCast(adapter, plan.baseline_precision)
     return backend_for(adapter, plan, calibration[0]).build(plan, calibration)

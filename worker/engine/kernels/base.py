@@ -169,6 +169,7 @@ class Candidates:
     skipped: dict[str, str]
     runtime: str = "torch"  # where the plans run: torch, or onnxruntime (kernels/onnx_runtime.py)
     formats: tuple[str, ...] = ("int8",)  # the low precisions asked for
+    weight_only_activations: str = "fp32"  # the weight-only kernels' activation dtype (the worker's menu chose it)
 
     def linear(self) -> list[str]:
         return [n for n, m in self.layers.items() if isinstance(m, nn.Linear) and n not in self.skipped]

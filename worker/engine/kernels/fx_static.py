@@ -24,7 +24,16 @@ from .profile import LatencyProfile, leave_one_out
 from .registry import register
 
 FX_STATIC = "fx-static-int8"
-ENGINE = "onednn"
+
+
+def engine() -> str:
+    """oneDNN where the CPU has int8 dot products (VNNI, AMX); fbgemm's x86 engine, with its 7-bit activations,
+    elsewhere. Measured on an AVX2-only AMD EPYC (2026-12-05): a static int8 ResNet on oneDNN with 2 threads
+    gave outputs that differed by up to 0.09 between calls of the same model in about one process in three
+    (never with 1 thread, never on the x86 engine), and 8-bit products saturate without VNNI."""
+    from ..hardware import detect
+
+    return "onednn" if {"avx512_vnni", "avx_vnni", "amx_int8"} & set(detect().flags) else "x86"
 
 QParams = tuple[float, int, int, int]  # scale, zero point, quant_min, quant_max
 
@@ -181,15 +190,16 @@ class FxStaticInt8(Backend):
 
     def __init__(self, adapter: ModelAdapter, candidates: list[str], graph: torch.fx.GraphModule, example: Inputs,
                  skipped: dict[str, str] | None = None):
-        super().__init__(FX_STATIC, "FX static int8 (oneDNN) for Conv2d and Linear, per-tensor min/max activation "
-                         "ranges; element-wise ops int8 only where their inputs are; baseline: the same graph in "
-                         "fp32, BatchNorm folded; channels-last weights throughout",
+        self.engine = engine()
+        super().__init__(FX_STATIC, f"FX static int8 ({self.engine}) for Conv2d and Linear, per-tensor min/max "
+                         "activation ranges; element-wise ops int8 only where their inputs are; baseline: the same "
+                         "graph in fp32, BatchNorm folded; channels-last weights throughout",
                          adapter, candidates, graph, skipped or {})
         from torch.ao.quantization import get_default_qconfig_mapping
         from torch.fx.passes.shape_prop import ShapeProp
 
         self.graph = graph
-        self.defaults = _minmax_activations(get_default_qconfig_mapping(ENGINE))
+        self.defaults = _minmax_activations(get_default_qconfig_mapping(self.engine))
         with torch.inference_mode():
             ShapeProp(graph).propagate(*example)  # records which nodes produce tensors
         self.tensor_nodes = {n.name for n in graph.graph.nodes
@@ -340,7 +350,7 @@ class FxStaticInt8(Backend):
         low = set(plan.low_precision_layers)
         if not low:  # a float plan is the original model
             return self.adapter
-        torch.backends.quantized.engine = ENGINE
+        torch.backends.quantized.engine = self.engine
         prepared = self.calibrated(low, calibration)
         for name in low:  # corrected after calibration: the activation ranges are the plan-independent ones
             layer = weighted(prepared.get_submodule(name))

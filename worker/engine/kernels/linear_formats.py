@@ -1,24 +1,31 @@
 """`cpu-linear-formats`: a precision chosen per Linear layer among several CPU formats, for plans that may mix
-more than two precisions (causal language models by default). A candidate is an item `layer@format`; a plan
-gives each layer at most one of its items.
+more than two precisions (causal language models by default, and any model where the worker's format menu
+offers bf16). A candidate is an item `layer@format`; a plan gives each layer at most one of its items.
 
-| format | kernel (real, measured in bench/results/llm.md)             | simulated as                               |
-|--------|-------------------------------------------------------------|--------------------------------------------|
-| int8   | oneDNN dynamic Linear, 8-bit activations (as dynamic-int8)  | per-channel int8 weights, 8-bit inputs     |
-| int8wo | `torch._weight_int8pack_mm`: int8 weights, float activations | per-channel symmetric int8 weights         |
-| int4wo | `torch._weight_int4pack_mm_for_cpu`: 4-bit weights in groups | asymmetric 4-bit weights, groups of 32     |
-|        | of 32 along the input, float activations                     |                                            |
+| format | kernel (real, measured in bench/results/llm.md)               | simulated as                                |
+|--------|---------------------------------------------------------------|---------------------------------------------|
+| int8   | oneDNN dynamic Linear, 8-bit activations (as dynamic-int8)    | per-channel int8 weights, 8-bit inputs      |
+| int8wo | `torch._weight_int8pack_mm`: int8 weights, float activations  | the kernel's own symmetric int8 codes       |
+| int4wo | `torch._weight_int4pack_mm_for_cpu`: 4-bit weights in groups  | asymmetric 4-bit weights, groups of 32      |
+|        | of 32 along the input, float activations                       |                                             |
+| bf16   | `F.linear` on bf16 weights and inputs (AVX-512 bf16 / AMX)     | bf16-rounded weights, inputs and outputs    |
+
+The weight-only kernels take their activations (and scales) in the dtype the worker's format menu chose
+(`menu.py`): bf16 where that is faster (AVX-512/AMX CPUs, where fp32 activations take a slow reference path),
+fp32 elsewhere; the simulation rounds to bf16 where the kernel does. The plan records the choice
+(`Plan.weight_only_activations`), so a plan re-applies with the arithmetic it was measured with.
 
 The weight-only kernels are called directly: they are what torchao's CPU int4 layout dispatches to, but that
 layout does not run on this torch and CPU, and torchao's eager int8 weight-only config casts the weights back
 to float and multiplies in float on every call (no int8 kernel), so neither measures what these formats cost.
-Every format takes and returns float, so layers save independently (`shared_shape_profile`).
+Every format takes and returns fp32, so layers save independently (`shared_shape_profile`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -26,13 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..plan import Plan
-from .base import Backend, Candidates, Inputs, Simulation, hooks, int8_per_channel, join_item, split_item, swapped_weights
-from .dynamic import ENGINE, FullRangeLinear, dynamic_8bit
+from .base import Backend, Candidates, Inputs, Simulation, hooks, int8_per_channel, join_item, split_item
+from .dynamic import ENGINE, FullRangeLinear, dynamic_activations
 from .profile import shared_shape_profile
 from .registry import register
 
 LINEAR_FORMATS = "cpu-linear-formats"
-FORMATS = ("int8", "int8wo", "int4wo")
+FORMATS = ("int8", "int8wo", "int4wo", "bf16")
+# A language model's default menu (bf16 joins it where the worker's menu offers it: menu.Menu.formats_for).
+INTEGER_FORMATS = ("int8", "int8wo", "int4wo")
+ACTIVATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GROUP = 32  # int4 weights share a scale and zero point per 32 inputs
 
 
@@ -47,10 +57,7 @@ def int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def int4_weight(weight: torch.Tensor) -> torch.Tensor:
-    codes, scale, zero = int4_groups(weight)
-    rows, columns = weight.shape
-    grouped = codes.reshape(rows, columns // GROUP, GROUP)
-    return ((grouped - 8) * scale[..., None] + zero[..., None]).reshape(rows, columns).to(weight.dtype)
+    return int4_weight_in(weight, torch.float32)
 
 
 def int8_symmetric(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,48 +72,63 @@ def int8_symmetric(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class WeightOnlyLinear(nn.Module):
-    """A Linear with low-precision weights and float activations; its buffers are the packed weights, so its
-    state dict is the artifact's."""
+    """A Linear with low-precision weights, taking and returning fp32; the kernel runs with activations and
+    scales in `dtype` (bf16 or fp32). Its buffers are the packed weights, so its state dict is the artifact's."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, dtype
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = self._matmul(x.reshape(-1, self.in_features).contiguous())
+        flat = self._matmul(x.reshape(-1, self.in_features).to(self.dtype).contiguous()).to(x.dtype)
         out = flat.reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
 
 class Int8WeightOnlyLinear(WeightOnlyLinear):
-    def __init__(self, linear: nn.Linear):
-        super().__init__(linear)
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float32):
+        super().__init__(linear, dtype)
         codes, scales = int8_symmetric(linear.weight)
         self.register_buffer("codes", codes)
-        self.register_buffer("scales", scales)
+        self.register_buffer("scales", scales.to(dtype))
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(x, self.codes, self.scales)
 
 
 class Int4WeightOnlyLinear(WeightOnlyLinear):
-    def __init__(self, linear: nn.Linear):
-        super().__init__(linear)
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float32):
+        super().__init__(linear, dtype)
         codes, scale, zero = int4_groups(linear.weight)
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
-        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous())
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(dtype))
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_and_zeros)
 
 
-def low_module(linear: nn.Linear, precision: str) -> nn.Module:
-    """The layer on the real kernel of `precision`."""
+class Bf16Linear(nn.Module):
+    """A Linear whose weights, inputs and outputs are bf16 inside, fp32 outside (the 16-bit per-layer step)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+
+def low_module(linear: nn.Linear, precision: str, activations: torch.dtype = torch.float32) -> nn.Module:
+    """The layer on the real kernel of `precision` (weight-only kernels with `activations`)."""
     if precision == "int8wo":
-        return Int8WeightOnlyLinear(linear)
+        return Int8WeightOnlyLinear(linear, activations)
     if precision == "int4wo":
-        return Int4WeightOnlyLinear(linear)
+        return Int4WeightOnlyLinear(linear, activations)
+    if precision == "bf16":
+        return Bf16Linear(linear)
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
     torch.backends.quantized.engine = ENGINE
@@ -120,17 +142,49 @@ def supports(linear: nn.Linear, precision: str) -> bool:
     return precision != "int4wo" or (linear.in_features % GROUP == 0 and linear.out_features % 16 == 0)
 
 
-WEIGHTS = {"int8": int8_per_channel, "int8wo": int8_per_channel, "int4wo": int4_weight}
-ACTIVATIONS = {"int8": dynamic_8bit}
+def int8_weight(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The int8 weight-only kernel's own codes times its scales (not the dynamic kernel's rounding)."""
+    codes, scales = int8_symmetric(weight)
+    return (codes.float() * scales.to(scale_dtype).float()[:, None]).to(weight.dtype)
+
+
+def int4_weight_in(weight: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """int4 weights as the kernel dequantizes them with scales and zero points in `scale_dtype`."""
+    codes, scale, zero = int4_groups(weight)
+    rows, columns = weight.shape
+    scale, zero = scale.to(scale_dtype).float(), zero.to(scale_dtype).float()
+    grouped = codes.reshape(rows, columns // GROUP, GROUP)
+    # One fused multiply-add per weight, as the kernel dequantizes (a separate multiply and add rounds twice).
+    return torch.addcmul(zero[..., None], grouped - 8, scale[..., None]).reshape(rows, columns).to(weight.dtype)
+
+
+def bf16_round(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).to(x.dtype)
+
+
+def simulated_weights(activations: str) -> dict:
+    """Each format's weights as its kernel multiplies them, weight-only kernels with activations (and scales)
+    in `activations`. In bf16 the weight-only kernels dequantize with bf16 scales (and zero points) but keep
+    the products and sums in fp32 (measured: the int8 kernel scales its fp32 sum of input times code; the int4
+    kernel dequantizes by a fused multiply-add); only their input and output are rounded to bf16."""
+    weights = {"int8": int8_per_channel, "int8wo": int8_weight, "int4wo": int4_weight, "bf16": bf16_round}
+    if activations == "bf16":
+        weights.update(int8wo=lambda w: int8_weight(w, torch.bfloat16),
+                       int4wo=lambda w: int4_weight_in(w, torch.bfloat16))
+    return weights
 
 
 class FormatSimulation(Simulation):
-    """Each item's weight quantized once; an int8 item also quantizes its input on every call. Within one set of
-    items a layer takes the last of its items."""
+    """Each item's weight quantized once; an int8 item also quantizes its input on every call; a bf16 item (and
+    a weight-only item whose kernel runs in bf16) rounds its input and its product to bf16, as the kernel
+    does: a bf16 Linear adds its bf16 bias inside, a weight-only module adds its fp32 bias after. Within one set
+    of items a layer takes the last of its items."""
 
-    def __init__(self, model: nn.Module, modules: dict[str, nn.Linear]):
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Linear], activations: str = "fp32"):
         self.model, self.modules = model, modules
-        self.low_weights = {item: WEIGHTS[split_item(item)[1]](m.weight) for item, m in modules.items()}
+        weights = simulated_weights(activations)
+        self.in_bf16 = {"bf16"} | ({"int8wo", "int4wo"} if activations == "bf16" else set())
+        self.low_weights = {item: weights[split_item(item)[1]](m.weight) for item, m in modules.items()}
 
     def layer(self, item: str) -> str:
         return split_item(item)[0]
@@ -138,26 +192,35 @@ class FormatSimulation(Simulation):
     def group(self, item: str) -> str:
         return split_item(item)[1]
 
-    def _activation(self, item: str):
-        return ACTIVATIONS.get(split_item(item)[1], lambda x: x)
+    def _output(self, item: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output on the simulated kernel of `item`, from the layer's float input `x`."""
+        precision, weight, bias = split_item(item)[1], self.low_weights[item], module.bias
+        if precision == "int8":
+            return F.linear(dynamic_activations(x), weight, bias)
+        if precision not in self.in_bf16:
+            return F.linear(x, weight, bias)
+        if precision == "bf16":
+            return bf16_round(F.linear(bf16_round(x), weight, None if bias is None else bf16_round(bias)))
+        product = bf16_round(F.linear(bf16_round(x), weight))
+        return product if bias is None else product + bias
 
     @contextlib.contextmanager
     def quantized(self, names: Iterable[str]):
-        chosen = {self.layer(item): item for item in names}
-        low = {self.modules[item]: self.low_weights[item] for item in chosen.values()}
-        pre = [self.modules[item].register_forward_pre_hook(
-            lambda _m, args, act=self._activation(item): (act(args[0]), *args[1:]))
-            for item in chosen.values() if split_item(item)[1] in ACTIVATIONS]
-        with swapped_weights(low), hooks(pre):
+        chosen = {self.layer(item): item for item in names}.values()
+        replaced = [self.modules[item].register_forward_hook(
+            lambda module, args, _out, item=item: self._output(item, module, args[0])) for item in chosen]
+        with hooks(replaced):
             yield
 
     def _error(self, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._activation(name)(x), self.low_weights[name], module.bias) - out
+        return self._output(name, module, x) - out
 
 
 @register
+@dataclass
 class LinearFormats(Backend):
     priority = 12  # before dynamic-int8: it takes only requests for formats besides int8
+    activations: str = "fp32"  # the weight-only kernels' activation and scale dtype (the worker's menu chose it)
 
     @classmethod
     def create(cls, offered: Candidates) -> "LinearFormats | None":
@@ -168,12 +231,15 @@ class LinearFormats(Backend):
             return None
         items = [join_item(name, precision) for name in offered.linear() for precision in offered.formats
                  if supports(offered.layers[name], precision)]
+        activations = offered.weight_only_activations
         note = ("a format per Linear layer among " + ", ".join(offered.formats) + " (int8: oneDNN dynamic; int8wo, "
-                "int4wo: weight-only CPU kernels with float activations)")
+                f"int4wo: weight-only CPU kernels with {activations} activations and scales; bf16: a bf16 Linear)")
         return cls(LINEAR_FORMATS, note, offered.adapter, items, offered.adapter, dict(offered.skipped),
-                   formats=tuple(offered.formats))
+                   formats=tuple(offered.formats), activations=activations)
 
-    low_module = staticmethod(low_module)  # what shared_shape_profile times per shape and format
+    def low_module(self, linear: nn.Linear, precision: str) -> nn.Module:
+        """The layer on its real kernel (what shared_shape_profile times per shape and format)."""
+        return low_module(linear, precision, ACTIVATION_DTYPES[self.activations])
 
     def profile(self, calibration: list[Inputs], seconds_per_layer: float = 0.5, workload=None):
         return shared_shape_profile(self, calibration, seconds_per_layer, workload)
@@ -187,10 +253,11 @@ class LinearFormats(Backend):
         model = copy.deepcopy(self.adapter, shared)
         modules = dict(self.adapter.named_modules())
         for name, precision in low.items():
-            model.set_submodule(name, low_module(modules[name], precision))
+            model.set_submodule(name, self.low_module(modules[name], precision))
         return model.eval()
 
     def simulation(self, calibration: list[Inputs]) -> Simulation:
         modules = dict(self.adapter.named_modules())
-        return FormatSimulation(self.adapter, {item: modules[split_item(item)[0]] for item in self.candidates})
+        return FormatSimulation(self.adapter, {item: modules[split_item(item)[0]] for item in self.candidates},
+                                self.activations)
 
