@@ -16,6 +16,15 @@ IMAGENET = ROOT.parent / "shared" / "data" / "imagenet-sample-1k"
 sys.path.insert(0, str(ROOT))
 
 
+# `--smoke`: the script's own code at HEAD on tiny sizes, in seconds, so that no benchmark can stop running
+# unnoticed (`make test` runs each so: tests/test_bench.py). Its figures mean nothing; they go to --out.
+SMOKE = "--smoke" in sys.argv
+SMOKE_CAPS = {"calibration_samples": 8, "eval_samples": 16, "test_samples": 16, "seq_len": 16,  # DataOptions
+              "repeats": 3, "warmup": 1, "profile_seconds": 0.005,  # LatencyOptions
+              "hutchinson_max_samples": 2, "hutchinson_min_samples": 2, "hessian_batches": 1,  # SensitivityOptions
+              "interlayer_batches": 1}
+
+
 def engine_process() -> None:
     """Set this process up as `mixq compress` is: the allocator setting (re-executing if need be), quiet
     libraries, and two threads as on the machine the figures are for."""
@@ -28,6 +37,23 @@ def engine_process() -> None:
     import torch
 
     torch.set_num_threads(2)
+    if SMOKE:
+        _cap_sizes()
+
+
+def _cap_sizes() -> None:
+    """Every DataOptions, LatencyOptions and SensitivityOptions a script makes, capped at SMOKE_CAPS."""
+    from worker.engine import DataOptions, LatencyOptions, SensitivityOptions
+
+    for options in (DataOptions, LatencyOptions, SensitivityOptions):
+        made = options.__init__
+
+        def capped(self, *args, made=made, **kwargs):
+            made(self, *args, **kwargs)
+            for name, cap in SMOKE_CAPS.items():
+                if isinstance(getattr(self, name, None), (int, float)) and not isinstance(getattr(self, name), bool):
+                    setattr(self, name, min(getattr(self, name), cap))
+        options.__init__ = capped
 
 
 def parser(doc: str, models: str) -> argparse.ArgumentParser:
@@ -38,6 +64,9 @@ def parser(doc: str, models: str) -> argparse.ArgumentParser:
                         help="an ImageNet-layout folder (a folder per WordNet id) for the EfficientNet builtins")
     parser.add_argument("--keep", action="store_true",
                         help="keep the committed results of the models not re-run (each model's run is self-contained)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, seconds: checks that the script runs at HEAD (its figures mean nothing; "
+                             "give --out a scratch folder)")
     return parser
 
 
@@ -80,6 +109,8 @@ def hardware_line() -> str:
 
 def save(out: Path, name: str, results, table: str) -> None:
     """`<name>.json` (everything, with its provenance) and `<name>.md` (the table the README quotes)."""
+    if SMOKE and Path(out).resolve() == RESULTS.resolve():
+        raise SystemExit("a --smoke run's figures mean nothing: give it --out a scratch folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({"provenance": provenance(), "results": results}, indent=2,
                                                  default=str))

@@ -1,6 +1,8 @@
 """Each CPU format of `cpu-linear-formats` against fp32 on SmolLM2-135M's Linear shapes, at 1 input row (a decoding
-step at batch 1) and at 128 rows (a 128-token prefill): which kernels are real and fast on this CPU. Float and low
-modules timed in paired, interleaved rounds on the same random input. Writes bench/results/lm_kernels.{json,md}.
+step at batch 1) and at 128 rows (a 128-token prefill): which kernels are real and fast on this CPU. The weight-only
+formats are timed with fp32 and with bf16 activations and scales (the worker's format menu picks one per machine).
+Float and low modules timed in paired, interleaved rounds on the same random input. Writes
+bench/results/lm_kernels.{json,md}; the table's first line names the machine.
 
     .venv/bin/python bench/lm_kernels.py
 """
@@ -14,13 +16,18 @@ engine_process()
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from worker.engine.kernels.linear_formats import FORMATS, low_module  # noqa: E402
+from worker.engine.kernels.linear_formats import low_module  # noqa: E402
 from worker.engine.latency import paired  # noqa: E402
 
 # (in, out) of SmolLM2-135M's Linear layers: q/o, k/v, gate/up, down projections, and the tied vocabulary head.
 SHAPES = {"q_proj, o_proj": (576, 576), "k_proj, v_proj": (576, 192), "gate_proj, up_proj": (576, 1536),
           "down_proj": (1536, 576), "lm_head": (576, 49152)}
 ROWS = (1, 128)
+# (column, format, activation dtype of the weight-only kernels)
+VARIANTS = [("int8", "int8", torch.float32), ("bf16", "bf16", torch.float32),
+            ("int8wo (fp32 act.)", "int8wo", torch.float32), ("int8wo (bf16 act.)", "int8wo", torch.bfloat16),
+            ("int4wo (fp32 act.)", "int4wo", torch.float32), ("int4wo (bf16 act.)", "int4wo", torch.bfloat16)]
+COLUMNS = [name for name, _, _ in VARIANTS]
 
 
 def main() -> None:
@@ -32,20 +39,20 @@ def main() -> None:
             for names, (inputs, outputs) in SHAPES.items():
                 linear, x = nn.Linear(inputs, outputs, bias=False), torch.randn(rows, inputs)
                 row = {"rows": rows, "layers": names, "shape": [inputs, outputs], "us": {}}
-                for precision in FORMATS:
-                    low = low_module(linear, precision)
+                for column, precision, activations in VARIANTS:
+                    low = low_module(linear, precision, activations)
                     timing = paired(lambda: linear(x), lambda: low(x), rounds=9, inner=20 if rows == 1 else 2)
                     row["us"]["fp32"] = row["us"].get("fp32", []) + [timing.first_ms * 1000]
-                    row["us"][precision] = timing.second_ms * 1000
-                row["us"]["fp32"] = sorted(row["us"]["fp32"])[len(FORMATS) // 2]  # the median of its three pairings
+                    row["us"][column] = timing.second_ms * 1000
+                row["us"]["fp32"] = sorted(row["us"]["fp32"])[len(VARIANTS) // 2]  # the median of its pairings
                 results.append(row)
                 print(row, flush=True)
     lines = ["µs per call (median of paired rounds), 2 threads; in brackets: time relative to fp32", "",
-             "| input rows | layers (in → out) | fp32 | " + " | ".join(FORMATS) + " |",
-             "|---|---|---|" + "---|" * len(FORMATS)]
+             "| input rows | layers (in → out) | fp32 | " + " | ".join(COLUMNS) + " |",
+             "|---|---|---|" + "---|" * len(COLUMNS)]
     for row in results:
         base = row["us"]["fp32"]
-        cells = " | ".join(f"{row['us'][p]:,.0f} ({row['us'][p] / base:.1f}×)" for p in FORMATS)
+        cells = " | ".join(f"{row['us'][p]:,.0f} ({row['us'][p] / base:.1f}×)" for p in COLUMNS)
         lines.append(f"| {row['rows']} | {row['layers']} ({row['shape'][0]} → {row['shape'][1]}) | {base:,.0f} "
                      f"| {cells} |")
     save(args.out, "lm_kernels", results, "\n".join(lines) + "\n")

@@ -89,6 +89,13 @@ def _wrk(url: str, connections: int, seconds: int, script: Path | None = None, h
             "p50_ms": percentile["50"], "p99_ms": percentile["99"], "non_2xx": int(errors.group(1)) if errors else 0}
 
 
+ROUNDS = 2  # poll and /healthz, alternating
+
+
+def _mean(runs: list[dict]) -> dict:
+    return {name: sum(run[name] for run in runs) / len(runs) for name in runs[0]}
+
+
 def measure(label: str, root: Path, env: dict, workers: int, seconds: int) -> dict:
     api, url, key, start_seconds = _start(root, env, workers)
     try:
@@ -102,24 +109,34 @@ def measure(label: str, root: Path, env: dict, workers: int, seconds: int) -> di
         submit = _wrk(f"{url}/v1/jobs", 8, seconds, Path(script.name))
         job = httpx.post(f"{url}/v1/jobs", json={"model": "builtin:digits-resnet", "budget": {"max_drop": 0.01}},
                          headers={"Authorization": f"Bearer {key}"}).json()["id"]
-        poll = _wrk(f"{url}/v1/jobs/{job}", 16, seconds, headers={"Authorization": f"Bearer {key}"})
+        # The poll against /healthz on the same process, same connections, alternating (drift hits both): what
+        # the read path and the middleware cost per request beyond the bare server.
+        polls, healths = [], []
+        for _ in range(ROUNDS):
+            polls.append(_wrk(f"{url}/v1/jobs/{job}", 16, seconds, headers={"Authorization": f"Bearer {key}"}))
+            healths.append(_wrk(f"{url}/healthz", 16, seconds))
+        poll, health = _mean(polls), _mean(healths)
         return {"backend": label, "workers": workers, "start_seconds": round(start_seconds, 2),
-                "idle_rss_mb": round(idle_rss), "submit": submit, "poll": poll}
+                "idle_rss_mb": round(idle_rss), "submit": submit, "poll": poll, "healthz": health,
+                "poll_over_healthz": [p["throughput_rps"] / h["throughput_rps"] for p, h in zip(polls, healths)]}
     finally:
         os.killpg(api.pid, signal.SIGTERM)
         api.wait(timeout=30)
 
 
 def markdown(runs: list[dict], seconds: int) -> str:
-    lines = [f"wrk, 2 threads; submit from 8 connections and poll from 16, {seconds} s each; no job worker; "
-             "2 cores shared with wrk", "",
-             "| backend | API processes | start s | idle RSS MB | submit req/s | submit p50 / p99 ms "
-             "| poll req/s | poll p50 / p99 ms |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"wrk, 2 threads; submit from 8 connections for {seconds} s, then poll (GET /v1/jobs/{{id}}) and "
+             f"/healthz from 16, alternating, {ROUNDS} x {seconds} s each; no job worker; 2 cores shared with wrk",
+             "", "| backend | API processes | start s | idle RSS MB | submit req/s | submit p50 / p99 ms "
+             "| poll req/s | poll p50 / p99 ms | /healthz req/s | poll / healthz (per round) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
-        s, p = run["submit"], run["poll"]
+        s, p, h = run["submit"], run["poll"], run["healthz"]
+        ratios = ", ".join(f"{r:.2f}" for r in run["poll_over_healthz"])
         lines.append(f"| {run['backend']} | {run['workers']} | {run['start_seconds']} | {run['idle_rss_mb']} "
                      f"| {s['throughput_rps']:.0f} | {s['p50_ms']:.1f} / {s['p99_ms']:.1f} "
-                     f"| {p['throughput_rps']:.0f} | {p['p50_ms']:.1f} / {p['p99_ms']:.1f} |")
+                     f"| {p['throughput_rps']:.0f} | {p['p50_ms']:.1f} / {p['p99_ms']:.1f} "
+                     f"| {h['throughput_rps']:.0f} | {p['throughput_rps'] / h['throughput_rps']:.2f} ({ratios}) |")
     return "\n".join(lines) + "\n"
 
 

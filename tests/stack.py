@@ -42,6 +42,7 @@ class Stack:
         name = f"it-{os.getpid()}-{tmp.name}"  # each stack its own queues on the shared Redis
         self.env = {**os.environ, "MIXQ_DATABASE_URL": PG_URL, "MIXQ_BROKER_URL": REDIS_URL,
                     "MIXQ_DATA_DIR": str(tmp), "MIXQ_QUEUE": name, "MIXQ_HOUSEKEEPING_QUEUE": f"{name}-housekeeping",
+                    "MIXQ_WEBHOOK_QUEUE": f"{name}-webhooks",
                     "MIXQ_HEARTBEAT_SECONDS": "0.5", "MIXQ_STALE_AFTER_SECONDS": "5", "MIXQ_AUTH_DISABLED": "false",
                     "MIXQ_METRICS_TOKEN": "it-metrics", **settings}
         self.port = free_port()
@@ -80,7 +81,7 @@ class Stack:
                                  self.env["MIXQ_QUEUE"], "-c", "1", "--loglevel", "INFO", "-n", f"{name}@%h"])
 
     def start_housekeeping(self) -> subprocess.Popen:
-        """Sweeps and webhook deliveries (no beat: tests drive the sweeps they need)."""
+        """Sweeps and registry ticks (no beat: tests drive the sweeps they need)."""
         return self.spawn("housekeeping", [sys.executable, "-m", "celery", "-A", "worker.housekeeping", "worker",
                                            "-Q", self.env["MIXQ_HOUSEKEEPING_QUEUE"], "-P", "threads", "-c", "2",
                                            "--loglevel", "INFO", "-n", "housekeeping@%h"])

@@ -259,14 +259,13 @@ def test_a_slow_body_gets_408_at_the_deadline(limited):
     assert answer.startswith(b"HTTP/1.1 408") and time.perf_counter() - started < 5
 
 
-def test_the_server_caps_its_connections(keys):
-    """Past `limit_concurrency` (MIXQ_MAX_CONNECTIONS under `mixq serve`) uvicorn answers 503 at once instead of
-    holding yet another connection."""
+def test_the_server_caps_its_requests_in_flight(keys, monkeypatch):
+    """Past MIXQ_MAX_CONNECTIONS requests being served, the app answers 503 at once instead of queueing yet
+    another."""
     from app.cli.service import connection_limits
 
-    assert connection_limits(get_settings()) == {"limit_concurrency": get_settings().max_connections,
-                                                 "timeout_keep_alive": get_settings().keep_alive_seconds}
-    server = Server(limit_concurrency=3)  # uvicorn counts the new connection itself
+    monkeypatch.setattr(get_settings(), "max_connections", 2)
+    server = Server(**connection_limits(get_settings()))
     held = []
     try:
         for _ in range(2):  # two requests whose bodies are still to come
@@ -274,7 +273,8 @@ def test_the_server_caps_its_connections(keys):
             connection.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
             held.append(connection)
         time.sleep(0.3)
-        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 503
+        busy = httpx.get(f"{server.url}/healthz", timeout=10)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
     finally:
         for connection in held:
             connection.close()
@@ -377,6 +377,7 @@ def test_housekeeping_goes_to_its_own_queue_and_a_backlog_expires():
     app = queue.make_celery()
     for name in queue.HOUSEKEEPING:
         assert app.amqp.router.route({}, name)["queue"].name == settings.housekeeping_queue
+    assert app.amqp.router.route({}, queue.DELIVER_WEBHOOK)["queue"].name == settings.webhook_queue
     assert app.amqp.router.route({}, queue.RUN_JOB)["queue"].name == settings.queue
     schedule = app.conf.beat_schedule
     assert schedule["sweep"]["options"]["expires"] == settings.sweep_seconds
@@ -390,9 +391,9 @@ def test_the_housekeeping_worker_is_torch_free():
     assert result.stdout.strip() == "False", result.stderr
 
 
-def test_mixq_serve_delivers_a_finished_jobs_webhook_from_its_housekeeping_worker(tmp_path):
-    """`mixq serve` runs a compression worker and a housekeeping worker: the job ends on the first, its webhook
-    is queued and delivered by the second."""
+def test_mixq_serve_delivers_a_finished_jobs_webhook_from_its_webhook_worker(tmp_path):
+    """`mixq serve` runs a compression worker, a housekeeping worker and a webhook worker: the job ends on the
+    first, its webhook is queued and delivered by the third."""
     from http.server import HTTPServer
 
     receiver = HTTPServer(("127.0.0.1", 0), Receiver)

@@ -1,7 +1,7 @@
-"""The housekeeping worker: sweeps, registry ticks and webhook deliveries, on their own queue, consumed by
-their own small worker (`mixq worker --housekeeping`, which also runs beat), so none of them waits behind a
-compression job and no compression worker ever waits on a webhook receiver. Torch-free: it imports only the
-core."""
+"""The housekeeping tasks: sweeps and registry ticks, on their own queue, consumed by their own small worker
+(`mixq worker --housekeeping`, which also runs beat), so none of them waits behind a compression job; and
+webhook deliveries, on a queue of their own consumed by `mixq worker --webhooks`, so no sweep or tick ever
+waits on a receiver, and no compression worker either. Torch-free: it imports only the core."""
 
 from __future__ import annotations
 

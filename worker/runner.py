@@ -138,11 +138,11 @@ def run(job_id: str, worker: str, settings: Settings | None = None) -> str | Non
         return _end(job_id, worker, FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
     finally:
         heartbeat.stop.set()
-    if not stored:
-        log.warning("job %s: lost the claim before storing results; discarding this run", job_id)
+    if stored != SUCCEEDED:  # the claim was lost, or a cancel arrived as the job finished
+        log.warning("job %s: %s; discarding this run's results", job_id,
+                    "cancelled as it finished" if stored else "lost the claim before storing results")
         shutil.rmtree(out_dir, ignore_errors=True)
-        return None
-    return SUCCEEDED
+    return stored
 
 
 def _compress(job: Job, settings: Settings, out_dir: Path, progress: ProgressWriter):

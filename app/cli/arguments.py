@@ -32,8 +32,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lower edge of the degradation range: stop searching once a drop lands in [min, budget]")
     parser.add_argument("--absolute", action="store_true", help="budget in absolute metric points, not relative")
     parser.add_argument("--confidence", type=number, default=DEFAULT_CONFIDENCE,
-                        help="one-sided confidence that the plan's drop holds on new data: a plan is accepted when "
-                             "drop + z*SE <= budget (0.5: on the drop alone; default %(default)s)")
+                        help="the one-sided level of each plan's acceptance test, drop + z*SE <= budget (0.5: on the "
+                             "drop alone; default %(default)s). It bounds one plan's expected drop, not how often the "
+                             "returned plan holds on new data (measured: bench/results/confidence.md)")
     parser.add_argument("--ordering", choices=["augmented", "hessian", "random"], default="augmented")
     parser.add_argument("--selection", choices=["cost-aware", "sensitivity"], default="cost-aware",
                         help="order layers by accuracy cost per millisecond saved (cost-aware) or by sensitivity")

@@ -18,7 +18,7 @@ from .arguments import positive_int
 
 def runs_engine(args) -> bool:
     """Whether this command runs the engine here or in its children (and so needs the allocator setting)."""
-    return (args.command == "worker" and not args.housekeeping) or (args.command == "serve" and not args.no_worker)
+    return (args.command == "worker" and args.kind == JOBS) or (args.command == "serve" and not args.no_worker)
 
 
 def add_commands(commands) -> None:
@@ -30,12 +30,16 @@ def add_commands(commands) -> None:
                    help="API processes (one per core in production; the API loads no torch, so they are light)")
     s.set_defaults(handler=serve)
 
-    w = commands.add_parser("worker", help="a Celery worker for compression jobs (or, --housekeeping, for sweeps, "
-                                           "registry ticks and webhooks)")
+    w = commands.add_parser("worker", help="a Celery worker for compression jobs (or, --housekeeping, for sweeps "
+                                           "and registry ticks; --webhooks, for webhook deliveries)")
     w.add_argument("--concurrency", type=positive_int, default=None,
-                   help="jobs at once (default 1), or housekeeping threads (default 4)")
-    w.add_argument("--housekeeping", action="store_true",
-                   help="the housekeeping worker, on its own queue, with the beat scheduler")
+                   help=f"jobs at once (default 1), or threads (housekeeping {THREADS[HOUSEKEEPING]}, webhooks "
+                        f"{THREADS[WEBHOOKS]})")
+    kind = w.add_mutually_exclusive_group()
+    kind.add_argument("--housekeeping", action="store_const", dest="kind", const=HOUSEKEEPING, default=JOBS,
+                      help="the housekeeping worker, on its own queue, with the beat scheduler")
+    kind.add_argument("--webhooks", action="store_const", dest="kind", const=WEBHOOKS,
+                      help="the webhook worker, on its own queue: receivers that never answer hold only its threads")
     w.set_defaults(handler=worker)
     commands.add_parser("beat", help="the Celery beat scheduler (sweeps and registry ticks)").set_defaults(handler=beat)
 
@@ -57,23 +61,28 @@ def _celery(*args: str) -> list[str]:
     return [sys.executable, "-m", "celery", *args]
 
 
-HOUSEKEEPING_THREADS = 4  # a slow webhook receiver holds one thread, never the sweeps
+JOBS, HOUSEKEEPING, WEBHOOKS = "jobs", "housekeeping", "webhooks"
+WORKER_KINDS = (JOBS, HOUSEKEEPING, WEBHOOKS)
+# Threads of the torch-free workers: a sweep and a tick at once with room to spare; deliveries that each wait
+# up to MIXQ_WEBHOOK_TIMEOUT_SECONDS on a receiver.
+THREADS = {HOUSEKEEPING: 4, WEBHOOKS: 8}
 
 
-def worker_process(concurrency: int | None = None, housekeeping: bool = False) -> tuple[list[str], dict[str, str],
-                                                                                         Path]:
+def worker_process(concurrency: int | None = None, kind: str = JOBS) -> tuple[list[str], dict[str, str], Path]:
     """A worker's command, environment and working directory: its own folder under the data directory, with
     every path in the environment absolute, so nothing a job names can resolve against the operator's
-    current directory. The housekeeping worker (torch-free threads, with beat) consumes its own queue."""
+    current directory. The housekeeping worker (torch-free threads, with beat) and the webhook worker
+    (torch-free threads) each consume their own queue."""
     settings = get_settings()
-    if housekeeping:
-        command = _celery("-A", "worker.housekeeping", "worker", "-Q", settings.housekeeping_queue, "-P", "threads",
-                          "-c", str(concurrency or HOUSEKEEPING_THREADS), "-B", "-s",
-                          str(settings.data_dir / "beat-schedule"))
-        name = settings.housekeeping_queue
-    else:
-        command = _celery("-A", "worker.celery_app", "worker", "-Q", settings.queue, "-c", str(concurrency or 1))
+    if kind == JOBS:
         name = settings.queue
+        command = _celery("-A", "worker.celery_app", "worker", "-Q", name, "-c", str(concurrency or 1))
+    else:
+        name = settings.housekeeping_queue if kind == HOUSEKEEPING else settings.webhook_queue
+        command = _celery("-A", "worker.housekeeping", "worker", "-Q", name, "-P", "threads",
+                          "-c", str(concurrency or THREADS[kind]))
+        if kind == HOUSEKEEPING:
+            command += ["-B", "-s", str(settings.data_dir / "beat-schedule")]
     command += ["--loglevel", "INFO", "-n", f"mixq-{name}-{os.getpid()}@%h"]
     work = settings.data_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -120,7 +129,7 @@ def _usage(message: str) -> int:
 
 
 def worker(args) -> int:
-    command, environment, work = worker_process(args.concurrency, args.housekeeping)
+    command, environment, work = worker_process(args.concurrency, args.kind)
     os.chdir(work)
     os.execve(sys.executable, command, environment)
 
@@ -156,9 +165,9 @@ def serve(args) -> int:
     print(f"mixq: database {settings.database_url.split('@')[-1]}, broker {settings.broker_url.split('@')[-1]}",
           file=sys.stderr)
     children = []
-    if not args.no_worker:  # a compression worker, and the housekeeping worker with beat
-        for housekeeping in (False, True):
-            command, environment, work = worker_process(housekeeping=housekeeping)
+    if not args.no_worker:  # a compression worker, the housekeeping worker with beat, and the webhook worker
+        for kind in WORKER_KINDS:
+            command, environment, work = worker_process(kind=kind)
             children.append(subprocess.Popen(command, env=environment, cwd=work, preexec_fn=_die_with_parent))
     try:
         if args.workers > 1:  # one process per core; each builds the production app (keys required)
@@ -178,9 +187,12 @@ def serve(args) -> int:
 
 
 def connection_limits(settings) -> dict:
-    """What one API process holds open: at most `max_connections` at once (503 beyond), idle keep-alive
-    connections for `keep_alive_seconds`. A body's own deadline is the app's (app/main.py, 408)."""
-    return {"limit_concurrency": settings.max_connections, "timeout_keep_alive": settings.keep_alive_seconds}
+    """What one API process holds open: a connection has `header_timeout_seconds` to send each request head
+    (app.core.http), idle keep-alive connections close after `keep_alive_seconds`. The cap on requests in
+    flight (503 beyond) and a body's own deadline (408) are the app's (app/main.py)."""
+    from app.core.http import protocol
+
+    return {"http": protocol(settings.header_timeout_seconds), "timeout_keep_alive": settings.keep_alive_seconds}
 
 
 def _serve_processes(host: str, port: int, workers: int) -> None:

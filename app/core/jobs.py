@@ -153,23 +153,31 @@ def cancel_requested(job_id: str) -> bool:
         return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
-def finish(job_id: str, worker: str, report: dict, artifacts: dict[str, dict]) -> bool:
-    """Store the results in one transaction, only if `worker` still holds the claim."""
+def finish(job_id: str, worker: str, report: dict, artifacts: dict[str, dict]) -> str | None:
+    """Store the results in one transaction, only if `worker` still holds the claim; returns the job's final
+    status, or None when the claim was lost. A cancel that arrived after the engine's last step boundary is
+    still honoured here: the job ends cancelled and its results are not stored (the caller was told
+    "cancellation requested", and a job must not then end succeeded)."""
     with session_scope() as session:
         job = session.scalar(select(Job).where(Job.id == job_id, Job.worker == worker, Job.status == RUNNING)
                              .with_for_update())
         if job is None:
-            return False
-        job.artifacts.clear()
-        session.flush()
-        session.add_all(Artifact(job_id=job_id, kind=kind, **artifact) for kind, artifact in artifacts.items())
-        job.status, job.finished_at, job.progress, job.phase = SUCCEEDED, utcnow(), 1.0, "done"
-        job.message = report["message"]
-        job.report, job.phases, job.result_status = report, report["phases"], report["status"]
-        job.baseline_metric, job.final_metric = report["baseline"]["metric"], report["final"]["metric"]
-        job.latency_reduction = report["latency_reduction"]
+            return None
+        if job.cancel_requested:
+            job.status, job.finished_at = CANCELLED, utcnow()
+            job.message = "cancelled: the cancel arrived as the job finished; its results were discarded"
+        else:
+            job.artifacts.clear()
+            session.flush()
+            session.add_all(Artifact(job_id=job_id, kind=kind, **artifact) for kind, artifact in artifacts.items())
+            job.status, job.finished_at, job.progress, job.phase = SUCCEEDED, utcnow(), 1.0, "done"
+            job.message = report["message"]
+            job.report, job.phases, job.result_status = report, report["phases"], report["status"]
+            job.baseline_metric, job.final_metric = report["baseline"]["metric"], report["final"]["metric"]
+            job.latency_reduction = report["latency_reduction"]
+        status = job.status
     notify_ended(job_id)
-    return True
+    return status
 
 
 def end_running(job_id: str, worker: str, status: str, message: str | None = None, error: str | None = None) -> bool:
@@ -232,9 +240,9 @@ def sweep(settings: Settings | None = None) -> dict[str, int]:
         unpublished = now - timedelta(seconds=settings.publish_grace_seconds)
         unclaimed = now - timedelta(seconds=settings.unclaimed_after_seconds)
         deadline = now - timedelta(seconds=settings.publish_deadline_seconds)
-        abandoned = list(session.scalars(select(Job.id).where(
+        overdue = dict(session.execute(select(Job.id, Job.priority).where(
             Job.status == QUEUED, Job.enqueued_at.is_(None),
-            func.coalesce(Job.publish_failed_at, Job.created_at) < deadline)))
+            func.coalesce(Job.publish_failed_at, Job.created_at) < deadline)).all())
         waiting = session.execute(select(Job.id, Job.priority).where(Job.status == QUEUED, or_(
             Job.enqueued_at.is_(None) & (Job.created_at < unpublished), Job.enqueued_at < unclaimed)).order_by(
             Job.created_at)).all()
@@ -242,11 +250,14 @@ def sweep(settings: Settings | None = None) -> dict[str, int]:
         _end_unheld(job_id, CANCELLED, "cancelled: its worker stopped before it could stop the job itself")
     for job_id, reason in exhausted.items():
         fail(job_id, reason)
+    # Past its deadline a job gets one more try before it fails: the broker may be back since the last attempt.
+    abandoned = [job_id for job_id, priority in overdue.items() if not publish(job_id, priority, record=True)]
     for job_id in abandoned:
         fail(job_id, f"the job could not be queued for {settings.publish_deadline_seconds:.0f} s: the broker is "
                      "unreachable")
-    again = dict(requeued) | {job_id: priority for job_id, priority in waiting if job_id not in abandoned}
+    again = dict(requeued) | {job_id: priority for job_id, priority in waiting if job_id not in overdue}
     published = sum(publish(job_id, priority, record=True) for job_id, priority in again.items())
+    published += len(overdue) - len(abandoned)
     return {"requeued": len(requeued), "published": published, "cancelled": len(cancelled),
             "failed": len(exhausted) + len(abandoned)}
 

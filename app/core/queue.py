@@ -13,8 +13,17 @@ RUN_JOB = "mixq.run_job"
 SWEEP = "mixq.sweep"
 REGISTRY_TICK = "mixq.registry_tick"
 DELIVER_WEBHOOK = "mixq.deliver_webhook"
-# Short tasks the housekeeping worker runs, on their own queue: none waits behind a compression job.
-HOUSEKEEPING = (SWEEP, REGISTRY_TICK, DELIVER_WEBHOOK)
+# Short tasks the housekeeping worker runs, on their own queue: none waits behind a compression job. Webhook
+# deliveries, which wait on receivers outside our control, have a queue (and worker threads) of their own: 16
+# receivers that never answered once held every housekeeping thread, and sweeps and ticks expired unrun.
+HOUSEKEEPING = (SWEEP, REGISTRY_TICK)
+WEBHOOKS = (DELIVER_WEBHOOK,)
+
+
+def queue_for(name: str) -> str:
+    settings = get_settings()
+    return (settings.housekeeping_queue if name in HOUSEKEEPING else settings.webhook_queue if name in WEBHOOKS
+            else settings.queue)
 
 
 def make_celery(include: tuple[str, ...] = ()) -> Celery:
@@ -37,7 +46,7 @@ def make_celery(include: tuple[str, ...] = ()) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=settings.broker_timeout_seconds,
         worker_hijack_root_logger=False,
-        task_routes={name: {"queue": settings.housekeeping_queue} for name in HOUSEKEEPING},
+        task_routes={name: {"queue": queue_for(name)} for name in HOUSEKEEPING + WEBHOOKS},
         # Static entries only drive database-backed work: job state and registry schedules live in the database.
         # Each expires after its own interval: a backlog (a worker that was down) is dropped, never replayed.
         beat_schedule={"sweep": {"task": SWEEP, "schedule": settings.sweep_seconds,
@@ -55,10 +64,8 @@ def client() -> Celery:
 
 
 def send(name: str, args: list, priority: int | None = None, countdown: float | None = None) -> None:
-    """Publish a task by name: housekeeping tasks to their own queue, jobs to the compression queue."""
-    settings = get_settings()
-    destination = settings.housekeeping_queue if name in HOUSEKEEPING else settings.queue
-    client().send_task(name, args=args, queue=destination, priority=priority, countdown=countdown, retry=False)
+    """Publish a task by name: housekeeping and webhook tasks to their own queues, jobs to the compression queue."""
+    client().send_task(name, args=args, queue=queue_for(name), priority=priority, countdown=countdown, retry=False)
 
 
 def run_job(job_id: str, priority: int) -> None:

@@ -38,6 +38,10 @@ def next_run(schedule: dict, after: datetime) -> datetime:
     return after + timedelta(seconds=schedule["interval_seconds"])
 
 
+class EntryGone(LookupError):
+    """The entry was deleted between reading it and firing it."""
+
+
 class EntryQuotaExceeded(ValueError):
     """The tenant already has as many registry entries as it may (MIXQ_MAX_REGISTRY_ENTRIES_PER_TENANT)."""
 
@@ -74,8 +78,11 @@ def fire(session, entry: RegistryEntry, now: datetime, trigger: str, revision: t
          force: bool = False) -> tuple[RegistryRun, Job | None]:
     """Decide and record one firing inside the caller's transaction; the caller publishes the job after
     commit. `revision` is `current_revision(entry)`, resolved before the transaction."""
-    # Take the entry's row lock (PostgreSQL) / the write lock (SQLite) before reading anything.
-    session.execute(update(RegistryEntry).where(RegistryEntry.id == entry.id).values(updated_at=now))
+    # Take the entry's row lock (PostgreSQL) / the write lock (SQLite) before reading anything; a DELETE that
+    # committed first leaves nothing to lock, and nothing to record a run against.
+    locked = session.execute(update(RegistryEntry).where(RegistryEntry.id == entry.id).values(updated_at=now))
+    if locked.rowcount != 1:
+        raise EntryGone(entry.id)
     digest = options_hash(entry.request)
     run = RegistryRun(entry_id=entry.id, fired_at=now, trigger=trigger, options_hash=digest, outcome="skipped")
     session.add(run)
@@ -152,7 +159,10 @@ def _fire_due(entry_id: str, slot: datetime, now: datetime) -> int | None:
         entry = session.get(RegistryEntry, entry_id)
         if entry is None:
             return None
-        run, job = fire(session, entry, now, "schedule", revision)
+        try:
+            run, job = fire(session, entry, now, "schedule", revision)
+        except EntryGone:
+            return None
         session.flush()
         run_id, job_id, priority = run.id, job and job.id, job and job.priority
     if job_id:

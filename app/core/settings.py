@@ -27,8 +27,10 @@ class Settings(BaseSettings):
     device: str = "cpu"
     threads: int | None = None
     queue: str = "cpu"  # GPU workers consume "gpu"
-    # Sweeps, registry ticks and webhook deliveries: their own queue and small worker, never behind a job.
+    # Sweeps and registry ticks: their own queue and small worker, never behind a job; webhook deliveries on
+    # another, with a worker of their own, so that receivers that never answer cannot delay a sweep or a tick.
     housekeeping_queue: str = "housekeeping"
+    webhook_queue: str = "webhooks"
     job_soft_time_limit: int = 3 * 3600
     job_time_limit: int = 3 * 3600 + 300
     # Timing per layer in the latency profile (more is steadier, less is quicker).
@@ -53,8 +55,10 @@ class Settings(BaseSettings):
     # Only `mixq serve` on a loopback address reads this; unset, the embedded default runs without auth.
     auth_disabled: bool | None = None
     max_body_bytes: int = 64 * 1024
-    # A request body must arrive within this long (a slow sender gets 408), and one API process serves at
-    # most this many connections at once (503 beyond); idle keep-alive connections close after the last.
+    # A request's head must arrive within `header_timeout_seconds` (else the connection closes: sockets that
+    # send nothing cannot pile up), its body within `body_timeout_seconds` (408); one API process serves at
+    # most `max_connections` requests at once (503 beyond); idle keep-alive connections close after the last.
+    header_timeout_seconds: float = 10.0
     body_timeout_seconds: float = 10.0
     max_connections: int = 200
     keep_alive_seconds: float = 5.0

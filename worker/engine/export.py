@@ -21,6 +21,7 @@ from onnx import numpy_helper
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+from . import cost
 from .evaluation import Evaluator
 from .latency import paired
 from .plan import Plan
@@ -189,6 +190,7 @@ def quantize(float_path: Path, path: Path, plan: Plan, graph, names: list[str],
             quantize_static(source, path, _Calibration(names, calibration), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, nodes_to_quantize=with_elementwise(graph, low_nodes),
                             op_types_to_quantize=list(WEIGHT_OPS + ELEMENTWISE), **common)
+            cost.count("forward", sum(len(batch[0]) for batch in calibration))  # its calibration runs
     except Exception as exc:  # e.g. a 16-bit graph from a GPU job, which these quantizers do not take
         raise ExportError(f"onnxruntime's quantizer failed: {type(exc).__name__}: {str(exc)[:300]}") from None
     finally:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cost
+
 from .latency import Workload
 
 DECODE, PREFILL = "decode", "prefill"
@@ -50,6 +52,7 @@ class DecodeStep(Workload):
         cache = DynamicCache(config=causal.config)
         with torch.inference_mode():
             causal(input_ids=prompt, cache=cache, use_cache=True)
+        cost.count("forward", len(prompt))  # the prompt's prefill, run once to set up the timed steps
         token = prompt[:, -1:]
 
         def step():

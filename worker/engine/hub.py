@@ -21,6 +21,8 @@ log = logging.getLogger("mixq.hub")
 MODEL = "model"
 DATASET = "dataset"
 DEFAULT_TIMEOUT = 10.0
+# A config.json is a few kB; a 50 MB one cost the API 100 MB of memory to parse.
+MAX_CONFIG_BYTES = 1 << 20
 # Top-level files only (`*/*` is ignored): weights, configs, and what tokenizers and image processors read.
 MODEL_FILES = ["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken"]
 DATASET_FILES = ["*.parquet", "*.arrow", "*.csv", "*.tsv", "*.json", "*.jsonl", "*.txt", "README.md"]
@@ -60,16 +62,26 @@ def token_for(allowed: bool) -> bool | None:
 
 def config(repo_id: str, revision: str | None, cache_dir: Path, timeout: float = DEFAULT_TIMEOUT) -> dict:
     """A model's config.json, fetched anonymously (the API reads an image model's input size before it
-    accepts a job)."""
+    accepts a job); one over MAX_CONFIG_BYTES is refused before it is downloaded (and after, where the Hub did
+    not say its size)."""
     import json
 
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
     sha = resolve(repo_id, revision, MODEL, timeout)
+    too_large = InputError(f"the config.json of {repo_id!r}@{sha[:12]} is over {MAX_CONFIG_BYTES:,} bytes")
     try:
-        path = hf_hub_download(repo_id, "config.json", revision=sha, endpoint=_endpoint(), etag_timeout=timeout,
-                               token=False, cache_dir=Path(cache_dir) / "hub")
-        return json.loads(Path(path).read_text())
+        metadata = get_hf_file_metadata(hf_hub_url(repo_id, "config.json", revision=sha, endpoint=_endpoint()),
+                                        token=False, timeout=timeout)
+        if metadata.size is not None and metadata.size > MAX_CONFIG_BYTES:
+            raise too_large
+        path = Path(hf_hub_download(repo_id, "config.json", revision=sha, endpoint=_endpoint(),
+                                    etag_timeout=timeout, token=False, cache_dir=Path(cache_dir) / "hub"))
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise too_large
+        return json.loads(path.read_text())
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(f"cannot read the config of {repo_id!r}@{sha[:12]} ({type(exc).__name__})") from None
 

@@ -32,8 +32,8 @@ def resolve_under_root(value: str, root: Path | None, what: str) -> Path:
     base = Path(root).resolve()
     candidate = Path(value)
     resolved = (candidate if candidate.is_absolute() else base / candidate).resolve()
-    if not resolved.is_relative_to(base):
-        raise InputError(f"{what} path {value!r} is outside the allowed root {base}")
-    if not resolved.exists():
-        raise InputError(f"{what} path {value!r} does not exist under {base}")
+    # One answer for "outside" and "missing", naming only what was given: the message must reveal neither where
+    # the root is on the server nor which paths exist there.
+    if not resolved.is_relative_to(base) or not resolved.exists():
+        raise InputError(f"{what} path {value!r} names nothing under the allowed root (MIXQ_MODEL_ROOT)")
     return resolved

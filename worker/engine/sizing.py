@@ -37,23 +37,47 @@ class JobSize:
     sample_passes: int
 
 
-def image_shape(config: dict) -> tuple[int, int, int] | None:
-    """(channels, height, width) from a transformers config, for models that take images; None otherwise."""
-    size = config.get("image_size")
+def _positive_int(value, field: str) -> int:
+    """A config's integer field, or an InputError naming it (a hostile config must be a 4xx, never a 500)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"the model's config.json has {field} = {str(value)[:40]!r}: expected a positive integer")
+    return value
+
+
+def _object(config) -> dict:
+    if not isinstance(config, dict):
+        raise InputError(f"the model's config.json is a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def image_shape(config) -> tuple[int, int, int] | None:
+    """(channels, height, width) from a transformers config, for models that take images; None otherwise. The
+    size is an integer, [height, width] or {"height", "width"}; anything else is an InputError naming the field."""
+    size = _object(config).get("image_size")
     if size is None:
         return None
-    height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
-    return int(config.get("num_channels", 3)), int(height), int(width)
+    if isinstance(size, dict):
+        height, width = size.get("height"), size.get("width")
+    elif isinstance(size, list) and len(size) == 2:
+        height, width = size
+    else:
+        height = width = size
+    channels = config.get("num_channels", 3)
+    return (_positive_int(channels, "num_channels"), _positive_int(height, "image_size"),
+            _positive_int(width, "image_size"))
 
 
 def image_bytes(samples: int, shape: tuple[int, ...]) -> int:
     return samples * math.prod(shape) * 4  # float32 pixels
 
 
-def vocabulary(config: dict) -> int | None:
+def vocabulary(config) -> int | None:
     """A causal language model's vocabulary size from its config; None for other models."""
-    if any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
-        return int(config.get("vocab_size") or 0) or None
+    architectures = _object(config).get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise InputError("the model's config.json has architectures that are not a list of names")
+    if any(a.endswith("ForCausalLM") for a in architectures):
+        return _positive_int(config.get("vocab_size"), "vocab_size")
     return None
 
 

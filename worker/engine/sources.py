@@ -125,5 +125,5 @@ def _builtin_image_shape(name: str) -> tuple[int, ...] | None:
 
 
 def _config_image_shape(config) -> tuple[int, ...]:
-    size = getattr(config, "image_size", 224)
-    return (getattr(config, "num_channels", 3), size, size)
+    """The input size a loaded config declares (as the API checked it: a malformed one is an InputError)."""
+    return sizing.image_shape(config.to_dict()) or sizing.DEFAULT_IMAGE

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -60,20 +63,44 @@ def validated_request(request: dict) -> JobCreate:
     return body
 
 
-def check_input_size(body: JobCreate) -> None:
+# Config reads from the Hub run on their own few threads with a total deadline: a slow Hub can hold them, never
+# the request threads (every `def` route shares one pool) nor /healthz (on the event loop).
+HUB_LOOKUP_THREADS = 4
+_hub_lookups = ThreadPoolExecutor(HUB_LOOKUP_THREADS, thread_name_prefix="hub-config")
+_hub_slots = threading.BoundedSemaphore(HUB_LOOKUP_THREADS)
+
+
+def _model_config(model: str) -> dict | None:
+    """The model's config.json within `hub_timeout_seconds` in all, or None (read too slowly, or all lookup
+    threads busy with a slow Hub: the worker reads and checks it again before it allocates anything)."""
+    settings = get_settings()
+    spec = parse_source(model)
+    if spec.kind != "hf":
+        return model_config(spec, settings.model_root, settings.cache_dir, settings.hub_timeout_seconds)
+    if not _hub_slots.acquire(blocking=False):
+        return None
+    future = _hub_lookups.submit(model_config, spec, settings.model_root, settings.cache_dir,
+                                 settings.hub_timeout_seconds)
+    future.add_done_callback(lambda _: _hub_slots.release())
+    try:
+        return future.result(timeout=settings.hub_timeout_seconds)
+    except FutureTimeout:
+        return None
+
+
+def check_input_size(body) -> None:
     """An image model's inputs at the size its own config says (a ViT may take 2048 px, not 224), and a language
-    model's logits at its vocabulary, read before
-    the job is accepted, from the Hub or the model root as the worker will read it; a config that cannot be
-    read here is left to the worker, which checks again before it allocates anything."""
+    model's logits at its vocabulary, read before the job is accepted, from the Hub or the model root as the
+    worker will read it; a config that cannot be read here in time is left to the worker, which checks again
+    before it allocates anything. A config whose fields are not what transformers writes is a 422 naming them."""
     settings = get_settings()
     try:
-        config = model_config(parse_source(body.model), settings.model_root, settings.cache_dir,
-                              settings.hub_timeout_seconds)
+        config = _model_config(body.model)
     except InputError:
         return
-    shape = sizing.image_shape(config) if config else None
-    vocab = sizing.vocabulary(config) if config else None
     try:
+        shape = sizing.image_shape(config) if config is not None else None
+        vocab = sizing.vocabulary(config) if config is not None else None
         if shape or vocab:
             sizing.check(body.model_dump(), settings.max_job_memory_bytes, settings.max_job_sample_passes, shape,
                          vocab)

@@ -34,9 +34,12 @@ def entry_out(session, entry: RegistryEntry) -> RegistryOut:
                "resume": f"{base}/resume"})
 
 
-def owned_entry(entry_id: str, session, tenant: CallerTenant) -> RegistryEntry:
-    entry = session.scalar(select(RegistryEntry).where(RegistryEntry.id == entry_id,
-                                                       RegistryEntry.tenant_id == tenant.id))
+def owned_entry(entry_id: str, session, tenant: CallerTenant, lock: bool = False) -> RegistryEntry:
+    """The tenant's entry, or 404. A write takes the entry's row lock first (`lock`), so writes to one entry
+    run one after another: a second DELETE finds it gone (404) instead of deadlocking with the first, and a
+    PATCH or pause never updates a row a DELETE removed under it."""
+    query = select(RegistryEntry).where(RegistryEntry.id == entry_id, RegistryEntry.tenant_id == tenant.id)
+    entry = session.scalar(query.with_for_update() if lock else query)
     if entry is None:
         raise HTTPException(404, f"registry entry {entry_id} not found")
     return entry
@@ -62,7 +65,7 @@ def register(body: RegistryCreate, response: Response, session: SessionDep, tena
 
 
 @router.get("", response_model=RegistryList)
-async def list_entries(session: SessionDep, tenant: TenantDep, limit: int = Query(20, ge=1, le=100),
+def list_entries(session: SessionDep, tenant: TenantDep, limit: int = Query(20, ge=1, le=100),
                        cursor: str | None = Query(None, max_length=200)) -> RegistryList:
     """Oldest first, a page at a time: pass `next_cursor` back as `cursor`."""
     query = select(RegistryEntry).where(RegistryEntry.tenant_id == tenant.id)
@@ -82,7 +85,7 @@ async def get_entry(entry_id: str, session: SessionDep, tenant: TenantDep):
 
 @router.patch("/{entry_id}", response_model=RegistryOut, responses=errors(404))
 def patch_entry(entry_id: str, body: RegistryPatch, session: SessionDep, tenant: TenantDep) -> RegistryOut:
-    entry = owned_entry(entry_id, session, tenant)
+    entry = owned_entry(entry_id, session, tenant, lock=True)
     changes = body.model_dump(mode="json", exclude_unset=True)
     if "schedule" in changes:
         entry.schedule = body.schedule.to_dict()
@@ -95,6 +98,7 @@ def patch_entry(entry_id: str, body: RegistryPatch, session: SessionDep, tenant:
     options = {k: v for k, v in changes.items() if k not in set(RegistrySettings.model_fields) | {"webhook_url"}}
     if options:  # the whole job request, validated exactly as on creation, so a patch never stores an invalid one
         merged = validated_request({**entry.request, **options})
+        check_input_size(merged)  # the size a model's own config implies, as POST checks it
         entry.request = merged.model_dump(mode="json", exclude={"webhook_url"})
     session.commit()
     return entry_out(session, entry)
@@ -102,7 +106,7 @@ def patch_entry(entry_id: str, body: RegistryPatch, session: SessionDep, tenant:
 
 @router.delete("/{entry_id}", status_code=204, responses=errors(404))
 def delete_entry(entry_id: str, session: SessionDep, tenant: TenantDep):
-    session.delete(owned_entry(entry_id, session, tenant))
+    session.delete(owned_entry(entry_id, session, tenant, lock=True))
     session.commit()
     return Response(status_code=204)
 
@@ -114,7 +118,7 @@ def _pause(entry: RegistryEntry, paused: bool) -> None:
 
 
 def _set_paused(entry_id: str, paused: bool, session, tenant: CallerTenant) -> RegistryOut:
-    entry = owned_entry(entry_id, session, tenant)
+    entry = owned_entry(entry_id, session, tenant, lock=True)
     _pause(entry, paused)
     session.commit()
     return entry_out(session, entry)
@@ -141,7 +145,10 @@ def run_now(entry_id: str, session: SessionDep, tenant: TenantDep, background: B
         raise too_many(exc) from None
     # Before any lock, and in a worker thread (a plain def): a Hub lookup can take a while.
     revision = registry.current_revision(entry, may_use_hub_token(session, tenant.id))
-    run, job = registry.fire(session, entry, utcnow(), "manual", revision, force=force)
+    try:
+        run, job = registry.fire(session, entry, utcnow(), "manual", revision, force=force)
+    except registry.EntryGone:
+        raise HTTPException(404, f"registry entry {entry_id} not found") from None
     session.commit()
     if job is not None:  # published after the response, as for POST /v1/jobs
         background.add_task(jobs.publish, job.id, job.priority)
@@ -149,7 +156,7 @@ def run_now(entry_id: str, session: SessionDep, tenant: TenantDep, background: B
 
 
 @router.get("/{entry_id}/history", response_model=RunList, responses=errors(404))
-async def get_history(entry_id: str, session: SessionDep, tenant: TenantDep, limit: int = Query(50, ge=1, le=500),
+def get_history(entry_id: str, session: SessionDep, tenant: TenantDep, limit: int = Query(50, ge=1, le=500),
                       cursor: int | None = Query(None, ge=0, le=2**31 - 1,
                                                  description="next_cursor of the previous page")) -> RunList:
     """Newest first, each successful run with its deltas to the one before it."""

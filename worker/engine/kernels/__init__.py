@@ -27,6 +27,7 @@ import pkgutil
 import torch
 from torch import nn
 
+from .. import cost
 from ..adapters import ModelAdapter, quantizable_layers
 from ..plan import Plan
 from .base import Backend, Candidates, Inputs, Simulation, capture_inputs, hooks, int8_per_channel, weighted
@@ -62,6 +63,7 @@ def unused_layers(adapter: nn.Module, names: list[str], example: Inputs) -> list
     try:
         with torch.enable_grad():
             grads = torch.autograd.grad(adapter(*example).float().sum(), weights, allow_unused=True)
+        cost.count("backward", len(example[0]))  # one forward and one backward of the example batch
     finally:
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
+from .. import cost
 from ..latency import Paired, Workload, paired
 from ..plan import Plan
 from .base import Inputs, hooks, split_item
@@ -81,6 +82,7 @@ def _inputs_in(model, names: list[str], workload: "Workload") -> dict[str, tuple
     with torch.inference_mode(), hooks([modules[n].register_forward_pre_hook(
             lambda _m, args, n=n: seen.setdefault(n, args)) for n in names]):
         call()
+    cost.count("forward", workload.samples)
     return seen
 
 
@@ -103,8 +105,9 @@ def independent_profile(backend: "Backend", calibration: list[Inputs], seconds_p
     float_inputs = _inputs_in(backend.adapter, backend.candidates, workload)
     low_inputs = _inputs_in(low_model, backend.candidates, workload)
     float_modules, low_modules = dict(backend.adapter.named_modules()), dict(low_model.named_modules())
+    # Each layer's timing counts as the samples of the call whose inputs it replays.
     savings = {n: paired(lambda n=n: float_modules[n](*float_inputs[n]),
-                         lambda n=n: low_modules[n](*low_inputs[n]), cuda=cuda,
+                         lambda n=n: low_modules[n](*low_inputs[n]), cuda=cuda, samples=workload.samples,
                          rounds=rounds_within(lambda n=n: float_modules[n](*float_inputs[n]), seconds_per_layer))
                for n in backend.candidates}
     whole = paired(workload.call(backend.baseline), workload.call(low_model), rounds=7, inner=1, cuda=cuda,
@@ -131,7 +134,7 @@ def shared_shape_profile(backend: "Backend", calibration: list[Inputs], seconds_
             if key not in timed:
                 x = torch.randn(workload.rows, linear.in_features, generator=torch.Generator().manual_seed(0))
                 low = backend.low_module(linear, precision)
-                timed[key] = paired(lambda: linear(x), lambda: low(x),
+                timed[key] = paired(lambda: linear(x), lambda: low(x), samples=workload.samples,
                                     rounds=rounds_within(lambda: linear(x), seconds_per_layer))
             savings[item] = timed[key]
     chosen = fastest_items(savings, lambda item: split_item(item)[0])
