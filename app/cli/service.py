@@ -190,9 +190,9 @@ def connection_limits(settings) -> dict:
     """What one API process holds open: a connection has `header_timeout_seconds` to send each request head
     (app.core.http), idle keep-alive connections close after `keep_alive_seconds`. The cap on requests in
     flight (503 beyond) and a body's own deadline (408) are the app's (app/main.py)."""
-    from app.core.http import protocol
+    from app.core.http import GuardedH11Protocol
 
-    return {"http": protocol(settings.header_timeout_seconds), "timeout_keep_alive": settings.keep_alive_seconds}
+    return {"http": GuardedH11Protocol, "timeout_keep_alive": settings.keep_alive_seconds}
 
 
 def _serve_processes(host: str, port: int, workers: int) -> None:

@@ -16,14 +16,16 @@ import h11
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .settings import get_settings
+
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline on each request head."""
-
-    header_timeout: float = 10.0  # set per server by `protocol(...)`
+    """uvicorn's h11 protocol with a deadline on each request head (MIXQ_HEADER_TIMEOUT_SECONDS). A plain
+    module-level class: `mixq serve --workers N` pickles its server config into each process."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.header_timeout = get_settings().header_timeout_seconds
         self.head_timer: asyncio.TimerHandle | None = None
         self._arm_head_timer()
 
@@ -55,11 +57,6 @@ class GuardedH11Protocol(H11Protocol):
         self.head_timer = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             self.transport.close()
-
-
-def protocol(header_timeout: float) -> type[GuardedH11Protocol]:
-    """The protocol class for uvicorn's `http=` option, with this deadline."""
-    return type("GuardedH11", (GuardedH11Protocol,), {"header_timeout": header_timeout})
 
 
 class InFlightLimit:
