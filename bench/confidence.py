@@ -51,6 +51,7 @@ def run_model(model: str, imagenet, resamples: int, cache_dir) -> dict:
     plans = PlanScores(bench)
     baseline = plans(())
     pool = len(baseline)
+    evaluation = min(evaluation, pool // 2)  # some samples are always left unseen (a small pool: --smoke)
     profile = bench.backend.profile(bench.calibration)
     candidates = bench.candidates
     eligible = [n for n in candidates if profile.measurable(n)]

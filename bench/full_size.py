@@ -11,10 +11,13 @@ import os
 import subprocess
 import time
 
-from common import ROOT, cost_cell, kept, parser, reduction_cell, save
+from common import ROOT, SMOKE, cost_cell, kept, parser, reduction_cell, save
 
 ARGS = ["--budget", "0.01", "--hutchinson-samples", "4", "--calibration-samples", "32", "--eval-samples", "128",
         "--test-samples", "128", "--latency-repeats", "7", "--json"]
+if SMOKE:  # the CLI in its own process: the sizes go on its command line
+    ARGS = ["--budget", "0.01", "--hutchinson-samples", "2", "--calibration-samples", "8", "--eval-samples", "16",
+            "--test-samples", "16", "--latency-repeats", "3", "--seq-len", "16", "--json"]
 
 
 def run(model: str, extra: tuple[str, ...] = ()) -> dict:

@@ -9,7 +9,7 @@ bench/results/lm_kernels.{json,md}; the table's first line names the machine.
 
 from __future__ import annotations
 
-from common import engine_process, parser, save
+from common import SMOKE, engine_process, parser, save
 
 engine_process()
 
@@ -22,7 +22,8 @@ from worker.engine.latency import paired  # noqa: E402
 # (in, out) of SmolLM2-135M's Linear layers: q/o, k/v, gate/up, down projections, and the tied vocabulary head.
 SHAPES = {"q_proj, o_proj": (576, 576), "k_proj, v_proj": (576, 192), "gate_proj, up_proj": (576, 1536),
           "down_proj": (1536, 576), "lm_head": (576, 49152)}
-ROWS = (1, 128)
+ROWS = (1,) if SMOKE else (1, 128)
+ROUNDS, INNER = (3, 1) if SMOKE else (9, None)
 # (column, format, activation dtype of the weight-only kernels)
 VARIANTS = [("int8", "int8", torch.float32), ("bf16", "bf16", torch.float32),
             ("int8wo (fp32 act.)", "int8wo", torch.float32), ("int8wo (bf16 act.)", "int8wo", torch.bfloat16),
@@ -41,7 +42,8 @@ def main() -> None:
                 row = {"rows": rows, "layers": names, "shape": [inputs, outputs], "us": {}}
                 for column, precision, activations in VARIANTS:
                     low = low_module(linear, precision, activations)
-                    timing = paired(lambda: linear(x), lambda: low(x), rounds=9, inner=20 if rows == 1 else 2)
+                    timing = paired(lambda: linear(x), lambda: low(x), rounds=ROUNDS,
+                                    inner=INNER or (20 if rows == 1 else 2))
                     row["us"]["fp32"] = row["us"].get("fp32", []) + [timing.first_ms * 1000]
                     row["us"][column] = timing.second_ms * 1000
                 row["us"]["fp32"] = sorted(row["us"]["fp32"])[len(VARIANTS) // 2]  # the median of its pairings

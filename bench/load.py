@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from common import RESULTS, ROOT, save
+from common import RESULTS, ROOT, SMOKE, save
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
@@ -149,7 +149,11 @@ def main() -> None:
     parser.add_argument("--postgres-redis", action="store_true")
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout to measure")
     parser.add_argument("--name", default="load")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--smoke", action="store_true", help="1-second runs: checks the script runs at HEAD")
     args = parser.parse_args()
+    if SMOKE:
+        args.seconds = 1
     if not shutil.which("wrk"):
         raise SystemExit("bench/load.py needs wrk (apt-get install wrk)")
     # The submit path is what is measured: the per-tenant cap on active jobs would turn it into 429s after 20.
@@ -171,7 +175,7 @@ def main() -> None:
             runs.append(measure("PostgreSQL + Redis", args.root, {
                 **base, "MIXQ_DATA_DIR": tmp, "MIXQ_DATABASE_URL": pg, "MIXQ_BROKER_URL": "redis://127.0.0.1:6379/14",
                 "MIXQ_QUEUE": "load-bench"}, args.workers, args.seconds))
-    save(RESULTS, args.name, runs, markdown(runs, args.seconds))
+    save(args.out, args.name, runs, markdown(runs, args.seconds))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from fastapi.responses import FileResponse
 from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import defer
 
 from app.api.deps import SessionDep, TenantDep
 from app.api.openapi import errors, invalid, links
@@ -41,8 +42,10 @@ def job_out(job: Job) -> JobOut:
     return JobOut(**fields, finished=job.status in jobs.FINISHED, links=links)
 
 
-def owned_job(job_id: str, session, tenant: CallerTenant) -> Job:
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant.id))
+def owned_job(job_id: str, session, tenant: CallerTenant, report: bool = True) -> Job:
+    """The tenant's job, or 404; without `report`, its report (hundreds of kB once finished) stays unread."""
+    query = select(Job).where(Job.id == job_id, Job.tenant_id == tenant.id)
+    job = session.scalar(query if report else query.options(defer(Job.report)))
     if job is None:  # another tenant's job is indistinguishable from a missing one
         raise HTTPException(404, f"job {job_id} not found")
     return job
@@ -160,7 +163,7 @@ async def list_jobs(session: SessionDep, tenant: TenantDep,
               status: Literal[STATUSES] | None = Query(None),
               model: str | None = Query(None, max_length=300), limit: int = Query(20, ge=1, le=100),
               cursor: str | None = Query(None, max_length=200)) -> JobList:
-    query = select(Job).where(Job.tenant_id == tenant.id)
+    query = select(Job).where(Job.tenant_id == tenant.id).options(defer(Job.report))  # a page never reads reports
     if status:
         query = query.where(Job.status == status)
     if model:
@@ -175,7 +178,7 @@ async def list_jobs(session: SessionDep, tenant: TenantDep,
 
 @router.get("/{job_id}", response_model=JobOut, responses=errors(404))
 async def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
-    return job_out(owned_job(job_id, session, tenant))
+    return job_out(owned_job(job_id, session, tenant, report=False))  # the poll: never the report
 
 
 def _succeeded(job: Job, what: str) -> None:

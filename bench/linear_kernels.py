@@ -9,7 +9,7 @@ onnxruntime's own dynamic quantization (against its float file); and the whole m
 the float executions a mixed plan must also beat. Writes bench/results/kernels.{json,md}, whose first line
 names the machine.
 
-    .venv/bin/python bench/kernels.py
+    .venv/bin/python bench/linear_kernels.py   (not kernels.py: that name would shadow the `kernels` package transformers imports)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, engine_process, parser, reduction_cell, save
+from common import ROOT, SMOKE, engine_process, parser, reduction_cell, save
 
 engine_process()
 
@@ -34,7 +34,7 @@ from worker.engine.latency import paired  # noqa: E402
 from worker.engine.pipeline import CompressOptions, prepare  # noqa: E402
 from worker.engine.search import Budget  # noqa: E402
 
-ROUNDS = 15
+ROUNDS = 3 if SMOKE else 15
 ALPHAS = (0.25, 0.5, 0.75)
 
 
