@@ -37,7 +37,8 @@ BUDGETS = (0.05,) if SMOKE else (0.01, 0.02, 0.05)
 SIZES = dict(calibration_samples=16, eval_samples=64, test_samples=64, batch_size=8, seq_len=64)
 # The Hessian term alone: the inter-layer term's leave-one-out costs a forward pass per layer and format (633 here)
 # per calibration batch, about half an hour on this CPU (docs/method.md).
-SENSITIVITY = SensitivityOptions(ordering="hessian", hutchinson_max_samples=4, hessian_batches=1)
+SENSITIVITY = SensitivityOptions(ordering="random" if SMOKE else "hessian", hutchinson_max_samples=4,
+                                 hessian_batches=1)  # a smoke run checks this script, not the analysis
 
 
 FAST_ON_EVERY_CPU = ("int8",)  # scored on its real kernel everywhere
