@@ -48,6 +48,8 @@ MIN_DISTINCT_CLASSES = 5
 # (each task's list gains bf16 where the worker's measured menu offers it: menu.Menu.formats_for).
 TASK_FORMATS = {TEXT_GENERATION: INTEGER_FORMATS}
 BASELINES = ("auto", "fp32", "bf16", "fp16")
+# The fewest paired rounds with a 95% distribution-free interval for their median (latency.median_rank).
+MIN_DECISION_ROUNDS = 7
 
 
 @dataclass
@@ -593,9 +595,15 @@ def _reference(bench: Workbench, budget: Budget, baseline_scores: list[float], w
                      returnable=fits and bench.backend.baseline is bench.adapter)
 
 
+def decision_rounds(options: CompressOptions) -> int:
+    """Rounds of a timing that decides "faster": the asked repeats, and never fewer than a 95% interval for a
+    median needs (with fewer, nothing could ever be called faster)."""
+    return max(options.latency.repeats, MIN_DECISION_ROUNDS)
+
+
 def _timed_pair(first: torch.nn.Module, second: torch.nn.Module, workload: Workload, options: CompressOptions
                 ) -> Paired:
-    return paired(workload.call(first), workload.call(second), rounds=options.latency.repeats, inner=1,
+    return paired(workload.call(first), workload.call(second), rounds=decision_rounds(options), inner=1,
                   warmup=options.latency.warmup, samples=workload.samples)
 
 
@@ -623,7 +631,7 @@ def _generation(bench: Workbench, model: torch.nn.Module, options: CompressOptio
     figures = {}
     for kind in generation.GENERATION_LATENCIES:
         workload = generation.workload(kind, bench.calibration[0])
-        timing = paired(workload.call(bench.backend.baseline), workload.call(model), rounds=options.latency.repeats,
+        timing = paired(workload.call(bench.backend.baseline), workload.call(model), rounds=decision_rounds(options),
                         inner=1, warmup=options.latency.warmup, samples=1)
         figures[kind] = {"baseline_ms": timing.first_ms, "plan_ms": timing.second_ms,
                          "reduction": timing.reduction().to_dict()}
