@@ -142,7 +142,7 @@ def _bf16_weight_only_runs() -> bool:
         return False
 
 
-@pytest.mark.parametrize("precision", FORMATS)
+@pytest.mark.parametrize("precision", [f for f in FORMATS if f != "int8"])  # int8's kernel takes fp32: test_kernels
 def test_bf16_kernels_are_reproduced_to_one_rounding(precision):
     """With bf16 activations the simulation rounds where the kernel does; what is left is the order of the
     kernel's fp32 accumulation, at most one bf16 rounding step of each output."""
@@ -159,5 +159,4 @@ def test_bf16_kernels_are_reproduced_to_one_rounding(precision):
     rounded = exact - linear.bias if precision in ("int8wo", "int4wo") else exact
     ulp = rounded.abs().clamp(min=1e-3) * 2 ** -7
     assert ((real - simulated).abs() <= ulp).all()
-    if precision != "int8":  # the rounding is visible: an fp32 simulation would not match
-        assert not torch.allclose(real, exact, atol=1e-6)
+    assert not torch.allclose(real, exact, atol=1e-6)  # the rounding is visible: an fp32 simulation would not match

@@ -7,8 +7,8 @@ from torch import nn
 from conftest import tiny_bert, tiny_resnet, token_batch
 from worker.engine.adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION, ModelAdapter, adapt, quantizable_layers
 from worker.engine.artifact import load_artifact, save_artifact
-from worker.engine.kernels import DYNAMIC, FX_STATIC, apply_plan, choose_backend, int8_per_channel
-from worker.engine.kernels.dynamic import activation_bits, dynamic_activations
+from worker.engine.kernels import DYNAMIC, FX_STATIC, apply_plan, capture_inputs, choose_backend, int8_per_channel
+from worker.engine.kernels.dynamic import fake_activations
 from worker.engine.plan import Plan
 
 
@@ -36,16 +36,23 @@ class _OneLinear(ModelAdapter):
         return self.model(x)
 
 
-def test_the_dynamic_kernel_computes_exactly_what_its_activation_width_simulates():
-    """Whichever width this CPU gets (8 bits with VNNI/AMX, 7 without), kernel and simulation agree."""
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_the_dynamic_kernel_computes_exactly_what_its_activation_width_simulates(scale):
+    """Whichever width a layer gets on this CPU (8 bits where its products are exact, 7 where they saturate, as
+    random full-range weights and wide inputs make them without VNNI), kernel and simulation agree."""
     torch.manual_seed(3)
     linear = nn.Linear(384, 192)
-    x = torch.randn(8, 384) * 2
+    with torch.no_grad():
+        linear.weight.normal_()
+    x = torch.randn(8, 384) * scale
     chosen = choose_backend(_OneLinear(nn.Sequential(linear)).eval(), "cpu", (x,))
+    chosen.fit([(x,)])
     module = dict(chosen.build(chosen.all_low(), [(x,)]).named_modules())["model.0"]
+    assert module.bits == chosen.activation_bits["model.0"] in (7, 8)
     with torch.inference_mode():
         real = module(x)
-        simulated = nn.functional.linear(dynamic_activations(x), int8_per_channel(linear.weight), linear.bias)
+        simulated = nn.functional.linear(fake_activations(x, module.bits), int8_per_channel(linear.weight),
+                                         linear.bias)
     assert _relative_error(real, simulated) < 1e-4 < _relative_error(real, linear(x))
 
 
@@ -57,17 +64,18 @@ def test_dynamic_int8_linear_matches_float_within_int8_tolerance():
     assert backend == DYNAMIC and chosen.baseline is adapter
     name = names[3]
     plan = Plan(layers={n: "int8" if n == name else "fp32" for n in names}, backend=backend)
+    chosen.fit([inputs])  # each layer's activation width, from the inputs it receives
     quantized = chosen.build(plan, [inputs])
     float_layer = quantizable_layers(adapter)[name]
     int8_layer = dict(quantized.named_modules())[name]
     assert isinstance(int8_layer, torch.ao.nn.quantized.dynamic.Linear)
-    x = torch.randn(4, float_layer.in_features) * 3
+    x = capture_inputs(adapter, [name], inputs)[name][0].clone()
     error = _relative_error(int8_layer(x), float_layer(x))
     assert error < 0.02  # int8 weights and activations: ~1% error
     seven = torch.ops.quantized.linear_dynamic(x, int8_layer._packed_params._packed_params, reduce_range=True)
-    if activation_bits() == 8:  # 8-bit activations, where exact: half the error of the same kernel asked for 7
+    if int8_layer.bits == 8:  # 8-bit activations, where exact: half the error of the same kernel asked for 7
         assert error < 0.75 * _relative_error(seven, float_layer(x))
-    else:  # a CPU without VNNI would saturate 8-bit products: the module asks for 7
+    else:  # its 8-bit products saturate on this CPU (no VNNI): the module asks for 7
         assert torch.equal(int8_layer(x), seven)
     assert type(quantizable_layers(adapter)[name]) is nn.Linear  # the original model is untouched
 

@@ -124,6 +124,7 @@ def test_each_format_runs_a_real_kernel_that_its_simulation_reproduces(precision
     x = torch.randn(2, 5, 64)
     other = "int4wo" if precision == "int8wo" else "int8wo"
     backend = choose_backend(adapter, "cpu", (x,), formats=(precision, other), weight_only_activations=activations)
+    backend.fit([(x,)])  # as the pipeline does: each int8 layer's activation width on this CPU
     assert backend.name == "cpu-linear-formats" and len(backend.candidates) == 4
     items = [f"model.0@{other}", f"model.0@{precision}", f"model.2@{precision}"]  # the last item of a layer wins
     plan = Plan(layers={**{n: "fp32" for n in backend.layers}, **backend.assignment(items)}, backend=backend.name)

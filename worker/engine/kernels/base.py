@@ -138,21 +138,24 @@ class LinearSimulation(Simulation):
     quantizes its weight once and its input on every call."""
 
     def __init__(self, model: nn.Module, modules: dict[str, nn.Linear],
-                 weight: Callable[[torch.Tensor], torch.Tensor], activation: Callable[[torch.Tensor], torch.Tensor]):
-        self.model, self.modules, self.activation = model, modules, activation
+                 weight: Callable[[torch.Tensor], torch.Tensor],
+                 activation: Callable[[torch.Tensor], torch.Tensor] | dict[str, Callable[[torch.Tensor], torch.Tensor]]):
+        """`activation`: how every layer's input is quantized, or each layer's own (by name)."""
+        self.model, self.modules = model, modules
+        self.activations = activation if isinstance(activation, dict) else {name: activation for name in modules}
         self.low_weights = {name: weight(m.weight) for name, m in modules.items()}
 
     @contextlib.contextmanager
     def quantized(self, names: Iterable[str]):
         names = list(names)
         low = {self.modules[n]: self.low_weights[n] for n in names}
-        pre = [self.modules[n].register_forward_pre_hook(lambda _m, args: (self.activation(args[0]), *args[1:]))
-               for n in names]
+        pre = [self.modules[n].register_forward_pre_hook(
+            lambda _m, args, quantize=self.activations[n]: (quantize(args[0]), *args[1:])) for n in names]
         with swapped_weights(low), hooks(pre):
             yield
 
     def _error(self, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.activation(x), self.low_weights[name], module.bias) - out
+        return F.linear(self.activations[name](x), self.low_weights[name], module.bias) - out
 
 
 # ---- backends ------------------------------------------------------------------------------------
@@ -203,6 +206,8 @@ class Backend:
     # Per int8 layer, what `fit` subtracts from its bias (static int8's bias correction); empty elsewhere.
     corrections: dict[str, torch.Tensor] = field(default_factory=dict)
     formats: tuple[str, ...] = ("int8",)  # several: each candidate is an item `layer@format` (join_item)
+    # Per dynamic int8 layer: its activation width, 8, or 7 where its 8-bit products saturate on this CPU (fit).
+    activation_bits: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def create(cls, offered: Candidates) -> "Backend | None":

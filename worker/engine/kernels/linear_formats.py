@@ -34,7 +34,7 @@ from torch import nn
 
 from ..plan import Plan
 from .base import Backend, Candidates, Inputs, Simulation, hooks, int8_per_channel, join_item, split_item
-from .dynamic import ENGINE, FullRangeLinear, dynamic_activations
+from .dynamic import activation_widths, fake_activations, int8_module, saturating_layers
 from .profile import shared_shape_profile
 from .registry import register
 
@@ -129,12 +129,7 @@ def low_module(linear: nn.Linear, precision: str, activations: torch.dtype = tor
         return Int4WeightOnlyLinear(linear, activations)
     if precision == "bf16":
         return Bf16Linear(linear)
-    from torch.ao.quantization import per_channel_dynamic_qconfig
-
-    torch.backends.quantized.engine = ENGINE
-    source = copy.copy(linear)
-    source.qconfig = per_channel_dynamic_qconfig
-    return FullRangeLinear.from_float(source)
+    return int8_module(linear)
 
 
 def supports(linear: nn.Linear, precision: str) -> bool:
@@ -180,8 +175,10 @@ class FormatSimulation(Simulation):
     does: a bf16 Linear adds its bf16 bias inside, a weight-only module adds its fp32 bias after. Within one set
     of items a layer takes the last of its items."""
 
-    def __init__(self, model: nn.Module, modules: dict[str, nn.Linear], activations: str = "fp32"):
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Linear], activations: str = "fp32",
+                 activation_bits: dict[str, int] | None = None):
         self.model, self.modules = model, modules
+        self.activation_bits = activation_bits or {}  # per layer, its dynamic int8 kernel's activation width
         weights = simulated_weights(activations)
         self.in_bf16 = {"bf16"} | ({"int8wo", "int4wo"} if activations == "bf16" else set())
         self.low_weights = {item: weights[split_item(item)[1]](m.weight) for item, m in modules.items()}
@@ -196,7 +193,7 @@ class FormatSimulation(Simulation):
         """The layer's output on the simulated kernel of `item`, from the layer's float input `x`."""
         precision, weight, bias = split_item(item)[1], self.low_weights[item], module.bias
         if precision == "int8":
-            return F.linear(dynamic_activations(x), weight, bias)
+            return F.linear(fake_activations(x, self.activation_bits.get(self.layer(item), 8)), weight, bias)
         if precision not in self.in_bf16:
             return F.linear(x, weight, bias)
         if precision == "bf16":
@@ -253,11 +250,18 @@ class LinearFormats(Backend):
         model = copy.deepcopy(self.adapter, shared)
         modules = dict(self.adapter.named_modules())
         for name, precision in low.items():
-            model.set_submodule(name, self.low_module(modules[name], precision))
+            module = self.low_module(modules[name], precision)
+            if precision == "int8":
+                module.bits = self.activation_bits.get(name, 8)
+            model.set_submodule(name, module)
         return model.eval()
 
     def simulation(self, calibration: list[Inputs]) -> Simulation:
         modules = dict(self.adapter.named_modules())
         return FormatSimulation(self.adapter, {item: modules[split_item(item)[0]] for item in self.candidates},
-                                self.activations)
+                                self.activations, self.activation_bits)
+
+    def fit(self, calibration: list[Inputs]) -> None:
+        layers = [split_item(item)[0] for item in self.candidates if split_item(item)[1] == "int8"]
+        self.activation_bits = activation_widths(saturating_layers(self.adapter, layers, calibration[0]), layers)
 
