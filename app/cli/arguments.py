@@ -34,7 +34,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--confidence", type=number, default=DEFAULT_CONFIDENCE,
                         help="the one-sided level of each plan's acceptance test, drop + z*SE <= budget (0.5: on the "
                              "drop alone; default %(default)s). It bounds one plan's expected drop, not how often the "
-                             "returned plan holds on new data (measured: bench/results/confidence.md)")
+                             "returned plan holds on new data (bench/confidence.py measures that)")
     parser.add_argument("--ordering", choices=["augmented", "hessian", "random"], default="augmented")
     parser.add_argument("--selection", choices=["cost-aware", "sensitivity"], default="cost-aware",
                         help="order layers by accuracy cost per millisecond saved (cost-aware) or by sensitivity")

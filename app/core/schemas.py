@@ -72,9 +72,7 @@ class BudgetIn(Strict):
                                           "plus z standard errors (paired over the evaluation samples) is within "
                                           "max_drop; 0.5 accepts on the drop alone. It bounds one plan's expected "
                                           "drop, not the chance that the returned plan (the search picks among "
-                                          "many) holds on new data: measured coverage on unseen samples is in "
-                                          "bench/results/confidence.md (EfficientNet-Lite0 at 0.9: 87% at a 0.25% "
-                                          "budget, 85% at 0.5%, 98% at 1%)")
+                                          "many) holds on new data: bench/confidence.py measures that coverage")
 
     @model_validator(mode="after")
     def _ordered(self) -> "BudgetIn":
