@@ -442,6 +442,12 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
                 speedup, versus_cast = timing.reduction(), None
                 faster = speedup.faster
                 baseline_latency, latencies[()] = Latency.of(timing.first_rounds), Latency.of(timing.second_rounds)
+            elif not versus_cast.faster:  # a user must know the cast is as fast, even where it cannot be returned
+                warnings.append(f"{reference.describe()} is at least as fast as the returned model (its reduction "
+                                f"against the cast {versus_cast.median:.1%}, 95% interval {versus_cast.low:.1%} to "
+                                f"{versus_cast.high:.1%}); the cast is not returned because "
+                                + ("it breaks the budget" if not reference.fits else
+                                   "this model's baseline is a rewritten graph (conv nets: BatchNorm folded)"))
         chosen = next((s for s in steps if s.accepted and backend.assignment(
             s.low(order) if s.stage != "probe" else probe_low) == backend.assignment(final_low)), None) \
             if final_low else None
