@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
@@ -116,14 +119,36 @@ def independent_profile(backend: "Backend", calibration: list[Inputs], seconds_p
                      "sum scaled to one whole-model timing of the all-low plan", savings, backend.candidates, whole)
 
 
+# A model's call reads each layer's weights once, so they are not in cache when it runs (a decoding step reads
+# SmolLM2's 540 MB of weights per token). A shape timed over and over on one weight would run from cache: on an
+# AMX Xeon a 576x576 fp32 layer then looked as fast as its int4 kernel at one row, while in the model int4 made
+# decoding 1.9x faster. So each shape is timed over distinct copies of its weights, used in turn, as many as the
+# model's own working set (capped).
+COLD_BYTES_CAP = 256 * 2**20
+
+
+def _in_turn(modules: list) -> Callable:
+    """A call of the next module of `modules` each time, so consecutive calls read different weights."""
+    turn = itertools.cycle(modules)
+    return lambda x: next(turn)(x)
+
+
+def copies_for(weight_bytes: int, working_set_bytes: int) -> int:
+    """How many distinct copies of a weight make timing it read as many bytes as the model does (at least 1)."""
+    return max(1, math.ceil(min(working_set_bytes, COLD_BYTES_CAP) / max(weight_bytes, 1)))
+
+
 def shared_shape_profile(backend: "Backend", calibration: list[Inputs], seconds_per_layer: float = 0.5,
                          workload: "Workload | None" = None) -> LatencyProfile:
     """Many layers, several formats each, few distinct shapes (a transformer's blocks repeat): each distinct
-    (weight shape, bias, format) is timed once, the float module against its low module on random input of the
-    workload's rows, interleaved; layers of that shape share the figure. The sum over each layer's fastest format
-    is scaled to one whole-model timing of that plan against the baseline."""
+    (weight shape, bias, format) is timed once, float modules against low modules on random input of the
+    workload's rows, interleaved, each side cycling through copies of the weights as large as the model's
+    working set (its weights are cold in a real call); layers of that shape share the figure. The sum over each
+    layer's fastest format is scaled to one whole-model timing of that plan against the baseline."""
     workload = workload or Workload(calibration[0])
     modules = dict(backend.adapter.named_modules())
+    layers = {split_item(item)[0] for item in backend.candidates}
+    working_set = sum(modules[layer].weight.numel() * modules[layer].weight.element_size() for layer in layers)
     timed: dict[tuple, Paired] = {}
     savings = {}
     with torch.inference_mode():
@@ -133,17 +158,21 @@ def shared_shape_profile(backend: "Backend", calibration: list[Inputs], seconds_
             key = (tuple(linear.weight.shape), linear.bias is not None, precision)
             if key not in timed:
                 x = torch.randn(workload.rows, linear.in_features, generator=torch.Generator().manual_seed(0))
-                low = backend.low_module(linear, precision)
-                timed[key] = paired(lambda: linear(x), lambda: low(x), samples=workload.samples,
-                                    rounds=rounds_within(lambda: linear(x), seconds_per_layer))
+                copies = copies_for(linear.weight.numel() * linear.weight.element_size(), working_set)
+                floats = [copy.deepcopy(linear) for _ in range(copies)]
+                float_call, low_call = _in_turn(floats), _in_turn([backend.low_module(f, precision) for f in floats])
+                timed[key] = paired(lambda: float_call(x), lambda: low_call(x), samples=workload.samples,
+                                    rounds=rounds_within(lambda: float_call(x), seconds_per_layer))
             savings[item] = timed[key]
     chosen = fastest_items(savings, lambda item: split_item(item)[0])
     plan_model = backend.build(Plan(layers=backend.assignment(chosen), backend=backend.name), calibration)
     whole = paired(workload.call(backend.baseline), workload.call(plan_model), rounds=7, inner=1,
                    samples=workload.samples)
     return _anchored(f"each distinct weight shape and format timed once ({len(timed)} pairs), float against low on "
-                     f"{workload.rows} input row(s) as in one {workload.name} call, interleaved; the sum over each "
-                     "layer's fastest format scaled to one whole-model timing of that plan", savings, chosen, whole)
+                     f"{workload.rows} input row(s) as in one {workload.name} call, interleaved, each side cycling "
+                     f"through copies of its weights as large as the model's weights (cold, as in a real call; up "
+                     f"to {COLD_BYTES_CAP >> 20} MiB); the sum over each layer's fastest format scaled to one "
+                     "whole-model timing of that plan", savings, chosen, whole)
 
 
 def leave_one_out(baseline, all_low, example: Inputs, names: list[str], seconds_per_layer: float, method: str,
