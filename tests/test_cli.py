@@ -118,3 +118,13 @@ def test_workers_run_from_their_own_folder_with_absolute_paths(tmp_path):
     work, data_dir, database, broker = result.stdout.split()
     assert work == str(tmp_path / "state" / "work") and data_dir == str(tmp_path / "state")
     assert database == f"sqlite:///{tmp_path}/state/mixq.db" and broker == f"sqla+sqlite:///{tmp_path}/state/broker.db"
+
+
+def test_candidates_kept_float_are_named_when_few_and_counted_per_format_when_many():
+    from worker.engine.report import _excluded
+
+    assert _excluded(["a.q", "a.k"]) == "a.q, a.k"
+    many = [f"layers.{i}.q@{fmt}" for i in range(30) for fmt in ("int8", "bf16")] + ["lm_head@int8wo"]
+    summary = _excluded(many)
+    assert summary.startswith("61 candidates (30 in bf16, 30 in int8, 1 in int8wo)")
+    assert "layers.3.q" not in summary

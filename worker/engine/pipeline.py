@@ -463,7 +463,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
                       drop=admitted.drop if admitted else 0.0, stderr=admitted.stderr if admitted else 0.0,
                       test_drop=test_drop, test_stderr=test_stderr,
                       test_drop_interval=list(budget.interval(test_drop, test_stderr)), k=len(final_low),
-                      accepted_by=f"{admitted.stage} step k={admitted.k}: drop {admitted.drop:.4f} + z·SE "
+                      accepted_by=f"the {admitted.stage} step k={admitted.k}: drop {admitted.drop:.4f} + z·SE "
                                   f"{budget.z:.2f}·{admitted.stderr:.4f} = {admitted.bound:.4f} <= {budget.max_drop}"
                       if chosen else reference.accepted_by(budget) if cast else None)
         if final_low and not budget.accepts(final.test_drop):

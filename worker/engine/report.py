@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .kernels.base import split_item
+from .kernels import WHOLE_CAST
 from .plan import Plan
 
 REPORT_FORMAT = "mixq.report/3"
@@ -131,6 +133,29 @@ def _generation_lines(report: Report) -> list[str]:
     return lines
 
 
+def _low_precision_share(report: Report) -> str:
+    """How many of the model's layers the returned model runs below its baseline precision. A report's `layers`
+    lists candidates, which are `layer@format` items where a layer has several formats: count layers."""
+    if report.plan.backend == WHOLE_CAST:
+        return f"every layer in {report.plan.baseline_precision} (the whole model cast)"
+    layers = {split_item(layer["name"])[0] or layer["name"] for layer in report.layers}
+    return f"{report.final.k}/{len(layers)} layers low precision"
+
+
+def _excluded(items: list[str], shown: int = 12) -> str:
+    """The candidates kept float because they save no time: named when few, counted per format when many
+    (a language model has hundreds; every one is in the report's layers)."""
+    if len(items) <= shown:
+        return ", ".join(items)
+    per_format: dict[str, int] = {}
+    for item in items:
+        precision = split_item(item)[1] or "low precision"
+        per_format[precision] = per_format.get(precision, 0) + 1
+    return (f"{len(items)} candidates ("
+            + ", ".join(f"{count} in {precision}" for precision, count in sorted(per_format.items()))
+            + "); each is named in the report's layers")
+
+
 def render(report: Report) -> str:
     """Plain-text summary for the CLI: warnings first, then the figures."""
     base, final, search = report.baseline, report.final, report.search
@@ -160,15 +185,14 @@ def render(report: Report) -> str:
         "",
         f"{speed}, drop {final.drop:.4f} ± {final.stderr:.4f} on the evaluation split, {final.test_drop:.4f} on the "
         f"test split (95% interval {test_interval[0]:.4f} to {test_interval[1]:.4f}; budget {budget['max_drop']} "
-        f"{budget['mode']} at confidence {budget['confidence']}), {final.k}/{len(report.layers)} layers low "
-        "precision",
+        f"{budget['mode']} at confidence {budget['confidence']}), {_low_precision_share(report)}",
     ]
     for precision, versus in (report.latency or {}).get("against", {}).items():
         if precision != base.precision and versus:
             lines.append(f"against the whole model cast to {precision}: {versus['median'] * 100:.1f}% (95% interval "
                          f"{versus['low'] * 100:.1f} to {versus['high'] * 100:.1f}%)")
     if final.accepted_by:
-        lines.append(f"accepted by the {final.accepted_by}")
+        lines.append(f"accepted by {final.accepted_by}")
     lines += _generation_lines(report)
     analysis = search["method"].get("analysis")
     lines += [
@@ -188,7 +212,7 @@ def render(report: Report) -> str:
                      f"{'yes' if step['accepted'] else 'no'}{chosen}{skipped}")
     excluded = [layer["name"] for layer in report.layers if layer["excluded"]]
     if excluded:
-        lines += ["", f"kept in {report.baseline.precision}, saving no time: " + ", ".join(excluded)]
+        lines += ["", f"kept in {report.baseline.precision}, saving no time: " + _excluded(excluded)]
     if report.skipped_layers:
         lines += ["", "not candidates: " + "; ".join(f"{s['name']} ({s['reason']})" for s in report.skipped_layers)]
     onnx = report.exports.get("onnx")
