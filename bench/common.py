@@ -80,17 +80,23 @@ def data_for(model: str, imagenet: Path, **sizes):
     return DataOptions(**sizes), None
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+# The code a run measures is the tree it started on: taken when the script starts, not when it saves (a
+# commit made during an hour-long run is not the code that ran).
+STARTED_ON = {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--", "worker", "app"))}
+
+
 def provenance() -> dict:
-    """The code and machine a result came from: commit (and whether the tree had uncommitted changes), report
-    format, and the hardware (CPU model and instruction sets, or GPU) every figure was measured on."""
+    """The code and machine a result came from: commit (and whether the tree had uncommitted changes) when the
+    run started, report format, and the hardware (CPU model and instruction sets, or GPU) every figure was
+    measured on."""
     from worker.engine.hardware import detect
     from worker.engine.report import REPORT_FORMAT
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "worker", "app")),
-            "report_format": REPORT_FORMAT, "command": " ".join(["python", *sys.argv]),
+    return {**STARTED_ON, "report_format": REPORT_FORMAT, "command": " ".join(["python", *sys.argv]),
             "hardware": detect(device()).to_dict()}
 
 
