@@ -27,7 +27,7 @@ engine_process()
 from worker.engine import Budget, CompressOptions, LatencyOptions, SensitivityOptions, compress  # noqa: E402
 from worker.engine.artifact import model_size_bytes  # noqa: E402
 from worker.engine.data import DataOptions  # noqa: E402
-from worker.engine.kernels import LINEAR_FORMAT_NAMES  # noqa: E402
+from worker.engine.kernels import LINEAR_FORMAT_NAMES, WholeCast  # noqa: E402
 from worker.engine.kernels.base import join_item  # noqa: E402
 from worker.engine.pipeline import _generation, prepare  # noqa: E402
 from worker.engine.sensitivity import Sensitivity  # noqa: E402
@@ -87,20 +87,26 @@ def uniform() -> list[dict]:
     baseline = {split: evaluator.baseline_scores(split) for split in ("evaluation", "test")}
     simulation = bench.backend.simulation(bench.calibration)
     rows = []
-    for precision in bench.backend.formats:  # the formats this worker offers (bf16 only where native)
+    # Every Linear in each format this worker offers (bf16 only where native), then the whole model cast to the
+    # worker's fastest native float (attention and norms too), the one-line alternative a plan must beat.
+    uniform_plans = [(precision, False) for precision in bench.backend.formats]
+    if bench.reference_precision != bench.baseline_precision:
+        uniform_plans.append((bench.reference_precision, True))
+    for precision, whole in uniform_plans:
         started = time.perf_counter()
         candidates = set(bench.candidates)
         items = [item for item in (join_item(layer, precision) for layer in bench.backend.layers) if item in candidates]
         plan = bench.plan(items)
-        model = bench.build(plan)
-        if precision in FAST_ON_EVERY_CPU or bench.backend.activations == "bf16":  # the real kernels, scored
+        model = WholeCast(bench.backend.baseline, precision) if whole else bench.build(plan)
+        if whole or precision in FAST_ON_EVERY_CPU or bench.backend.activations == "bf16":  # real kernels, scored
             scores = {split: evaluator.scores(model, split) for split in baseline}
         else:  # weight-only kernels with fp32 activations take minutes per evaluation: their exact simulation
             with simulation.quantized(items):
                 scores = {split: evaluator.scores(simulation.model, split) for split in baseline}
         drop, stderr = budget.paired(baseline["test"], scores["test"])
-        simulated = not (precision in FAST_ON_EVERY_CPU or bench.backend.activations == "bf16")
-        rows.append({"plan": f"uniform {precision}" + (" (perplexity simulated)" if simulated else ""),
+        simulated = not (whole or precision in FAST_ON_EVERY_CPU or bench.backend.activations == "bf16")
+        name = f"whole model cast to {precision}" if whole else f"uniform {precision}"
+        rows.append({"plan": name + (" (perplexity simulated)" if simulated else ""),
                      "formats": formats_of(plan.to_dict()),
                      "perplexity": {"baseline": math.exp(-statistics.fmean(baseline["evaluation"])),
                                     "final": math.exp(-statistics.fmean(scores["evaluation"])),

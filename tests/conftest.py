@@ -90,6 +90,15 @@ def timed_as(ratio: float):
     return paired
 
 
+def integer_menu(hardware, cache_dir=None):
+    """The format menu of a CPU without native 16-bit floats (an AVX2 machine's): for tests about the search
+    or the reports, whose layers and formats must not depend on which CPU runs them (on an AVX-512 bf16 or AMX
+    CPU the measured menu adds a bf16 format per layer and a bf16 cast to beat)."""
+    from worker.engine.kernels.menu import Menu
+
+    return Menu(hardware.key, (), "fp32", {"bf16": "not offered: fixed by the test, whatever this CPU runs"})
+
+
 def token_batch(n: int = 8, seq: int = 12, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, 200, (n, seq), generator=g)

@@ -84,7 +84,10 @@ def silent_receiver(monkeypatch):
 # --- 1. no request waits on a webhook ---
 
 def test_a_hung_webhook_receiver_delays_neither_the_cancel_nor_any_other_request(keys, silent_receiver, monkeypatch):
+    """A delivery inline would hold the cancel, or /healthz, for the receiver's whole timeout (30 s here): the
+    bounds below are far under it, so only that failure fails them, not a slow machine."""
     queued = []
+    monkeypatch.setattr(get_settings(), "webhook_timeout_seconds", 30.0)
     monkeypatch.setattr(queue, "run_job", lambda job_id, priority: None)  # no worker: the job stays queued
     monkeypatch.setattr(queue, "send", lambda name, args, **_: queued.append((name, args)))
     server = Server()
@@ -113,8 +116,8 @@ def test_a_hung_webhook_receiver_delays_neither_the_cancel_nor_any_other_request
     finally:
         server.stop()
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
-    assert cancel_seconds < 2.0
-    assert len(slowest) > 10 and max(slowest) < 0.2, max(slowest)
+    assert cancel_seconds < 10
+    assert len(slowest) > 10 and max(slowest) < 5, max(slowest)
     # The delivery went to the housekeeping worker's queue, not to the receiver from the API.
     assert [name for name, _ in queued] == [queue.DELIVER_WEBHOOK]
 
@@ -143,7 +146,7 @@ def test_one_delivery_attempt_ends_at_its_deadline_however_slowly_the_receiver_t
     started = time.perf_counter()
     with pytest.raises(httpx.TimeoutException):
         webhooks.post(f"http://127.0.0.1:{listener.getsockname()[1]}/hook", "job.succeeded", {}, "d", 1)
-    assert time.perf_counter() - started < 3.0
+    assert time.perf_counter() - started < 8  # the trickle would take 12 s; the deadline is 1 s
     listener.close()
 
 
@@ -256,7 +259,8 @@ def test_a_slow_body_gets_408_at_the_deadline(limited):
                 pass
             if answer:
                 break
-    assert answer.startswith(b"HTTP/1.1 408") and time.perf_counter() - started < 5
+    # The deadline is 1 s; trickling the whole body would take over a minute.
+    assert answer.startswith(b"HTTP/1.1 408") and time.perf_counter() - started < 30
 
 
 def test_the_server_caps_its_requests_in_flight(keys, monkeypatch):

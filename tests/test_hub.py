@@ -79,12 +79,12 @@ def test_hf_names_never_read_a_local_folder_of_that_name(hub, tmp_path, monkeypa
 
 
 def test_a_hanging_hub_times_out_with_a_reason(hub):
-    hub.delay = 3.0
+    hub.delay = 10.0
     try:
         started = time.monotonic()
         with pytest.raises(InputError, match="cannot reach the Hub .*timeout 0.5 s"):
             hub_client.resolve("mixq-test/tiny-bert", None, timeout=0.5)
-        assert time.monotonic() - started < 2.5
+        assert time.monotonic() - started < 8  # the Hub would answer after 10 s
     finally:
         hub.delay = 0.0
 

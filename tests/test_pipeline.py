@@ -8,7 +8,7 @@ import pytest
 
 from worker.engine import Budget, CompressOptions, DataOptions, LatencyOptions, Report, SensitivityOptions, compress
 from worker.engine import pipeline
-from conftest import timed_as
+from conftest import integer_menu, timed_as
 from worker.engine.errors import Cancelled
 from worker.engine.search import Step
 
@@ -22,6 +22,14 @@ def options(cache_dir, **overrides):
         "cache_dir": cache_dir,
         **overrides,
     })
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_independent_menu():
+    """Every test here sees the same formats on every CPU (the menu's own tests are in test_hardware.py)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "load_or_measure", integer_menu)
+        yield
 
 
 @pytest.fixture
@@ -63,7 +71,7 @@ def test_every_layer_within_budget_is_one_evaluation_with_no_analysis(cache_dir,
     assert phases["load"]["backward"] == report.data["batch_size"] and phases["sensitivity"]["backward"] == 0
     assert phases["probe"]["forward"] >= report.data["evaluation"]  # the plan was scored
     assert report.latency["reduction"]["median"] == pytest.approx(0.4) and report.latency["reduction"]["faster"]
-    assert report.final.accepted_by.startswith("probe step")
+    assert report.final.accepted_by.startswith("the probe step")
 
 
 def test_minilm_searches_when_not_every_layer_fits(minilm):

@@ -22,8 +22,16 @@ from .plan import Plan
 def _flatten(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, object] = {}
+    stored: dict[tuple, str] = {}  # a tensor's identity -> the key it is stored under
 
     def put(key: str, value) -> object:
+        if isinstance(value, torch.Tensor) and not value.is_quantized:
+            # Tied weights (a language model's embedding and output projection) are one tensor under two
+            # keys: stored once, the second key refers to the first (safetensors refuses shared memory).
+            identity = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+            if identity in stored:
+                return {"same_as": stored[identity]}
+            stored[identity] = key
         if isinstance(value, torch.Tensor) and value.is_quantized:
             tensors[f"{key}.int_repr"] = value.int_repr().contiguous()
             if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
@@ -49,6 +57,8 @@ def _flatten(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
 
 def _unflatten(tensors: dict[str, torch.Tensor], layout: dict[str, object]) -> dict:
     def get(key: str, spec: dict):
+        if "same_as" in spec:
+            return tensors[spec["same_as"]]
         if "tuple" in spec:
             return tuple(get(f"{key}.{i}", item) for i, item in enumerate(spec["tuple"]))
         if spec.get("none"):

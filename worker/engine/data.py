@@ -122,16 +122,31 @@ def _batched(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None, index
     return out
 
 
+def _start_tokens(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text of its own accord (a BOS token, or none)."""
+    plain = tokenizer("start", add_special_tokens=False)["input_ids"]
+    full = tokenizer("start")["input_ids"]
+    for offset in range(len(full) - len(plain) + 1):
+        if full[offset:offset + len(plain)] == plain:
+            return list(full[:offset])
+    return []
+
+
 def token_windows(tokenizer, documents: list[str], options: DataOptions, description: str) -> Dataset:
     """A causal language model's text: each document tokenized and cut into non-overlapping windows of
     `seq_len` tokens (a shorter tail is dropped), and whole documents dealt to the calibration, evaluation and
     test splits in a seeded shuffle, so no document lends text to two splits. The windows are their own labels
-    (the next token at every position): the metric is perplexity."""
-    length = options.seq_len
+    (the next token at every position): the metric is perplexity. Each window starts as the tokenizer starts a
+    text (Gemma's with its BOS token: without it Gemma 3 270M's perplexity on news text was 1,023 against 11
+    with it; SmolLM2's tokenizer adds nothing)."""
+    start = _start_tokens(tokenizer)
+    length = options.seq_len - len(start)
+    if length < 1:
+        raise InputError(f"seq_len {options.seq_len} leaves no text after the tokenizer's {len(start)} start token(s)")
     windows = []
     for text in documents:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        windows.append([ids[i:i + length] for i in range(0, len(ids) - length + 1, length)])
+        windows.append([start + ids[i:i + length] for i in range(0, len(ids) - length + 1, length)])
     available = sum(len(w) for w in windows)
     wanted = [options.calibration_samples, options.eval_samples, options.test_samples]
     if available < len(SPLITS) or sum(1 for w in windows if w) < len(SPLITS):

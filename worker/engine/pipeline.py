@@ -242,8 +242,8 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
     workload = (generation.workload(options.generation_latency or generation.DECODE, calibration[0]) if generating
                 else Workload(calibration[0]))
     reference = menu.fastest_float if options.baseline == "auto" else options.baseline
-    if generating or options.runtime != "torch":
-        reference = baseline_precision  # a whole-model cast is timed for torch models with one forward per call
+    if options.runtime != "torch":
+        reference = baseline_precision  # a whole-model cast is a torch execution
     return Workbench(str(spec), loaded.revision, loaded.task, adapter, evaluator, backend, calibration,
                      baseline_precision, options.device, workload, hardware, menu, reference)
 

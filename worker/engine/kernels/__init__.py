@@ -113,11 +113,17 @@ class WholeCast(nn.Module):
     def __init__(self, model: nn.Module, precision: str):
         super().__init__()
         self.precision, self.dtype = precision, FLOAT_DTYPES[precision]
-        self.model = copy.deepcopy(model).to(self.dtype).eval()
+        self.cast = copy.deepcopy(model).to(self.dtype).eval()
+
+    @property
+    def model(self) -> nn.Module:
+        """The cast transformers model, where an adapter keeps its own (a language model's decode and prefill
+        workloads call it directly, with its KV cache)."""
+        return self.cast.model
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         cast = [x.to(self.dtype) if x.is_floating_point() else x for x in inputs]
-        return self.model(*cast).float()
+        return self.cast(*cast).float()
 
 
 def apply_plan(adapter: ModelAdapter, plan: Plan, calibration: list[Inputs]) -> nn.Module:
