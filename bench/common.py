@@ -19,6 +19,9 @@ sys.path.insert(0, str(ROOT))
 # `--smoke`: the script's own code at HEAD on tiny sizes, in seconds, so that no benchmark can stop running
 # unnoticed (`make test` runs each so: tests/test_bench.py). Its figures mean nothing; they go to --out.
 SMOKE = "--smoke" in sys.argv
+# The benchmarks that compare int8 methods (orderings, peers, the simulation, acceptance) name int8 alone: on a
+# CPU whose measured menu adds bf16 per layer, the default would change what they compare.
+INT8 = ("int8",)
 SMOKE_CAPS = {"calibration_samples": 8, "eval_samples": 16, "test_samples": 16, "seq_len": 16,  # DataOptions
               "repeats": 3, "warmup": 1, "profile_seconds": 0.005,  # LatencyOptions
               "hutchinson_max_samples": 2, "hutchinson_min_samples": 2, "hessian_batches": 1,  # SensitivityOptions

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import statistics
 
-from common import PlanScores, data_for, engine_process, parser, save
+from common import INT8, PlanScores, data_for, engine_process, parser, save
 
 engine_process()
 
@@ -46,7 +46,8 @@ def run_model(model: str, imagenet, resamples: int, cache_dir) -> dict:
     # Everything after calibration goes into the pool (the test split keeps one sample: it must not be empty).
     data, root = data_for(model, imagenet, calibration_samples=calibration,
                           eval_samples=available(model, imagenet) - calibration - 1, test_samples=1)
-    options = CompressOptions(budget=Budget(0.01), data=data, model_root=root, cache_dir=cache_dir)
+    options = CompressOptions(budget=Budget(0.01), data=data, model_root=root, cache_dir=cache_dir,
+                              formats=INT8)  # int8 plans, whatever else this CPU's menu offers
     bench = prepare(f"builtin:{model}", options)
     plans = PlanScores(bench)
     baseline = plans(())

@@ -2,8 +2,9 @@
 speed, then prefill: time to first token), beside uniform dynamic int8, uniform
 weight-only int8 and uniform weight-only int4 (every Linear in one format), on the same news windows: per plan its
 formats per layer, perplexity on the evaluation and test splits, decode tokens/s at batch 1 and time to first token
-against fp32 (paired, interleaved rounds), weights size, evaluations and wall time. Writes
-bench/results/llm.{json,md}.
+against fp32 (paired, interleaved rounds), weights size, evaluations and wall time; and the whole model cast to
+the worker's fastest native float, which a plan must beat (where it does not, mixq returns the cast: status
+float_cast). Writes bench/results/llm.{json,md}.
 
 The weights were dequantized from a 4-bit GGUF file, so weight-only int4 loses less on them than it would on the
 original bf16 weights: its figures here are optimistic. The uniform weight-only plans' perplexities come from
@@ -66,7 +67,8 @@ def searched() -> list[dict]:
             report = compress(SOURCE, options(budget, reuse, latency)).to_dict()
             wall = time.perf_counter() - started
             reuse = reuse or Sensitivity.from_report(report)
-            rows.append(_row(f"mixq at {budget:.0%}, optimising {latency}", budget, report, wall))
+            returned = "" if report["status"] == "compressed" else f" (returned: {report['status']})"
+            rows.append(_row(f"mixq at {budget:.0%}, optimising {latency}{returned}", budget, report, wall))
             print(f"  {rows[-1]['plan']}: {rows[-1]['formats']}, {wall:.0f}s", flush=True)
     return rows
 

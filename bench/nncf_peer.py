@@ -5,8 +5,8 @@ and the same relative budget. nncf is a benchmark dependency (`pip install -e '.
 service's.
 
 Reported: the int8 layers of the returned file, its metric on both splits (paired standard errors as
-mixq's), its onnxruntime latency against the float file's (paired rounds, bootstrap interval), NNCF's wall
-time (export excluded) and validation calls; once with NNCF's default preset and once with per-tensor
+mixq's), its onnxruntime latency against the float file's (paired rounds, the median's order-statistic
+interval, as mixq's), NNCF's wall time (export excluded) and validation calls; once with NNCF's default preset and once with per-tensor
 activation scales (onnxruntime runs per-channel activation scales of depthwise inputs in float).
 """
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from common import ROOT, cost_cell, data_for, engine_process, kept, parser, reduction_cell, save
+from common import INT8, ROOT, cost_cell, data_for, engine_process, kept, parser, reduction_cell, save
 
 engine_process()
 
@@ -42,7 +42,7 @@ def options_for(model: str, ordering: str, quick: bool, cache_dir: Path, imagene
                                        hessian_batches=1 if big else 2, interlayer_batches=1 if big else 4),
         data=data, model_root=root,
         latency=LatencyOptions(warmup=2 if big else 3, repeats=5 if big else 15),
-        cache_dir=cache_dir,
+        cache_dir=cache_dir, formats=INT8,  # orderings of int8 layers, whatever else this CPU's menu offers
     )
 
 

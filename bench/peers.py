@@ -16,7 +16,7 @@ The re-implemented peers accept a plan on its evaluation drop alone, as they do;
 confidence rule. Every plan is scored on the evaluation split (cached: a plan's scores are deterministic;
 each method is charged for every plan it needed: forward passes, seconds), once on the test split (drop
 with its paired standard error), and timed against the float baseline in round-robin rounds (all plans and
-the baseline in each round, so drift hits all alike; median reduction with a bootstrap interval). mixq's
+the baseline in each round, so drift hits all alike; median reduction with its order-statistic interval). mixq's
 plan is also exported and measured in onnxruntime. Writes bench/results/peers.{json,md} and the README's
 views of it (peers-readme.md, peers-cost.md).
 
@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PlanScores, ROOT, data_for, engine_process, kept, parser, save
+from common import INT8, PlanScores, ROOT, data_for, engine_process, kept, parser, save
 
 engine_process()
 
@@ -146,8 +146,9 @@ def run_model(model: str, imagenet, rounds: int, budgets: tuple[float, ...] | No
     family = "efficientnet" if model.startswith("efficientnet") else model
     data, root = data_for(model, imagenet, **SIZES[family])
     cache_dir = ROOT / "var" / "cache"
+    # int8 throughout, whatever else this CPU's menu offers: every peer here is an int8 method.
     options = CompressOptions(budget=Budget(0.01), data=data, model_root=root, cache_dir=cache_dir,
-                              latency=LatencyOptions(warmup=2, repeats=15))
+                              latency=LatencyOptions(warmup=2, repeats=15), formats=INT8)
     bench = prepare(f"builtin:{model}", options)
     evaluator, names = bench.evaluator, bench.candidates
     plans = PlanScores(bench)
@@ -204,7 +205,7 @@ def run_model(model: str, imagenet, rounds: int, budgets: tuple[float, ...] | No
 
         # mixq as shipped: its own process of deciding, with its own cost ledger.
         job = CompressOptions(budget=Budget(max_drop), data=data, model_root=root, cache_dir=cache_dir,
-                              latency=LatencyOptions(warmup=2, repeats=15))
+                              latency=LatencyOptions(warmup=2, repeats=15), formats=INT8)
         started = time.perf_counter()
         report = compress(f"builtin:{model}", job)
         wall = time.perf_counter() - started

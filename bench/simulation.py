@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, data_for, engine_process, kept, parser, save
+from common import INT8, ROOT, data_for, engine_process, kept, parser, save
 
 engine_process()
 
@@ -62,7 +62,7 @@ def run_model(name: str, imagenet, batches: int, eval_samples: int) -> dict:
     data, root = data_for(name, imagenet, calibration_samples=8 * batches, eval_samples=eval_samples,
                           test_samples=8, batch_size=8, seq_len=128)
     bench = prepare(f"builtin:{name}", CompressOptions(budget=Budget(0.01), data=data, model_root=root,
-                                                       cache_dir=ROOT / "var" / "cache"))
+                                                       cache_dir=ROOT / "var" / "cache", formats=INT8))
     evaluator, backend, calibration = bench.evaluator, bench.backend, bench.calibration
     started = time.perf_counter()
     simulation = backend.simulation(calibration)

@@ -99,6 +99,13 @@ def integer_menu(hardware, cache_dir=None):
     return Menu(hardware.key, (), "fp32", {"bf16": "not offered: fixed by the test, whatever this CPU runs"})
 
 
+def bf16_menu(hardware, cache_dir=None):
+    """The format menu of a CPU with native bf16 (AVX-512 bf16 or AMX), whatever CPU runs the test."""
+    from worker.engine.kernels.menu import Menu
+
+    return Menu(hardware.key, ("bf16",), "bf16", {"bf16": "offered: fixed by the test, whatever this CPU runs"})
+
+
 def token_batch(n: int = 8, seq: int = 12, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, 200, (n, seq), generator=g)

@@ -13,12 +13,21 @@ import torch
 from onnx import numpy_helper
 
 from worker.engine import Budget, CompressOptions, DataOptions, LatencyOptions, SensitivityOptions, compress
-from conftest import timed_as
+from conftest import integer_menu, timed_as
 from worker.engine import export, pipeline
 from worker.engine.pipeline import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = DataOptions(calibration_samples=16, eval_samples=32, test_samples=32, seq_len=16, batch_size=8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_independent_menu():
+    """The same formats on every CPU (an AVX-512 bf16 or AMX CPU's menu adds bf16 per layer, which a job that
+    asks for an ONNX export does not get: test_a_job_that_asks_for_onnx_keeps_formats_onnxruntime_runs)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "load_or_measure", integer_menu)
+        yield
 
 
 @pytest.fixture(scope="module", params=["builtin:minilm", "builtin:digits-resnet"])
@@ -131,3 +140,16 @@ def test_the_readme_snippet_runs_an_exported_model(exported, tmp_path):
     with torch.inference_mode():
         expected = tuple(bench.backend.baseline(*bench.example).shape)
     assert run.stdout.strip().endswith(str(expected))
+
+
+def test_a_job_that_asks_for_onnx_keeps_formats_onnxruntime_runs(cache_dir, monkeypatch):
+    """On a CPU whose menu offers bf16 per layer, a job exporting ONNX still searches int8 alone: onnxruntime's
+    quantizer has no bf16 Linear, and a plan with one could not be exported."""
+    from conftest import bf16_menu
+
+    monkeypatch.setattr(pipeline, "load_or_measure", bf16_menu)
+    plain = prepare("builtin:minilm", CompressOptions(budget=Budget(0.01), data=SMALL, cache_dir=cache_dir))
+    onnx_job = prepare("builtin:minilm", CompressOptions(budget=Budget(0.01), data=SMALL, cache_dir=cache_dir,
+                                                         exports=("onnx",)))
+    assert "bf16" in plain.backend.formats
+    assert onnx_job.backend.formats == ("int8",) and all("@" not in name for name in onnx_job.candidates)

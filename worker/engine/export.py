@@ -65,7 +65,7 @@ class OnnxExport:
     float: Runtime
     quantized: Runtime
     latency_reduction: float  # of the quantized file against the float file, both in onnxruntime
-    latency_interval: dict  # the same as a median over paired rounds with its bootstrap interval
+    latency_interval: dict  # the same as a median over paired rounds with its order-statistic interval
     int8_layers: int
     quantization: str
     opset: int = OPSET

@@ -1,6 +1,6 @@
 """Measured latency: warm-up, repeated timed runs, median and p90, in the same mode for every model; paired
 timings of two calls, interleaved so that machine drift hits both alike; and the reduction one gives over
-the other with its uncertainty (a bootstrap interval over the rounds)."""
+the other with its uncertainty (the distribution-free interval of a median over the rounds)."""
 
 from __future__ import annotations
 

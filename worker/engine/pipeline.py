@@ -225,7 +225,9 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
         raise InputError("a causal language model's plans run in torch: its decode loop and KV cache are not in "
                          "the ONNX export")
     formats = options.formats or TASK_FORMATS.get(loaded.task, ("int8",))
-    if not options.formats and options.runtime == "torch" and _linear_only(adapter):
+    # bf16 per layer where the menu offers it, unless the job exports ONNX: onnxruntime's quantizer maps int8
+    # Linear layers only, so a plan with a bf16 layer could not be exported.
+    if not options.formats and options.runtime == "torch" and "onnx" not in options.exports and _linear_only(adapter):
         formats = menu.formats_for(formats)
     try:
         backend = choose_backend(adapter, options.device, calibration[0], options.runtime, formats,
@@ -509,8 +511,9 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
                  "baseline": {"asked": options.baseline, "beaten": bench.reference_precision,
                               "accuracy_against": bench.baseline_precision},
                  "method": "the returned plan (or, if none beat it, the fastest within budget) against the baseline "
-                           "in paired, interleaved rounds; median over rounds of 1 - plan/baseline, percentile "
-                           "bootstrap interval over rounds; compressed only when the whole interval is above zero"},
+                           "in paired, interleaved rounds (order alternating); median over rounds of 1 - "
+                           "plan/baseline, its 95% order-statistic (sign test) interval; compressed only when the "
+                           "whole interval is above zero"},
         layers=[{**layer.to_dict(), "precision": backend.precision_in(layer.name, final_plan),
                  "latency_saving_ms": profile.saving(layer.name) if profile else None,
                  "saving_noise_ms": profile.savings[layer.name].noise_ms if profile else None,
