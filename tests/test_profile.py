@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from worker.engine.kernels.profile import COLD_BYTES_CAP, _in_turn, copies_for
+from worker.engine.kernels.profile import COLD_BYTES_CAP, in_turn, copies_for
 
 
 def test_a_shape_is_timed_over_copies_as_large_as_the_models_weights():
@@ -20,7 +20,7 @@ def test_consecutive_calls_read_different_weights_and_every_copy_is_used():
             return x
 
     copies = [Recorder() for _ in range(3)]
-    call = _in_turn(copies)
+    call = in_turn(copies)
     for _ in range(7):
         call(None)
     assert all(a != b for a, b in zip(seen, seen[1:]))

@@ -127,7 +127,7 @@ def independent_profile(backend: "Backend", calibration: list[Inputs], seconds_p
 COLD_BYTES_CAP = 256 * 2**20
 
 
-def _in_turn(modules: list) -> Callable:
+def in_turn(modules: list) -> Callable:
     """A call of the next module of `modules` each time, so consecutive calls read different weights."""
     turn = itertools.cycle(modules)
     return lambda x: next(turn)(x)
@@ -160,7 +160,7 @@ def shared_shape_profile(backend: "Backend", calibration: list[Inputs], seconds_
                 x = torch.randn(workload.rows, linear.in_features, generator=torch.Generator().manual_seed(0))
                 copies = copies_for(linear.weight.numel() * linear.weight.element_size(), working_set)
                 floats = [copy.deepcopy(linear) for _ in range(copies)]
-                float_call, low_call = _in_turn(floats), _in_turn([backend.low_module(f, precision) for f in floats])
+                float_call, low_call = in_turn(floats), in_turn([backend.low_module(f, precision) for f in floats])
                 timed[key] = paired(lambda: float_call(x), lambda: low_call(x), samples=workload.samples,
                                     rounds=rounds_within(lambda: float_call(x), seconds_per_layer))
             savings[item] = timed[key]
