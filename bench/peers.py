@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import INT8, PlanScores, ROOT, data_for, engine_process, kept, parser, save
+from common import INT8, PlanScores, ROOT, data_for, engine_process, hardware_line, kept, parser, save
 
 engine_process()
 
@@ -354,7 +354,7 @@ def main() -> None:
     for model in args.models.split(","):
         results.append(run_model(model, args.imagenet, args.rounds, args.budgets))
         save(args.out, "peers", results, markdown(results))
-        (args.out / "peers-readme.md").write_text(markdown(results, {0.01}))
+        (args.out / "peers-readme.md").write_text(f"{hardware_line()}\n\n{markdown(results, {0.01})}")
 
 
 if __name__ == "__main__":
