@@ -126,6 +126,7 @@ def test_submit_watch_and_inspect_a_job(page, server):
             else "nothing timed") in page.inner_text("#latency-reduction")
     assert f"{report['cost']['total']['seconds']:.0f} s" in page.inner_text("#cost")  # what the job spent
     assert f"{report['final']['test_metric']:.4f}" in page.inner_text("#test-metric")
+    assert f"{report['final']['k']}/50 layers" in page.inner_text("#size")  # layers, not layer@format items
     assert report["warnings"] and "test split has only 20 samples" in page.inner_text("#warnings")
     page.click('#layer-table th[data-key="rank"]')  # sortable: by rank, ascending
     first_rank = page.inner_text("#layer-table tbody tr:first-child td:nth-child(10)")

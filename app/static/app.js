@@ -238,13 +238,21 @@ function summary(report) {
     card("Latency median", `${b.latency_ms.median.toFixed(2)} → ${f.latency_ms.median.toFixed(2)} ms`, `p90 ${b.latency_ms.p90.toFixed(2)} → ${f.latency_ms.p90.toFixed(2)} ms; attention ${report.environment.attention}`),
     card("Latency reduction", pct(report.latency_reduction), returnsPlan(report) ? `${interval(report.latency.reduction)}; ${report.message}`
       : `${report.message}${report.latency.reduction ? ` (the fastest plan within budget measured ${pct(report.latency.reduction.median)}, ${interval(report.latency.reduction)}: not returned)` : ""}`, "latency-reduction"),
-    card("Size", `${(b.size_bytes / 1e6).toFixed(1)} → ${(f.size_bytes / 1e6).toFixed(1)} MB`, `${f.k}/${report.layers.length} layers ${report.backend.low_precision}`),
+    card("Size", `${(b.size_bytes / 1e6).toFixed(1)} → ${(f.size_bytes / 1e6).toFixed(1)} MB`, lowPrecisionShare(report), "size"),
     ...againstFloats(report, card),
     card("Runtime", report.backend.runtime || "torch", report.backend.name, "runtime"),
     card("Hardware", hardwareName(report), hardwareDetail(report), "hardware"),
     card("Search", `${report.search.evaluations} evaluations`, method.analysis ? `sensitivity analysis ${method.analysis}` : `max ${report.search.max_evaluations} (${report.search.refinement_evaluations} refinement), ${report.search.ordering} ordering, ${report.search.selection} selection, Hessian ${method.hessian || "–"}`),
     card("Cost", `${cost.seconds.toFixed(0)} s`, `samples through ${cost.forward.toLocaleString()} forward, ${cost.timed.toLocaleString()} timed, ${cost.simulated.toLocaleString()} simulated and ${cost.backward.toLocaleString()} backward passes`, "cost"),
     ...generationCards(report, card));
+}
+
+// How many layers run below the baseline's precision (report.py's _low_precision_share): `layers` lists
+// candidates, `layer@format` items where a layer has several formats, so layers are counted by name.
+function lowPrecisionShare(report) {
+  if (report.plan.backend === "whole-cast") return `every layer in ${report.plan.baseline_precision} (the whole model cast)`;
+  const layers = new Set(report.layers.map((layer) => layer.name.split("@")[0]));
+  return `${report.final.k}/${layers.size} layers ${report.backend.low_precision}`;
 }
 
 // Which machine measured every figure on this page (reports from before the hardware was recorded: its CPU field).
