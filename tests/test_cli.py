@@ -123,8 +123,10 @@ def test_workers_run_from_their_own_folder_with_absolute_paths(tmp_path):
 def test_candidates_kept_float_are_named_when_few_and_counted_per_format_when_many():
     from worker.engine.report import _excluded
 
-    assert _excluded(["a.q", "a.k"]) == "a.q, a.k"
+    assert _excluded(["a.q", "a.k"], "int8") == "a.q, a.k"
     many = [f"layers.{i}.q@{fmt}" for i in range(30) for fmt in ("int8", "bf16")] + ["lm_head@int8wo"]
-    summary = _excluded(many)
+    summary = _excluded(many, "int8/int8wo/int4wo/bf16")
     assert summary.startswith("61 candidates (30 in bf16, 30 in int8, 1 in int8wo)")
     assert "layers.3.q" not in summary
+    # One format per layer (a conv net's static int8): plain layer names count in the backend's format.
+    assert _excluded([f"blocks.{i}.conv" for i in range(20)], "int8").startswith("20 candidates (20 in int8)")

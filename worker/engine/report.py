@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .kernels.base import split_item
+from .kernels.base import SEPARATOR, split_item
 from .kernels import WHOLE_CAST
 from .plan import Plan
 
@@ -133,23 +133,28 @@ def _generation_lines(report: Report) -> list[str]:
     return lines
 
 
+def _layer_and_format(candidate: str, low_precision: str) -> tuple[str, str]:
+    """A report's candidate is a layer name, or a `layer@format` item where a layer has several formats."""
+    return split_item(candidate) if SEPARATOR in candidate else (candidate, low_precision)
+
+
 def _low_precision_share(report: Report) -> str:
     """How many of the model's layers the returned model runs below its baseline precision. A report's `layers`
     lists candidates, which are `layer@format` items where a layer has several formats: count layers."""
     if report.plan.backend == WHOLE_CAST:
         return f"every layer in {report.plan.baseline_precision} (the whole model cast)"
-    layers = {split_item(layer["name"])[0] or layer["name"] for layer in report.layers}
+    layers = {_layer_and_format(layer["name"], "")[0] for layer in report.layers}
     return f"{report.final.k}/{len(layers)} layers low precision"
 
 
-def _excluded(items: list[str], shown: int = 12) -> str:
+def _excluded(items: list[str], low_precision: str, shown: int = 12) -> str:
     """The candidates kept float because they save no time: named when few, counted per format when many
     (a language model has hundreds; every one is in the report's layers)."""
     if len(items) <= shown:
         return ", ".join(items)
     per_format: dict[str, int] = {}
     for item in items:
-        precision = split_item(item)[1] or "low precision"
+        precision = _layer_and_format(item, low_precision)[1]
         per_format[precision] = per_format.get(precision, 0) + 1
     return (f"{len(items)} candidates ("
             + ", ".join(f"{count} in {precision}" for precision, count in sorted(per_format.items()))
@@ -212,7 +217,7 @@ def render(report: Report) -> str:
                      f"{'yes' if step['accepted'] else 'no'}{chosen}{skipped}")
     excluded = [layer["name"] for layer in report.layers if layer["excluded"]]
     if excluded:
-        lines += ["", f"kept in {report.baseline.precision}, saving no time: " + _excluded(excluded)]
+        lines += ["", f"kept in {report.baseline.precision}, saving no time: " + _excluded(excluded, report.backend["low_precision"])]
     if report.skipped_layers:
         lines += ["", "not candidates: " + "; ".join(f"{s['name']} ({s['reason']})" for s in report.skipped_layers)]
     onnx = report.exports.get("onnx")
