@@ -43,12 +43,16 @@ def job_out(job) -> JobOut:
     return JobOut(**fields, finished=job.status in jobs.FINISHED, links=links)
 
 
-def owned_job(job_id: str, session, tenant: CallerTenant, report: bool = True) -> Job:
-    """The tenant's job, or 404; without `report`, its report (hundreds of kB once finished) stays unread."""
-    query = select(Job).where(Job.id == job_id, Job.tenant_id == tenant.id)
-    job = session.scalar(query if report else query.options(defer(Job.report)))
-    if job is None:  # another tenant's job is indistinguishable from a missing one
-        raise HTTPException(404, f"job {job_id} not found")
+def job_not_found(job_id: str) -> HTTPException:
+    # Another tenant's job is indistinguishable from a missing one.
+    return HTTPException(404, f"job {job_id} not found")
+
+
+def owned_job(job_id: str, session, tenant: CallerTenant) -> Job:
+    """The tenant's job, or 404 (the poll reads its columns itself, without the report: `get_job`)."""
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant.id))
+    if job is None:
+        raise job_not_found(job_id)
     return job
 
 
@@ -186,8 +190,8 @@ _POLLED = select(*(Job.__table__.c[name] for name in JobOut.model_fields if name
 @router.get("/{job_id}", response_model=JobOut, responses=errors(404))
 async def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> Response:
     row = session.execute(_POLLED, {"job_id": job_id, "tenant_id": tenant.id}).first()
-    if row is None:  # another tenant's job is indistinguishable from a missing one
-        raise HTTPException(404, f"job {job_id} not found")
+    if row is None:
+        raise job_not_found(job_id)
     # Serialised once, here, instead of validated again against the response model (which still documents it).
     return Response(job_out(row).model_dump_json(), media_type="application/json")
 
