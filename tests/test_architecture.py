@@ -18,8 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_FREE_ENGINE = {"worker.engine", "worker.engine.allocator", "worker.engine.catalogue", "worker.engine.errors",
-                     "worker.engine.hub", "worker.engine.paths", "worker.engine.search", "worker.engine.sizing",
-                     "worker.engine.spec"}
+                     "worker.engine.hub", "worker.engine.paths", "worker.engine.plan", "worker.engine.search",
+                     "worker.engine.sizing", "worker.engine.spec"}
 
 
 def _module(path: Path) -> str:

@@ -13,7 +13,7 @@ import torch
 from onnx import numpy_helper
 
 from worker.engine import Budget, CompressOptions, DataOptions, LatencyOptions, SensitivityOptions, compress
-from conftest import integer_menu, timed_as
+from conftest import every_layer_saves, integer_menu
 from worker.engine import export, pipeline
 from worker.engine.pipeline import prepare
 
@@ -85,7 +85,7 @@ def test_exactly_the_plans_low_layers_become_int8(exported, tmp_path):
 
 
 def test_a_compressed_job_reports_its_onnx_figures_from_onnxruntime(cache_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "paired", timed_as(0.6))  # about the export, not torch's speed-up
+    every_layer_saves(monkeypatch)  # about the export, not torch's speed-up
     options = CompressOptions(
         budget=Budget(0.01), data=SMALL, exports=("onnx",), out_dir=tmp_path, cache_dir=cache_dir,
         sensitivity=SensitivityOptions(hutchinson_max_samples=4, hessian_batches=1, interlayer_batches=1),
@@ -112,7 +112,7 @@ def test_a_compressed_job_reports_its_onnx_figures_from_onnxruntime(cache_dir, t
 
 
 def test_a_model_the_exporter_cannot_lower_says_why_and_the_job_still_succeeds(cache_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "paired", timed_as(0.6))  # only a returned plan is exported
+    every_layer_saves(monkeypatch)  # only a returned plan is exported
     def refuse(*args, **kwargs):
         raise RuntimeError("unsupported operator aten::frobnicate")
 

@@ -70,7 +70,8 @@ def test_every_layer_within_budget_is_one_evaluation_with_no_analysis(cache_dir,
     # The only backward pass is the load's search for layers that do not reach the output: one example batch.
     assert phases["load"]["backward"] == report.data["batch_size"] and phases["sensitivity"]["backward"] == 0
     assert phases["probe"]["forward"] >= report.data["evaluation"]  # the plan was scored
-    assert report.latency["reduction"]["median"] == pytest.approx(0.4) and report.latency["reduction"]["faster"]
+    # The plan returned is the one timed against the baseline, and its reduction is that timing's.
+    assert report.latency["reduction"]["faster"] and report.latency_reduction == report.latency["reduction"]["median"]
     assert report.final.accepted_by.startswith("the probe step")
 
 

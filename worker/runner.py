@@ -170,11 +170,13 @@ def _end(job_id: str, worker: str, status: str, message: str | None = None, erro
 def _artifacts(out_dir: Path, report) -> dict[str, dict]:
     """Each downloadable file by kind: the bundle (everything), and the deployable files inside it."""
     files = {"bundle": _bundle(out_dir)}
-    if report.artifact and "weights" in report.artifact:  # a plan searched in onnxruntime has no torch weights
+    if report.artifact and "weights" in report.artifact:  # a plan searched outside torch has no torch weights
         files["safetensors"] = out_dir / report.artifact["weights"]
     onnx = report.exports.get("onnx") or {}
     if onnx.get("file") and not onnx.get("error"):
         files["onnx"] = out_dir / onnx["file"]
+    if report.artifact and "gguf" in report.artifact:  # a plan searched in llama.cpp
+        files["gguf"] = out_dir / report.artifact["gguf"]
     return {kind: {"path": str(path), "size_bytes": path.stat().st_size, "sha256": _sha256(path)}
             for kind, path in files.items()}
 

@@ -58,12 +58,14 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--seq-len", type=positive_int, default=128)
     parser.add_argument("--priority", type=int, default=5, help="0-9, higher runs first (service jobs)")
-    parser.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
-                        help="where every plan is evaluated, timed and delivered (onnxruntime: the search runs in the "
-                             "runtime you deploy, and the artifact is its ONNX file)")
+    parser.add_argument("--runtime", choices=["torch", "onnxruntime", "llama.cpp"], default="torch",
+                        help="where every plan is evaluated, timed and delivered (onnxruntime or llama.cpp: the search "
+                             "runs in the runtime you deploy, and the artifact is its ONNX or GGUF file; llama.cpp "
+                             "takes causal language models read from a GGUF file)")
     parser.add_argument("--precisions", type=lambda text: text.split(","), default=None,
                         help="comma-separated low precisions a plan may mix per layer: int8, int8wo, int4wo, bf16 (CPU), "
-                             "or fp8 alone (GPU); default: the worker's measured menu (int8, and int8,int8wo,int4wo "
+                             "or fp8 alone (GPU), or GGML types with --runtime llama.cpp (F16, Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, "
+                             "Q4_0: each offered where this CPU runs it faster); default: the worker's measured menu (int8, and int8,int8wo,int4wo "
                              "for causal language models, each with bf16 where this CPU runs it natively)")
     parser.add_argument("--baseline", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                         help="the float execution a plan must beat on latency; auto: the fastest float this machine "

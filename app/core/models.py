@@ -99,7 +99,7 @@ class Artifact(Base):
     __table_args__ = (UniqueConstraint("job_id", "kind"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    kind: Mapped[str] = mapped_column(String(32))  # bundle (zip of everything), safetensors or onnx
+    kind: Mapped[str] = mapped_column(String(32))  # bundle (zip of everything), safetensors, onnx or gguf
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(BigInteger)  # bundles of large models pass 2 GiB
     sha256: Mapped[str] = mapped_column(String(64))

@@ -13,6 +13,7 @@ from worker.engine import sizing
 from worker.engine.catalogue import BUILTIN_NAMES
 from worker.engine.errors import InputError
 from worker.engine.search import DEFAULT_CONFIDENCE
+from worker.engine.plan import GGML_TYPES
 from worker.engine.paths import HF_CONFIG_PATTERN, HF_REPO_PATTERN, HF_REVISION_PATTERN, SPLIT_PATTERN
 from worker.engine.spec import parse_source
 
@@ -108,12 +109,14 @@ class JobOptions(Strict):
     eval_samples: int = Field(256, ge=1, le=100_000)
     test_samples: int = Field(256, ge=1, le=100_000, description="held out from every decision; scores the final plan")
     hutchinson_samples: int = Field(16, ge=2, le=1000)
-    precisions: list[Literal["int8", "fp8", "int8wo", "int4wo", "bf16"]] | None = Field(
-        None, min_length=1, max_length=4,
+    precisions: list[Literal["int8", "fp8", "int8wo", "int4wo", "bf16", *GGML_TYPES]] | None = Field(
+        None, min_length=1, max_length=len(GGML_TYPES),
         description="the low precisions a plan may use, chosen per layer: ['int8'] (or ['fp8'] on GPU workers); on "
                     "CPU, int8 with int8wo and int4wo (weight-only) and bf16 in any mix. Default: the worker's "
                     "measured menu: ['int8'] (int8, int8wo, int4wo for causal language models), plus bf16 for "
-                    "Linear-only models where the worker's CPU runs bf16 faster than fp32")
+                    "Linear-only models where the worker's CPU runs bf16 faster than fp32. With runtime llama.cpp: "
+                    "GGML types (" + ", ".join(GGML_TYPES) + "), by default all of them, of which the worker offers "
+                    "those it measures faster")
     baseline: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="the float execution a plan must beat on latency (accuracy is always against the model "
                             "as given, fp32): auto = the fastest float this worker runs natively (measured), or name "
@@ -125,12 +128,22 @@ class JobOptions(Strict):
     exports: list[Literal["onnx"]] = Field(
         default_factory=lambda: ["onnx"], max_length=1,
         description="deployable formats besides the torch artifact, each verified in its own runtime")
-    runtime: Literal["torch", "onnxruntime"] = Field(
-        "torch", description="where every plan is evaluated, timed and delivered: torch's kernels, or onnxruntime "
-                             "(the plan searched in the runtime you deploy; the artifact is its ONNX file)")
+    runtime: Literal["torch", "onnxruntime", "llama.cpp"] = Field(
+        "torch", description="where every plan is evaluated, timed and delivered: torch's kernels, onnxruntime (the "
+                             "artifact is its ONNX file) or llama.cpp (causal language models read from a GGUF file; "
+                             "the artifact is a GGUF file with a GGML type per tensor)")
     data: DataIn | None = None
     webhook_url: str | None = Field(None, max_length=2000, pattern=WEBHOOK_PATTERN,
                                     description="notified (HMAC-signed per tenant) when the job ends")
+
+    @model_validator(mode="after")
+    def _precisions_of_the_runtime(self):
+        ggml = [p for p in self.precisions or [] if p in GGML_TYPES]
+        if self.runtime == "llama.cpp" and len(ggml) != len(self.precisions or []):
+            raise ValueError(f"runtime llama.cpp takes GGML types as precisions ({', '.join(GGML_TYPES)})")
+        if self.runtime != "llama.cpp" and ggml:
+            raise ValueError(f"GGML types ({', '.join(ggml)}) are precisions of runtime llama.cpp")
+        return self
 
     @field_validator("precisions")
     @classmethod

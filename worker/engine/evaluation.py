@@ -43,13 +43,14 @@ class _References(dict):
     """The reference model's outputs per split, each computed on first use: the calibration split's only
     when a fidelity loss needs them."""
 
-    def __init__(self, model: torch.nn.Module, evaluator: "Evaluator"):
+    def __init__(self, model: torch.nn.Module, evaluator: "Evaluator", analysed: torch.nn.Module):
         super().__init__()
-        self.model, self.evaluator = model, evaluator
+        self.model, self.evaluator, self.analysed = model, evaluator, analysed
 
     def __missing__(self, split: str) -> list:
+        model = self.analysed if split == "calibration" else self.model
         with torch.inference_mode():
-            outputs = [self.evaluator.kept(self.model(*self.evaluator.inputs(b)).float(), b, split)
+            outputs = [self.evaluator.kept(model(*self.evaluator.inputs(b)).float(), b, split)
                        for b in getattr(self.evaluator.data, split)]
         cost.count("forward", sum(len(b[self.evaluator.input_names[0]]) for b in getattr(self.evaluator.data, split)))
         self[split] = outputs
@@ -62,7 +63,8 @@ class Evaluator:
     losses, and they are also its own scores (`baseline_scores`), so the baseline is never run twice."""
 
     def __init__(self, reference: torch.nn.Module, data: Dataset, task: str, metric: str | None = None,
-                 input_names: tuple[str, ...] | None = None, analysis_loss: str = "fidelity"):
+                 input_names: tuple[str, ...] | None = None, analysis_loss: str = "fidelity",
+                 analysed: torch.nn.Module | None = None):
         self.input_names = input_names or reference.input_names
         self.data = data
         self.embedding = task == FEATURE_EXTRACTION
@@ -71,7 +73,9 @@ class Evaluator:
         # The loss the sensitivity analysis scores layers on: fidelity to fp32, or the labels' cross-entropy.
         self.task_loss = self.labelled and analysis_loss == "task"
         self.logit_cosine = metric == LOGIT_COSINE and not self.labelled and not self.embedding
-        self.reference = _References(reference, self)
+        # The analysis's loss compares with `analysed` (the float model the simulation runs in: the reference
+        # itself, except where plans run outside torch, e.g. in llama.cpp).
+        self.reference = _References(reference, self, analysed if analysed is not None else reference)
 
     @property
     def metric_name(self) -> str:

@@ -27,6 +27,8 @@ class Prefill(Workload):
     unit: str = "ms per prompt"
 
     def call(self, model: torch.nn.Module):
+        if hasattr(model, "prefilling"):  # a GGUF file in llama.cpp (llamacpp.GgufModel)
+            return model.prefilling(self.example[0][0].tolist())
         causal = model.model
 
         def prefill():
@@ -48,6 +50,8 @@ class DecodeStep(Workload):
     def call(self, model: torch.nn.Module):
         from transformers import DynamicCache
 
+        if hasattr(model, "decoding"):  # a GGUF file in llama.cpp (llamacpp.GgufModel)
+            return model.decoding(self.example[0][0].tolist())
         causal, prompt = model.model, self.example[0]
         cache = DynamicCache(config=causal.config)
         with torch.inference_mode():

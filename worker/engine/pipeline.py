@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from contextlib import contextmanager
 from importlib.metadata import version
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from . import allocator, export
+from . import allocator, export, llamacpp
 from . import sensitivity as sens
 from . import generation
 from .adapters import TEXT_GENERATION, adapt, attention_implementation, quantizable_layers
@@ -24,13 +25,13 @@ from .data import DataOptions
 from .errors import InputError
 from .evaluation import Evaluator
 from .hardware import Hardware, detect
-from .kernels import (INTEGER_FORMATS, ONNX_RUNTIME, WHOLE_CAST, Backend, LatencyProfile, WholeCast, choose_backend,
-                      float_model)
+from .kernels import (INTEGER_FORMATS, LLAMA_CPP, ONNX_RUNTIME, WHOLE_CAST, Backend, LatencyProfile, WholeCast,
+                      choose_backend, float_model)
 from .kernels.menu import Menu, load_or_measure
 from .artifact import model_size_bytes, save_artifact
 from .cost import Ledger
 from .latency import Latency, LatencyOptions, Paired, Workload, measure, paired
-from .plan import Plan
+from .plan import GGML_TYPES, Plan
 from .report import STATUS_MESSAGES, Baseline, Final, Report
 from .search import (DEFAULT_CONFIDENCE, REFINEMENT_STEPS, SELECTIONS, Budget, Measurement, Step, cost_aware_order,
                      frontier_order, max_evaluations, search)
@@ -221,26 +222,33 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
     if options.generation_latency and not generating:
         raise InputError(f"latency {options.generation_latency} is for causal language models; {source} is "
                          f"{loaded.task}")
-    if generating and options.runtime != "torch":
-        raise InputError("a causal language model's plans run in torch: its decode loop and KV cache are not in "
-                         "the ONNX export")
-    formats = options.formats or TASK_FORMATS.get(loaded.task, ("int8",))
+    if generating and options.runtime == ONNX_RUNTIME:
+        raise InputError("a causal language model's plans run in torch or llama.cpp: its decode loop and KV cache "
+                         "are not in the ONNX export")
+    if options.runtime == LLAMA_CPP:
+        _check_llama_cpp(source, generating, loaded.gguf, options.formats)
+    formats = options.formats or (GGML_TYPES if options.runtime == LLAMA_CPP else
+                                  TASK_FORMATS.get(loaded.task, ("int8",)))
     # bf16 per layer where the menu offers it, unless the job exports ONNX: onnxruntime's quantizer maps int8
     # Linear layers only, so a plan with a bf16 layer could not be exported.
     if not options.formats and options.runtime == "torch" and "onnx" not in options.exports and _linear_only(adapter):
         formats = menu.formats_for(formats)
     try:
         backend = choose_backend(adapter, options.device, calibration[0], options.runtime, formats,
-                                 menu.weight_only_activations if options.device == "cpu" else "fp32")
+                                 menu.weight_only_activations if options.device == "cpu" else "fp32",
+                                 gguf=loaded.gguf, latency=options.generation_latency or generation.DECODE,
+                                 amx="amx_int8" in hardware.flags)
     except ValueError as exc:
         raise InputError(str(exc)) from None
     if not backend.candidates:
         raise InputError(f"{source} has no layers the {backend.name} backend can quantize")
     backend.fit(calibration)
+    if not backend.candidates:  # a measured menu may keep no format (llama.cpp: no type saved time)
+        raise InputError(f"no low-precision format of the {backend.name} backend saves time on this worker")
     # Plans are compared against the backend's baseline (the execution mode users deploy), so its outputs are
-    # the reference.
+    # the reference; the analysis compares with the float model its simulation runs in.
     evaluator = Evaluator(backend.baseline, data, loaded.task, loaded.metric, input_names=adapter.input_names,
-                          analysis_loss=options.sensitivity.loss)
+                          analysis_loss=options.sensitivity.loss, analysed=backend.simulated)
     workload = (generation.workload(options.generation_latency or generation.DECODE, calibration[0]) if generating
                 else Workload(calibration[0]))
     reference = menu.fastest_float if options.baseline == "auto" else options.baseline
@@ -248,6 +256,41 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
         reference = baseline_precision  # a whole-model cast is a torch execution
     return Workbench(str(spec), loaded.revision, loaded.task, adapter, evaluator, backend, calibration,
                      baseline_precision, options.device, workload, hardware, menu, reference)
+
+
+def _untied_head(bench: Workbench, plan: Plan) -> list[str]:
+    """A torch plan that runs a tied output head in another precision than the token embedding gives the head its
+    own copy of the table: the artifact grows by that copy, and the report must say why."""
+    model = getattr(bench.adapter, "model", None)
+    config = getattr(model, "config", None)
+    if bench.backend.name.startswith("llama.cpp") or not getattr(config, "tie_word_embeddings", False):
+        return []  # in a GGUF the head is the embedding table itself, in one type
+    head = next((name for name, module in bench.adapter.named_modules()
+                 if module is model.get_output_embeddings()), None)
+    precision = plan.layers.get(head)
+    if precision is None or precision == plan.baseline_precision:
+        return []
+    table = model.get_input_embeddings().weight
+    return [f"the output head ({head}) shares its weights with the token embedding; in {precision} it needs its own "
+            f"copy, so the artifact stores both (the {plan.baseline_precision} table of "
+            f"{table.numel() * table.element_size() / 1e6:.1f} MB stays for the embedding lookup)"]
+
+
+def _check_llama_cpp(source: str, generating: bool, gguf, formats: tuple[str, ...]) -> None:
+    """What a search in llama.cpp needs: a causal LM read from a GGUF file (its metadata and tokenizer travel into
+    every plan's file), llama-cpp-python, and GGML types as formats."""
+    from . import llamacpp
+
+    if not generating or gguf is None:
+        raise InputError(f"--runtime llama.cpp takes a causal language model read from a GGUF file "
+                         f"(builtin:smollm2-135m, builtin:gemma3-270m); {source} is not one")
+    if not llamacpp.available():
+        raise InputError("--runtime llama.cpp needs llama-cpp-python, which this worker does not have (make install "
+                         "builds it)")
+    unknown = [f for f in formats if f not in GGML_TYPES]
+    if unknown:
+        raise InputError(f"--runtime llama.cpp takes GGML types as precisions ({', '.join(GGML_TYPES)}), not "
+                         f"{', '.join(unknown)}")
 
 
 def _linear_only(adapter: torch.nn.Module) -> bool:
@@ -472,6 +515,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
             warnings.append(f"on the test split the plan drops {final.test_drop:.4f} (95% interval "
                             f"{final.test_drop_interval[0]:.4f} to {final.test_drop_interval[1]:.4f}), over the "
                             f"budget of {budget.max_drop} that it meets on the evaluation split ({final.drop:.4f})")
+        warnings += _untied_head(bench, final_plan)
         for step in steps:
             step.chosen = step is chosen
         figures = _generation(bench, final_model, options) if bench.task == TEXT_GENERATION else None
@@ -480,6 +524,8 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         exports = {}
         if options.runtime == ONNX_RUNTIME:  # the search ran in onnxruntime: its own file is the deliverable
             exports["onnx"] = _runtime_file(bench.backend, final, baseline_latency, speedup, final_plan)
+        elif options.runtime == LLAMA_CPP:  # the search ran in llama.cpp: the GGUF is the deliverable
+            exports["gguf"] = _gguf_file(bench, final_model, final, options)
         elif "onnx" in options.exports and options.out_dir:
             exports["onnx"] = _onnx(bench, final_plan, final, baseline_metric, options, warnings)
 
@@ -495,7 +541,8 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
                  "menu": {"asked": list(options.formats) or None, "offered": list(backend.formats),
                           "floats": list(bench.menu.floats), "fastest_float": bench.menu.fastest_float,
                           "weight_only_activations": bench.menu.weight_only_activations,
-                          "reasons": bench.menu.reasons}},
+                          "reasons": bench.menu.reasons,
+                          **({"ggml": backend.menu_report()} if options.runtime == LLAMA_CPP else {})}},
         data={"description": data.description, "synthetic": data.synthetic, **data.sizes,
               "batch_size": options.data.batch_size, "seq_len": options.data.seq_len},
         metric=_metric(evaluator, budget, baseline_metric, baseline_test, final),
@@ -544,15 +591,20 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
         generation=figures,
     )
 
+    if "gguf" in exports:  # which llama.cpp, on which of its CPU kernel variants, measured every plan
+        report.environment["llama_cpp"] = exports["gguf"]["runtime"]
+
     with track.phase("export"):
         if options.out_dir:
             out = Path(options.out_dir)
-            if options.runtime == ONNX_RUNTIME:
+            if options.runtime in (ONNX_RUNTIME, LLAMA_CPP):
                 files = bench.backend.deliver(final_plan, out / "artifact")
             else:  # the artifact re-applies from plan.json to the original model: a float plan is the original
                 files = save_artifact(final_model if final_low or status == "float_cast" else bench.adapter,
                                       final_plan, out / "artifact")
             report.artifact = {name: str(path.relative_to(out)) for name, path in files.items()}
+    if hasattr(backend, "close"):  # a backend holding a runtime's models and files (llama.cpp) frees them now
+        backend.close()
     report.phases = dict(track.phases)
     report.cost = ledger.to_dict()
     if options.out_dir:
@@ -652,6 +704,35 @@ def _generation(bench: Workbench, model: torch.nn.Module, options: CompressOptio
                          "kv_cache_bytes": generation.kv_cache_bytes(bench.adapter.model.config, tokens + 1),
                          "method": "computed, not a measured peak: the serialised weights plus the fp32 KV cache of "
                                    "one prompt and one generated token"}
+    return figures
+
+
+def _gguf_file(bench: Workbench, model, final: Final, options: CompressOptions) -> dict:
+    """The returned GGUF as llama.cpp runs it: its perplexity on both splits (the test split's used by no decision),
+    and its decode speed and time to first token against the same model as an F16 file in llama.cpp and against
+    torch fp32, each pair timed in interleaved rounds."""
+    import llama_cpp
+
+    backend, evaluator = bench.backend, bench.evaluator
+    f16 = backend.model(backend.file({layer: "F16" for layer in backend.layers}))
+    figures = {"file": "artifact/model.gguf", "size_bytes": model.size_bytes,
+               "tensor_types": dict(sorted(Counter(llamacpp.tensor_types(model.path).values()).items())),
+               "perplexity": {"evaluation": math.exp(-final.metric), "test": math.exp(-final.test_metric)},
+               "f16_file": {"size_bytes": f16.size_bytes,
+                            "perplexity": {split: math.exp(-statistics.fmean(evaluator.scores(f16, split)))
+                                           for split in ("evaluation", "test")}},
+               "runtime": {"llama_cpp": llama_cpp.__version__, **model.kernels.to_dict(), "threads": model.threads},
+               "searched_in": "llama.cpp"}
+    for kind in generation.GENERATION_LATENCIES:
+        workload = generation.workload(kind, bench.calibration[0])
+        figures[kind] = {}
+        for name, other in (("f16_file", f16), ("torch_fp32", bench.adapter)):
+            timing = paired(workload.call(other), workload.call(model), rounds=decision_rounds(options), inner=1,
+                            warmup=options.latency.warmup, samples=1)
+            figures[kind][name] = {"other_ms": timing.first_ms, "gguf_ms": timing.second_ms,
+                                   "reduction": timing.reduction().to_dict()}
+    figures["decode"]["tokens_per_second"] = {name: 1000 / pair["other_ms"] for name, pair in figures["decode"].items()}
+    figures["decode"]["tokens_per_second"]["gguf"] = 1000 / figures["decode"]["f16_file"]["gguf_ms"]
     return figures
 
 

@@ -12,7 +12,10 @@ from pathlib import Path
 
 PLAN_FORMAT = "mixq.plan/1"
 FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
-LOW_PRECISIONS = ("int8", "fp8", "int8wo", "int4wo")  # int8wo, int4wo: weight-only (kernels/linear_formats.py)
+# The GGML types a llama.cpp plan gives a tensor (llamacpp.py), widest first.
+GGML_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0")
+# int8wo, int4wo: weight-only (kernels/linear_formats.py)
+LOW_PRECISIONS = ("int8", "fp8", "int8wo", "int4wo", *GGML_TYPES)
 WEIGHT_ONLY_ACTIVATIONS = ("fp32", "bf16")
 
 

@@ -133,6 +133,22 @@ def _generation_lines(report: Report) -> list[str]:
     return lines
 
 
+def _gguf_lines(gguf: dict | None) -> list[str]:
+    """A plan searched in llama.cpp: its file, its perplexity there, its speed against the F16 file and torch fp32."""
+    if not gguf:
+        return []
+    decode, prefill, runtime = gguf["decode"], gguf["prefill"], gguf["runtime"]
+    speeds = decode["tokens_per_second"]
+    types = ", ".join(f"{count} {ggml_type}" for ggml_type, count in gguf["tensor_types"].items())
+    return ["", f"gguf (llama.cpp {runtime['llama_cpp']}, CPU kernels {runtime['cpu_variant']}): {gguf['file']}, "
+                f"{gguf['size_bytes'] / 1e6:.1f} MB ({types}); perplexity {gguf['perplexity']['evaluation']:.2f} "
+                f"(test {gguf['perplexity']['test']:.2f}) against {gguf['f16_file']['perplexity']['evaluation']:.2f} "
+                f"({gguf['f16_file']['perplexity']['test']:.2f}) for the F16 file",
+            f"  decode {speeds['gguf']:.1f} tokens/s against {speeds['f16_file']:.1f} (F16 file, llama.cpp) and "
+            f"{speeds['torch_fp32']:.1f} (torch fp32); time to first token {prefill['f16_file']['gguf_ms']:.1f} ms "
+            f"against {prefill['f16_file']['other_ms']:.1f} and {prefill['torch_fp32']['other_ms']:.1f} ms"]
+
+
 def _layer_and_format(candidate: str, low_precision: str) -> tuple[str, str]:
     """A report's candidate is a layer name, or a `layer@format` item where a layer has several formats."""
     return split_item(candidate) if SEPARATOR in candidate else (candidate, low_precision)
@@ -226,6 +242,7 @@ def render(report: Report) -> str:
                       f"(test {onnx['test_metric']:.4f}), {onnx['latency_ms']['quantized']:.2f} ms against "
                       f"{onnx['latency_ms']['float']:.2f} ms for the float file: "
                       f"{onnx['latency_reduction'] * 100:.1f}% faster in onnxruntime"]
+    lines += _gguf_lines(report.exports.get("gguf"))
     lines += ["", "phases: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in report.phases.items())]
     if report.cost:
         lines.append("cost: " + _cost(report.cost["total"]))

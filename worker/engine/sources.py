@@ -33,6 +33,7 @@ class LoadedModel:
     revision: str
     data: Dataset
     metric: str | None = None  # a builtin's own metric for its own data
+    gguf: Path | None = None  # the GGUF file a builtin language model was read from
 
 
 TASK_BY_ARCHITECTURE_SUFFIX = {
@@ -60,8 +61,9 @@ def load_model(spec: ModelSpec, data_options: DataOptions, model_root: Path | No
         if data_options.spec or data_options.synthetic:  # the user's data, prepared as the builtin's own is
             data = load_dataset_for(built.task, data_options, model_root, cache_dir, built.preprocessing(),
                                     image_shape=_builtin_image_shape(spec.id), hub_token=hub_token)
-            return LoadedModel(spec, built.model, built.task, built.version, data)
-        return LoadedModel(spec, built.model, built.task, built.version, built.default_data(), built.metric)
+            return LoadedModel(spec, built.model, built.task, built.version, data, gguf=built.gguf)
+        return LoadedModel(spec, built.model, built.task, built.version, built.default_data(), built.metric,
+                           built.gguf)
     if spec.kind == "local":
         folder = resolve_under_root(spec.id, model_root, what="model")
         revision = revision or directory_revision(folder)

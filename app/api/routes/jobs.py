@@ -223,6 +223,7 @@ async def get_steps(job_id: str, session: SessionDep, tenant: TenantDep):
 ARTIFACT_FORMATS = {  # format -> media type, file name, what it holds
     "bundle": ("application/zip", "mixq-{id}.zip", "report, plan, torch weights and ONNX files"),
     "onnx": ("application/octet-stream", "mixq-{id}.onnx", "the quantized ONNX model (onnxruntime)"),
+    "gguf": ("application/octet-stream", "mixq-{id}.gguf", "the GGUF model, a GGML type per tensor (llama.cpp)"),
     "safetensors": ("application/octet-stream", "mixq-{id}.safetensors", "the torch weights (with plan.json)"),
 }
 
@@ -232,7 +233,7 @@ ARTIFACT_FORMATS = {  # format -> media type, file name, what it holds
           "description": "; ".join(f"{name}: {what}" for name, (_, _, what) in ARTIFACT_FORMATS.items())},
     **errors(404, 409, 410)})
 async def get_artifact(job_id: str, session: SessionDep, tenant: TenantDep,
-                       format: Literal["bundle", "onnx", "safetensors"] = "bundle"):
+                       format: Literal["bundle", "onnx", "safetensors", "gguf"] = "bundle"):
     job = owned_job(job_id, session, tenant)
     _succeeded(job, "artifact")
     artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.kind == format))

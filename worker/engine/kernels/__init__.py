@@ -13,6 +13,8 @@ real models for). One module per backend, each registering itself (`registry.py`
 | formats        |                  | several formats | weight-only int8 / int4 kernels    | int8 / 4-bit-group weights         |
 | onnxruntime-*  | onnx_runtime.py  | --runtime       | onnxruntime's quantizer, run in    | the torch backend's simulation     |
 |                |                  | onnxruntime     | onnxruntime (dynamic or static)    |                                    |
+| llama.cpp-gguf | gguf_types.py    | --runtime       | a GGML type per tensor, written by | llama.cpp's own quantized weights, |
+|                |                  | llama.cpp (LMs) | llama.cpp's quantizer, run there   | inputs rounded as llama.cpp does   |
 
 Every reported metric and latency comes from `Backend.build`; only the sensitivity analysis uses
 `Backend.simulation`. `profile.py` measures what each layer saves.
@@ -41,6 +43,7 @@ for _module in pkgutil.iter_modules(__path__):
 from .dynamic import DYNAMIC  # noqa: E402
 from .fx_static import FX_STATIC  # noqa: E402
 from .linear_formats import FORMATS as LINEAR_FORMAT_NAMES, INTEGER_FORMATS, LINEAR_FORMATS  # noqa: E402
+from .gguf_types import RUNTIME as LLAMA_CPP  # noqa: E402
 from .onnx_runtime import RUNTIME as ONNX_RUNTIME  # noqa: E402
 from .torchao_linear import TORCHAO_FP8, TORCHAO_INT8  # noqa: E402
 
@@ -48,7 +51,7 @@ FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 WHOLE_CAST = "whole-cast"  # a plan that is the whole model cast to a 16-bit float (pipeline's reference)
 UNUSED = "its output does not reach the model's output for this task, so quantizing it cannot change anything"
 
-__all__ = ["BACKENDS", "WHOLE_CAST", "DYNAMIC", "FX_STATIC", "INTEGER_FORMATS", "LINEAR_FORMATS", "LINEAR_FORMAT_NAMES", "ONNX_RUNTIME", "RUNTIMES", "TORCHAO_FP8", "TORCHAO_INT8", "Backend", "Inputs", "LatencyProfile",
+__all__ = ["BACKENDS", "WHOLE_CAST", "DYNAMIC", "FX_STATIC", "INTEGER_FORMATS", "LINEAR_FORMATS", "LINEAR_FORMAT_NAMES", "LLAMA_CPP", "ONNX_RUNTIME", "RUNTIMES", "TORCHAO_FP8", "TORCHAO_INT8", "Backend", "Inputs", "LatencyProfile",
            "Simulation", "WholeCast", "apply_plan", "backend_for", "capture_inputs", "choose_backend", "float_model", "hooks",
            "int8_per_channel", "unused_layers", "weighted"]
 
@@ -70,16 +73,18 @@ def unused_layers(adapter: nn.Module, names: list[str], example: Inputs) -> list
     return [n for n, g in zip(names, grads) if g is None]
 
 
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("torch", "onnxruntime", "llama.cpp")
 
 
 def choose_backend(adapter: ModelAdapter, device: str, example: Inputs, runtime: str = "torch",
-                   formats: tuple[str, ...] = ("int8",), weight_only_activations: str = "fp32") -> Backend:
+                   formats: tuple[str, ...] = ("int8",), weight_only_activations: str = "fp32", **more) -> Backend:
     """The first registered backend, by priority, that takes this model on this device for this runtime in
-    these low-precision formats (weight-only kernels with `weight_only_activations`)."""
+    these low-precision formats (weight-only kernels with `weight_only_activations`); `more`: the rest of
+    `Candidates` (a llama.cpp job's source file and workload)."""
     layers = quantizable_layers(adapter)
     skipped = {n: UNUSED for n in unused_layers(adapter, list(layers), example)}
-    offered = Candidates(adapter, device, example, layers, skipped, runtime, tuple(formats), weight_only_activations)
+    offered = Candidates(adapter, device, example, layers, skipped, runtime, tuple(formats), weight_only_activations,
+                         **more)
     for backend in BACKENDS:
         chosen = backend.create(offered)
         if chosen is not None:
@@ -94,6 +99,8 @@ def backend_for(adapter: ModelAdapter, plan: Plan, example: Inputs) -> Backend:
     """The backend a plan was made for, rebuilt on `adapter` (for re-applying a stored plan)."""
     if plan.backend.startswith("onnxruntime"):
         raise ValueError("an onnxruntime plan is delivered as model.onnx: run that file in onnxruntime")
+    if plan.backend.startswith("llama.cpp"):
+        raise ValueError("a llama.cpp plan is delivered as model.gguf: run that file in llama.cpp")
     backend = choose_backend(adapter, plan.device, example, formats=plan.formats,
                              weight_only_activations=plan.weight_only_activations)
     if backend.name != plan.backend:

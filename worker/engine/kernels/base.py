@@ -170,9 +170,12 @@ class Candidates:
     example: Inputs
     layers: dict[str, nn.Module]
     skipped: dict[str, str]
-    runtime: str = "torch"  # where the plans run: torch, or onnxruntime (kernels/onnx_runtime.py)
+    runtime: str = "torch"  # where the plans run: torch, onnxruntime (onnx_runtime.py) or llama.cpp (gguf_types.py)
     formats: tuple[str, ...] = ("int8",)  # the low precisions asked for
     weight_only_activations: str = "fp32"  # the weight-only kernels' activation dtype (the worker's menu chose it)
+    gguf: str | None = None  # the GGUF file the model was read from (what a llama.cpp plan is written from)
+    latency: str = "decode"  # a language model's timed workload (generation.py)
+    amx: bool = False  # whether the worker's CPU has AMX (llama.cpp refuses its AMX kernels: llamacpp.py)
 
     def linear(self) -> list[str]:
         return [n for n, m in self.layers.items() if isinstance(m, nn.Linear) and n not in self.skipped]
@@ -226,6 +229,12 @@ class Backend:
     @property
     def several(self) -> bool:
         return len(self.formats) > 1
+
+    @property
+    def simulated(self) -> nn.Module:
+        """The float model the simulation runs in: what the analysis's loss compares with. The baseline, except
+        where plans run outside torch."""
+        return self.baseline
 
     def layer_of(self, candidate: str) -> str:
         return split_item(candidate)[0] if self.several else candidate

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import onnx
@@ -51,6 +52,8 @@ class OnnxRuntimeInt8(Backend):
         super().__init__(*fields, **named)
         self.torch, self.mode, self.device = torch_backend, mode, device
         self.folder = Path(tempfile.mkdtemp(prefix="mixq-onnx-"))
+        # Removed when the backend is collected or at exit (a __del__ at exit can outlive the shutil module).
+        weakref.finalize(self, shutil.rmtree, self.folder, True)
         self.float_path = self.folder / export.FLOAT_FILE
         self.names = list(self.adapter.input_names)
         self.files: dict[frozenset, Path] = {}
@@ -124,6 +127,3 @@ class OnnxRuntimeInt8(Backend):
         plan.save(folder / "plan.json")
         files["plan"] = folder / "plan.json"
         return files
-
-    def __del__(self):
-        shutil.rmtree(getattr(self, "folder", ""), ignore_errors=True)

@@ -150,20 +150,25 @@ def shared_shape_profile(backend: "Backend", calibration: list[Inputs], seconds_
     layers = {split_item(item)[0] for item in backend.candidates}
     working_set = sum(modules[layer].weight.numel() * modules[layer].weight.element_size() for layer in layers)
     timed: dict[tuple, Paired] = {}
-    savings = {}
+    by_shape: dict[tuple, list[str]] = {}  # items grouped by (weight shape, bias): one set of float copies each
+    for item in backend.candidates:
+        linear = modules[split_item(item)[0]]
+        by_shape.setdefault((tuple(linear.weight.shape), linear.bias is not None), []).append(item)
     with torch.inference_mode():
-        for item in backend.candidates:
-            layer, precision = split_item(item)
-            linear = modules[layer]
-            key = (tuple(linear.weight.shape), linear.bias is not None, precision)
-            if key not in timed:
-                x = torch.randn(workload.rows, linear.in_features, generator=torch.Generator().manual_seed(0))
-                copies = copies_for(linear.weight.numel() * linear.weight.element_size(), working_set)
-                floats = [copy.deepcopy(linear) for _ in range(copies)]
+        for shape, items in by_shape.items():
+            linear = modules[split_item(items[0])[0]]
+            copies = copies_for(linear.weight.numel() * linear.weight.element_size(), working_set)
+            floats = [copy.deepcopy(linear) for _ in range(copies)]  # freed before the next shape's
+            x = torch.randn(workload.rows, linear.in_features, generator=torch.Generator().manual_seed(0))
+            for precision in dict.fromkeys(split_item(item)[1] for item in items):
                 float_call, low_call = in_turn(floats), in_turn([backend.low_module(f, precision) for f in floats])
-                timed[key] = paired(lambda: float_call(x), lambda: low_call(x), samples=workload.samples,
-                                    rounds=rounds_within(lambda: float_call(x), seconds_per_layer))
-            savings[item] = timed[key]
+                timed[(*shape, precision)] = paired(
+                    lambda: float_call(x), lambda: low_call(x), samples=workload.samples,
+                    rounds=rounds_within(lambda: float_call(x), seconds_per_layer))
+    savings = {}
+    for item in backend.candidates:
+        linear = modules[split_item(item)[0]]
+        savings[item] = timed[(tuple(linear.weight.shape), linear.bias is not None, split_item(item)[1])]
     chosen = fastest_items(savings, lambda item: split_item(item)[0])
     plan_model = backend.build(Plan(layers=backend.assignment(chosen), backend=backend.name), calibration)
     whole = paired(workload.call(backend.baseline), workload.call(plan_model), rounds=7, inner=1,

