@@ -13,6 +13,11 @@ from sqlalchemy import text
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# A conv net with real weights (13 layers): its job takes seconds on any CPU.
+CONV_NET_JOB = {"model": "builtin:digits-resnet", "budget": {"max_drop": 0.01}, "calibration_samples": 32,
+                "eval_samples": 64, "hutchinson_samples": 2}
+
+
 def _client(stack) -> httpx.Client:
     return httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {stack.key}"}, timeout=30)
 
@@ -43,9 +48,7 @@ def _rows(engine, job_id: str) -> dict:
 def test_job_over_http_runs_on_a_worker_and_lands_in_postgres(stack, servers):
     worker = stack.start_worker("worker-1")
     with _client(stack) as client:
-        response = client.post("/v1/jobs", json={"model": "builtin:digits-resnet", "budget": {"max_drop": 0.01},
-                                                 "calibration_samples": 32, "eval_samples": 64,
-                                                 "hutchinson_samples": 2})
+        response = client.post("/v1/jobs", json=CONV_NET_JOB)
         assert response.status_code == 202
         job = _wait(client, response.json()["id"], lambda j: j["status"] in ("succeeded", "failed"))
         assert job["status"] == "succeeded", job["error"]
@@ -84,12 +87,8 @@ def test_postgres_schema_from_migrations_matches_the_models(stack, servers):
 def test_worker_killed_mid_job_finishes_exactly_once(stack, servers):
     worker = stack.start_worker("worker-doomed")
     with _client(stack) as client:
-        # int8 named: the same 36 candidates on every CPU (an AVX-512 bf16 or AMX CPU's menu adds bf16 per layer)
-        job_id = client.post("/v1/jobs", json={"model": "builtin:minilm", "budget": {"max_drop": 0.01},
-                                               "precisions": ["int8"], "seq_len": 32, "calibration_samples": 16, "eval_samples": 48,
-                                               "hutchinson_samples": 4}).json()["id"]
-        # Killed while it works (the probe often answers MiniLM at 1%, so there may be no sensitivity phase).
-        running = _wait(client, job_id, lambda j: j["status"] == "running" and j["phase"] in ("load", "baseline", "probe", "profile", "sensitivity"))
+        job_id = client.post("/v1/jobs", json=CONV_NET_JOB).json()["id"]
+        running = _wait(client, job_id, lambda j: j["status"] == "running", timeout=120)  # killed while it works
         assert running["attempts"] == 1
         os.killpg(worker.pid, signal.SIGKILL)  # the whole worker (parent and pool child) dies at once
         worker.wait()
@@ -102,7 +101,7 @@ def test_worker_killed_mid_job_finishes_exactly_once(stack, servers):
         layers = client.get(f"/v1/jobs/{job_id}/layers").json()
     rows = _rows(servers, job_id)
     assert rows["attempts"] == 2
-    assert rows["layers"] == len(layers) == 36 and len({l["name"] for l in layers}) == 36
+    assert rows["layers"] == len(layers) == 13 and len({l["name"] for l in layers}) == 13
     assert rows["steps"] == len(report["search"]["steps"]) and rows["artifacts"] == (3 if report["exports"]["onnx"].get("file") else 2)
 
 

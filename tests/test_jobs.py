@@ -91,7 +91,8 @@ def test_a_running_job_whose_worker_went_silent_is_requeued_and_published(client
         session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(hours=1)))
     broker.sent.clear()
     assert jobs.sweep()["requeued"] == 1
-    assert _job(job_id).status == "queued" and broker.sent == [job_id]
+    # Published once; the sweep may also republish other tests' jobs left queued past the unclaimed limit.
+    assert _job(job_id).status == "queued" and broker.sent.count(job_id) == 1
     assert not jobs.update_if_mine(job_id, "worker-that-dies", progress=0.5)  # its claim is gone
 
 

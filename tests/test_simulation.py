@@ -15,7 +15,7 @@ from worker.engine.kernels import choose_backend
 from worker.engine.plan import Plan
 from worker.engine.sensitivity import GAUSS_NEWTON, HUTCHINSON, LossProbe, SensitivityOptions, analyse
 
-FULL_SIZE = ("resnet50", "mobilenetv2", "bert-base")
+LARGE = ("resnet50", "mobilenetv2", "bert-base", "smollm2-135m", "gemma3-270m")
 
 
 def _load(name: str, cache_dir, analysis_loss: str = "fidelity", **data):
@@ -81,7 +81,8 @@ def test_minilm_hessian_term_predicts_the_measured_single_layer_loss(cache_dir):
 
 @pytest.mark.parametrize("name", sorted(BUILTINS))
 def test_no_builtin_falls_back(name, cache_dir):
-    small = {"calibration_samples": 4, "batch_size": 4, "seq_len": 16} if name in FULL_SIZE else {}
+    # Whether the analysis falls back does not depend on how much data it sees: the large models get little.
+    small = {"calibration_samples": 4, "batch_size": 4, "seq_len": 16} if name in LARGE else {}
     adapter, evaluator, calibration, backend = _load(name, cache_dir, **small)
     assert backend.fallback is None
     options = SensitivityOptions(ordering="hessian", hutchinson_max_samples=2, hutchinson_min_samples=2,
