@@ -109,33 +109,42 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def hardware_line() -> str:
-    """The line every results table starts with: which machine measured it."""
+def hardware_line(recorded: dict | None = None) -> str:
+    """The line every results table starts with: which machine measured it (this one, or the one a result's
+    `provenance()` recorded)."""
     from worker.engine.hardware import detect
 
-    return f"Measured on {detect(device()).describe()}."
+    description = recorded["hardware"]["description"] if recorded else detect(device()).describe()
+    return f"Measured on {description}."
 
 
-def save(out: Path, name: str, results, table: str) -> None:
-    """`<name>.json` (everything, with its provenance) and `<name>.md` (the table the README quotes)."""
+def save(out: Path, name: str, results, table: str, hardware_named: bool = False) -> None:
+    """`<name>.json` (everything, with its provenance) and `<name>.md` (the table the README quotes), headed by
+    this machine's hardware line unless the table names the hardware of each part itself (`hardware_named`)."""
     if SMOKE and Path(out).resolve() == RESULTS.resolve():
         raise SystemExit("a --smoke run's figures mean nothing: give it --out a scratch folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({"provenance": provenance(), "results": results}, indent=2,
                                                  default=str))
-    table = f"{hardware_line()}\n\n{table}"
+    if not hardware_named:
+        table = f"{hardware_line()}\n\n{table}"
     (out / f"{name}.md").write_text(table)
     print(table, flush=True)
 
 
 def kept(args, name: str, model_of) -> list:
-    """With --keep, the committed results of the models this run does not re-run; `model_of(result)` names a
-    result's model."""
+    """With --keep, the committed results of the models this run does not re-run, each with the provenance it was
+    measured with (its own, or its file's for results written before they carried one); `model_of(result)` names
+    a result's model."""
     path = args.out / f"{name}.json"
     if not args.keep or not path.exists():
         return []
     models = set(args.models.split(","))
-    return [result for result in json.loads(path.read_text())["results"] if model_of(result) not in models]
+    committed = json.loads(path.read_text())
+    results = [result for result in committed["results"] if model_of(result) not in models]
+    for result in results:
+        result.setdefault("provenance", committed["provenance"])
+    return results
 
 
 def reduction_cell(reduction: dict | None, median: float | None = None) -> str:

@@ -24,8 +24,10 @@ from worker.engine.latency import paired  # noqa: E402
 # (in, out) of SmolLM2-135M's Linear layers: q/o, k/v, gate/up, down projections, and the tied vocabulary head.
 SHAPES = {"q_proj, o_proj": (576, 576), "k_proj, v_proj": (576, 192), "gate_proj, up_proj": (576, 1536),
           "down_proj": (1536, 576), "lm_head": (576, 49152)}
-# SmolLM2-135M's Linear weights in fp32: 30 blocks of q, k, v, o, gate, up, down, and the vocabulary head.
-MODEL_BYTES = 4 * (30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) + 576 * 49152)
+BLOCKS = 30
+# SmolLM2-135M's Linear weights in fp32, from the shapes above: each block's layers, and the vocabulary head once.
+MODEL_BYTES = 4 * sum((1 if names == "lm_head" else BLOCKS) * len(names.split(", ")) * inputs * outputs
+                      for names, (inputs, outputs) in SHAPES.items())
 ROWS = (1,) if SMOKE else (1, 128)
 ROUNDS, INNER = (3, 1) if SMOKE else (9, None)
 # (column, format, activation dtype of the weight-only kernels)

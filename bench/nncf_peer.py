@@ -4,6 +4,10 @@ batches, the same metric (each validation call scores the evaluation split throu
 and the same relative budget. nncf is a benchmark dependency (`pip install -e '.[bench]'`), never the
 service's.
 
+NNCF ranks every quantizer group with one validation call each before it reverts any: on a transformer that
+can take longer than a benchmark run has, so a run is capped (`cap_seconds`): past it the next validation call
+stops NNCF, and the result says it was capped, after how many calls, with no model.
+
 Reported: the int8 layers of the returned file, its metric on both splits (paired standard errors as
 mixq's), its onnxruntime latency against the float file's (paired rounds, the median's order-statistic
 interval, as mixq's), NNCF's wall time (export excluded) and validation calls; once with NNCF's default preset and once with per-tensor
@@ -37,8 +41,14 @@ def int8_layers(model: onnx.ModelProto) -> int:
     return count
 
 
-def run(bench, budget: Budget, float_path: Path, rounds: int, per_tensor: bool, transformer: bool) -> dict:
-    """NNCF accuracy control on `float_path` (the export of `bench`'s baseline); figures as mixq reports them."""
+class Capped(Exception):
+    """NNCF's run passed its time cap (raised from its validation callback, which NNCF does not catch)."""
+
+
+def run(bench, budget: Budget, float_path: Path, rounds: int, per_tensor: bool, transformer: bool,
+        cap_seconds: float) -> dict:
+    """NNCF accuracy control on `float_path` (the export of `bench`'s baseline); figures as mixq reports them,
+    or, past `cap_seconds`, only that it was capped."""
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
@@ -48,6 +58,8 @@ def run(bench, budget: Budget, float_path: Path, rounds: int, per_tensor: bool, 
     calls = []
 
     def validate(model: onnx.ModelProto, _data) -> tuple[float, list[float]]:
+        if time.perf_counter() - started > cap_seconds:
+            raise Capped
         calls.append(time.perf_counter())
         scores = evaluator.scores(export.OrtModel(model.SerializeToString(), names, providers, threads))
         return sum(scores) / len(scores), scores
@@ -56,11 +68,17 @@ def run(bench, budget: Budget, float_path: Path, rounds: int, per_tensor: bool, 
     validation = nncf.Dataset(list(range(len(evaluator.data.evaluation))))  # validate() reads the split itself
     advanced = AdvancedQuantizationParameters(
         activations_quantization_params=QuantizationParameters(per_channel=False)) if per_tensor else None
+    preset = "per-tensor activations" if per_tensor else "default"
     started = time.perf_counter()
-    quantized = nncf.quantize_with_accuracy_control(
-        onnx.load(str(float_path)), calibration, validation, validate, max_drop=budget.max_drop,
-        drop_type=nncf.DropType.RELATIVE, subset_size=sum(len(b[0]) for b in bench.calibration),
-        model_type=nncf.ModelType.TRANSFORMER if transformer else None, advanced_quantization_parameters=advanced)
+    try:
+        quantized = nncf.quantize_with_accuracy_control(
+            onnx.load(str(float_path)), calibration, validation, validate, max_drop=budget.max_drop,
+            drop_type=nncf.DropType.RELATIVE, subset_size=sum(len(b[0]) for b in bench.calibration),
+            model_type=nncf.ModelType.TRANSFORMER if transformer else None, advanced_quantization_parameters=advanced)
+    except Capped:
+        return {"capped": cap_seconds, "wall_seconds": round(time.perf_counter() - started, 1),
+                "validation_calls": len(calls), "validation_samples": len(calls) * evaluator.data.sizes["evaluation"],
+                "preset": preset}
     wall = time.perf_counter() - started
 
     serialised = quantized.SerializeToString()
@@ -81,4 +99,4 @@ def run(bench, budget: Budget, float_path: Path, rounds: int, per_tensor: bool, 
             "ort_ms": {"float": timing.first_ms, "int8": timing.second_ms}, "ort_reduction": reduction.to_dict(),
             "wall_seconds": round(wall, 1), "validation_calls": len(calls),
             "validation_samples": len(calls) * len(baseline_eval),
-            "preset": "per-tensor activations" if per_tensor else "default", "size_bytes": len(serialised)}
+            "preset": preset, "size_bytes": len(serialised)}

@@ -19,6 +19,8 @@ SCRIPTS = {
     "full_size.py": (["--models", "digits-resnet"], "full_size.json"),
     "linear_kernels.py": ([], "kernels.json"),
     "llm.py": ([], "llm.json"),
+    "llamacpp.py": ([], "llamacpp.json"),
+    "ggml_simulation.py": ([], "ggml_simulation.json"),
     "lm_kernels.py": ([], "lm_kernels.json"),
     "load.py": ([], "load.json"),
     "ordering.py": (["--models", "digits-resnet"], "ordering.json"),
