@@ -118,6 +118,16 @@ def hardware_line(recorded: dict | None = None) -> str:
     return f"Measured on {description}."
 
 
+def by_machine(results: list[dict], markdown) -> str:
+    """`markdown(results)` once per machine the results were measured on, each table under that machine's
+    hardware line: with --keep, results from another machine are never tabled as if this one measured them.
+    A result carries its provenance (kept ones always do, see `kept`); one without was measured by this run."""
+    here = hardware_line()
+    lines = [hardware_line(r["provenance"]) if "provenance" in r else here for r in results]
+    return "\n".join(f"{line}\n\n{markdown([r for r, own in zip(results, lines) if own == line])}"
+                     for line in dict.fromkeys(lines))
+
+
 def save(out: Path, name: str, results, table: str, hardware_named: bool = False) -> None:
     """`<name>.json` (everything, with its provenance) and `<name>.md` (the table the README quotes), headed by
     this machine's hardware line unless the table names the hardware of each part itself (`hardware_named`)."""

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (INT8, SMOKE, PlanScores, ROOT, data_for, engine_process, hardware_line, kept, parser,
+from common import (INT8, SMOKE, PlanScores, ROOT, by_machine, data_for, engine_process, kept, parser,
                     provenance, save)
 
 engine_process()
@@ -352,15 +352,7 @@ HEADER = ["| model | budget | method | int8 layers | metric eval (test ± SE) | 
 
 
 def markdown(results: list[dict]) -> str:
-    """One table per machine the results were measured on, each under its hardware line."""
-    tables = []
-    for hardware in dict.fromkeys(hardware_line(result["provenance"]) for result in results):
-        lines = [hardware, "", *HEADER]
-        for result in results:
-            if hardware_line(result["provenance"]) == hardware:
-                lines += [_row(result, r) for r in result["runs"]]
-        tables.append("\n".join(lines) + "\n")
-    return "\n".join(tables)
+    return "\n".join([*HEADER, *(_row(result, r) for result in results for r in result["runs"])]) + "\n"
 
 
 def main() -> None:
@@ -374,7 +366,7 @@ def main() -> None:
     results = kept(args, "peers", lambda result: result["model"])
     for model in args.models.split(","):
         results.append(run_model(model, args.imagenet, args.rounds, args.budgets, args.nncf_cap))
-        save(args.out, "peers", results, markdown(results), hardware_named=True)
+        save(args.out, "peers", results, by_machine(results, markdown), hardware_named=True)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,16 @@ def test_the_gpu_check_says_so_without_a_gpu():
     result = subprocess.run([sys.executable, str(BENCH / "gpu_check.py")], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 1 and "no CUDA device" in result.stderr
+
+
+def test_kept_results_are_tabled_under_the_machine_that_measured_them():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(BENCH))
+    elsewhere = {"hardware": {"description": "a CPU elsewhere"}}
+    results = [{"model": "kept-a", "provenance": elsewhere}, {"model": "new"}, {"model": "kept-b", "provenance": elsewhere}]
+    table = common.by_machine(results, lambda group: ", ".join(r["model"] for r in group))
+    assert table.split("\n\n") == ["Measured on a CPU elsewhere.", "kept-a, kept-b\n" + common.hardware_line(), "new"]
+    assert common.hardware_line() != "Measured on a CPU elsewhere."
