@@ -193,6 +193,55 @@ def test_a_language_model_cast_whole_saves_its_tied_weights_once_and_reloads_and
         assert generation.workload(kind, (tokens,)).call(loaded)().shape == (1,)
 
 
+@pytest.mark.parametrize("activations", ["fp32", "bf16"])
+def test_layers_reading_one_input_in_one_weight_only_format_run_as_one_call_with_the_same_bits(tmp_path, activations):
+    """A block's q/k/v (and gate/up) in one weight-only format run as one kernel call on their concatenated
+    weights: the outputs equal the layer-by-layer build's to the bit, the state dict holds each weight once, the
+    artifact reloads, and a group whose layers the plan splits across formats stays layer by layer."""
+    from worker.engine import generation
+    from worker.engine.adapters import CausalLM
+    from worker.engine.artifact import load_artifact, save_artifact
+    from worker.engine.kernels.linear_formats import ColumnsOf
+
+    adapter = CausalLM(_tiny_llama()).eval()
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    backend = choose_backend(adapter, "cpu", (tokens,), formats=INTEGER_FORMATS, weight_only_activations=activations)
+    block = "model.model.layers.{}.{}"
+    low = {**{block.format(0, f"self_attn.{p}_proj"): "int4wo" for p in "qkv"},
+           **{block.format(i, f"mlp.{p}_proj"): "int8wo" for i in (0, 1) for p in ("gate", "up")},
+           block.format(1, "self_attn.q_proj"): "int4wo", block.format(1, "self_attn.k_proj"): "int4wo",
+           block.format(1, "self_attn.v_proj"): "int8wo"}
+    plan = Plan(layers={**{n: "fp32" for n in backend.layers}, **low}, backend=backend.name,
+                choices=list(INTEGER_FORMATS), weight_only_activations=activations)
+    built = backend.build(plan, [(tokens,)])
+    # The groups, found by one forward pass: every block's q/k/v and gate/up, whatever the plan.
+    expected = {tuple(block.format(i, f"self_attn.{p}_proj") for p in "qkv") for i in (0, 1)} | \
+        {(block.format(i, "mlp.gate_proj"), block.format(i, "mlp.up_proj")) for i in (0, 1)}
+    assert set(backend.siblings) == expected
+    modules = dict(built.named_modules())
+    fused = {name for name, module in modules.items() if isinstance(module, ColumnsOf)}
+    assert fused == {*(block.format(0, f"self_attn.{p}_proj") for p in "qkv"),
+                     *(block.format(i, f"mlp.{p}_proj") for i in (0, 1) for p in ("gate", "up"))}
+    layer_by_layer = choose_backend(adapter, "cpu", (tokens,), formats=INTEGER_FORMATS,
+                                    weight_only_activations=activations)
+    layer_by_layer.siblings = []
+    separate = layer_by_layer.build(plan, [(tokens,)])
+    assert not any(isinstance(module, ColumnsOf) for module in separate.modules())
+    with torch.inference_mode():
+        assert torch.equal(built(tokens), separate(tokens))
+    # Each group's weights once: the first layer holds them, its siblings refer to them.
+    keys = list(built.state_dict())
+    assert sum(key.startswith(block.format(0, "self_attn.")) and ".shared.low." in key for key in keys) == \
+        len(dict(modules[block.format(0, "self_attn.q_proj")].shared.low.named_buffers()))
+    save_artifact(built, plan, tmp_path)
+    fresh = CausalLM(_tiny_llama()).eval()
+    loaded = load_artifact(fresh, tmp_path, (tokens,))
+    with torch.inference_mode():
+        assert torch.equal(loaded(tokens), built(tokens))
+        for kind in generation.GENERATION_LATENCIES:
+            assert generation.workload(kind, (tokens,)).call(loaded)().shape == (1,)
+
+
 def test_int4_needs_whole_groups_of_inputs():
     from worker.engine.kernels.linear_formats import supports
 
