@@ -242,32 +242,6 @@ def test_layers_reading_one_input_in_one_weight_only_format_run_as_one_call_with
             assert generation.workload(kind, (tokens,)).call(loaded)().shape == (1,)
 
 
-def test_a_cast_models_linear_layers_get_dense_inputs_and_the_same_outputs():
-    """oneDNN's 16-bit matmul is slow on a view with non-dense strides (the last position's slice transformers
-    takes for generation's first logits): the cast gives its Linear layers a dense copy, with the same result."""
-    from worker.engine.kernels import WholeCast
-
-    class LastPosition(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.head = nn.Linear(64, 96)
-
-        def forward(self, hidden):
-            return self.head(hidden[:, -1:, :])
-
-    torch.manual_seed(0)
-    model, hidden = LastPosition().eval(), torch.randn(1, 16, 64)
-    cast = WholeCast(model, "bf16")
-    seen = []
-    cast.cast.head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].stride()))
-    with torch.inference_mode():
-        out = cast(hidden)
-        view = hidden.to(torch.bfloat16)[:, -1:, :]
-        assert view.stride() == (16 * 64, 64, 1) and view.is_contiguous()  # what torch calls contiguous
-        expected = torch.nn.functional.linear(view, cast.cast.head.weight, cast.cast.head.bias).float()
-    assert seen == [(64, 64, 1)] and torch.equal(out, expected)
-
-
 def test_int4_needs_whole_groups_of_inputs():
     from worker.engine.kernels.linear_formats import supports
 

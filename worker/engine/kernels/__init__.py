@@ -113,21 +113,6 @@ def float_model(adapter: nn.Module, precision: str, device: str) -> nn.Module:
     return adapter.to(device=device, dtype=FLOAT_DTYPES[precision]).eval()
 
 
-def _dense_input(_module: nn.Module, args: tuple) -> tuple | None:
-    """A 16-bit Linear's input copied to dense strides where it is a view with others: oneDNN's 16-bit matmul
-    takes a reference path on such a view even where torch calls it contiguous. Transformers computes the logits
-    of generation's first token from the prompt's last position, a [1, 1, d] view of the [1, n, d] hidden states:
-    measured on an AMX Xeon (bf16, SmolLM2's 576 -> 49152 head, 2 threads), 144 ms on the view, 9 ms on a copy."""
-    x = args[0]
-    dense, stride = [], 1
-    for size in reversed(x.shape):
-        dense.insert(0, stride)
-        stride *= size
-    if list(x.stride()) == dense:
-        return None
-    return (x.clone(memory_format=torch.contiguous_format), *args[1:])
-
-
 class WholeCast(nn.Module):
     """A float model cast whole to a 16-bit dtype (weights, activations, attention and norms alike), taking and
     returning what the original does: the "just cast it" execution a mixed plan must also beat."""
@@ -136,9 +121,6 @@ class WholeCast(nn.Module):
         super().__init__()
         self.precision, self.dtype = precision, FLOAT_DTYPES[precision]
         self.cast = copy.deepcopy(model).to(self.dtype).eval()
-        for module in self.cast.modules():
-            if isinstance(module, nn.Linear):
-                module.register_forward_pre_hook(_dense_input)
 
     @property
     def model(self) -> nn.Module:
