@@ -94,22 +94,25 @@ class GgmlSimulation(Simulation):
         return self._output(name, module, x) - out
 
 
-def menu_of(timings: dict[str, tuple[Paired, int]]) -> dict[str, dict]:
-    """Per GGML type, from its timing against the F32 file and the weights it covered there: offered when it saves
-    time beyond its noise and more per weight than every wider offered type (a narrower type that is not faster
-    only loses accuracy)."""
-    menu, widest_rate = {}, 0.0
+def menu_of(timings: dict[str, tuple[Paired, frozenset[str], int]]) -> dict[str, dict]:
+    """Per GGML type, from its timing against the F32 file on a file with the tensors it fits (and their weight
+    count): offered when it saves time beyond its noise and more than every wider offered type timed on the same
+    tensors (a narrower type that is not faster only loses accuracy). Types timed on different tensors are not
+    compared: the K-quants fit only rows that are multiples of 256, and a saving per weight on those is no
+    measure of one on all of them; the per-tensor profile decides between them."""
+    menu: dict[str, dict] = {}
+    best: dict[frozenset[str], float] = {}  # per set of tensors, the largest saving of a wider offered type
     for ggml_type in sorted(timings, key=llamacpp.bits_per_weight, reverse=True):
-        timing, weights = timings[ggml_type]
-        rate = timing.difference_ms / weights
+        timing, layers, weights = timings[ggml_type]
         saves = timing.difference_ms - timing.noise_ms > 0
-        offered = saves and rate > widest_rate
+        offered = saves and timing.difference_ms > best.get(layers, 0.0)
         menu[ggml_type] = {"offered": offered, "reason": "saves time" if offered else
                            "no faster than a wider type" if saves else "saves no measurable time",
                            "bits_per_weight": llamacpp.bits_per_weight(ggml_type), "float_ms": timing.first_ms,
                            "type_ms": timing.second_ms, "saving_ms": timing.difference_ms,
                            "noise_ms": timing.noise_ms, "weights": weights, "timing": timing}
-        widest_rate = max(widest_rate, rate) if offered else widest_rate
+        if offered:
+            best[layers] = timing.difference_ms
     return menu
 
 
@@ -221,7 +224,7 @@ class GgufTypes(Backend):
             if layers:
                 timing = paired(workload.call(self.baseline), workload.call(self.model(self.file(layers))),
                                 rounds=MENU_ROUNDS, inner=1, samples=1)
-                timings[ggml_type] = (timing, sum(self._numel(layer) for layer in layers))
+                timings[ggml_type] = (timing, frozenset(layers), sum(self._numel(layer) for layer in layers))
         self.menu = menu_of(timings)
         offered = {t for t, entry in self.menu.items() if entry["offered"]}
         self.candidates = [item for item in self.candidates if split_item(item)[1] in offered]
