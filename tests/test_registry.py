@@ -116,9 +116,11 @@ def test_warm_start_reuses_sensitivity_for_the_same_revision(client, keys, monke
     # MiniLM: every layer in int8 breaks a 0.4% budget, so the first job runs the analysis the second reuses;
     # options no earlier job had make the first a cold start. Every layer saves time, however loaded the machine
     # (a profile that measured no saving would skip the analysis this test is about).
+    # int8 named: the same 36 candidates on every CPU (with bf16 per layer, which an AVX-512 bf16 or AMX CPU's menu
+    # adds, the probe's plan fits the budget and no job runs the analysis).
     every_layer_saves(monkeypatch)
     entry = register(client, keys["a"], model="builtin:minilm", calibration_samples=40, eval_samples=32,
-                     test_samples=32, seq_len=32, exports=[], budget={"max_drop": 0.004})
+                     test_samples=32, seq_len=32, exports=[], budget={"max_drop": 0.004}, precisions=["int8"])
     registry.tick(at(entry))
     first = latest_job(entry["id"])
     assert runner.run(first, worker="t") == "succeeded"
