@@ -323,11 +323,12 @@ class LinearFormats(Backend):
         shared = {id(tensor): tensor for tensor in [*self.adapter.parameters(), *self.adapter.buffers()]}
         model = copy.deepcopy(self.adapter, shared)
         modules = dict(self.adapter.named_modules())
-        fused = self._fused_groups(low, modules, calibration)
-        for group in fused:
+        fused = set()
+        for group in self._fused_groups(low, modules, calibration):
             self._fuse(model, [modules[name] for name in group], group, low[group[0]])
+            fused.update(group)
         for name, precision in low.items():
-            if any(name in group for group in fused):
+            if name in fused:
                 continue
             module = self.low_module(modules[name], precision)
             if precision == "int8":
