@@ -110,7 +110,7 @@ def test_registry_entries_are_paginated(client, keys):
 
 def _active_jobs(key: str) -> int:
     with session_scope() as session:
-        tenant = tenant_for_key(session, key)
+        tenant = tenant_for_key(key)
         return session.scalar(select(func.count()).select_from(Job).where(
             Job.tenant_id == tenant.id, Job.status.in_((QUEUED, RUNNING))))
 

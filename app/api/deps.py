@@ -20,14 +20,14 @@ def _key_from(request: Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
-async def current_tenant(request: Request, session: SessionDep) -> CallerTenant:
+async def current_tenant(request: Request) -> CallerTenant:
     if request.app.state.auth_disabled:
-        return local_tenant(session)
+        return local_tenant()
     key = _key_from(request)
     if not key:
         raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>' (mixq keys create)",
                             headers={"WWW-Authenticate": "Bearer"})
-    tenant = tenant_for_key(session, key)
+    tenant = tenant_for_key(key)
     if tenant is None:
         raise HTTPException(401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
     return tenant

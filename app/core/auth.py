@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from .db import session_scope
 from .models import ApiKey, Tenant, utcnow
 from .settings import get_settings
 
@@ -94,21 +95,25 @@ class _Remembered:
 _remembered = _Remembered()
 
 
-def tenant_for_key(session: Session, key: str) -> CallerTenant | None:
+def tenant_for_key(key: str) -> CallerTenant | None:
+    """The key's tenant; a database session only when the process does not remember the key, so a request that
+    needs no other query (the poll) opens none for its caller."""
     def lookup():
-        row = session.execute(select(Tenant.id, Tenant.name).join(ApiKey, ApiKey.tenant_id == Tenant.id).where(
-            ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))).first()
+        with session_scope() as session:
+            row = session.execute(select(Tenant.id, Tenant.name).join(ApiKey, ApiKey.tenant_id == Tenant.id).where(
+                ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))).first()
         return CallerTenant(*row) if row else None
 
     digest = hash_key(key)
     return _remembered.get(digest, lookup)
 
 
-def local_tenant(session: Session) -> CallerTenant:
+def local_tenant() -> CallerTenant:
     def lookup():
-        tenant = get_or_create_tenant(session, LOCAL_TENANT)
-        session.commit()
-        return CallerTenant(tenant.id, tenant.name)
+        with session_scope() as session:
+            tenant = get_or_create_tenant(session, LOCAL_TENANT)
+            session.flush()
+            return CallerTenant(tenant.id, tenant.name)
 
     return _remembered.get(f"tenant:{LOCAL_TENANT}", lookup)
 

@@ -21,6 +21,7 @@ from app.api.deps import SessionDep, TenantDep
 from app.api.openapi import errors, invalid, links
 from app.core import jobs
 from app.core.auth import CallerTenant
+from app.core.db import get_engine
 from app.core.models import STATUSES, SUCCEEDED, Artifact, Job
 from app.core.schemas import JobCreate, JobList, JobOut, LayerOut, StepOut
 from app.core.settings import get_settings
@@ -188,8 +189,10 @@ _POLLED = select(*(Job.__table__.c[name] for name in JobOut.model_fields if name
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=errors(404))
-async def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> Response:
-    row = session.execute(_POLLED, {"job_id": job_id, "tenant_id": tenant.id}).first()
+async def get_job(job_id: str, tenant: TenantDep) -> Response:
+    # A connection, not an ORM session: the poll reads a row and needs nothing the session adds (a third of its time).
+    with get_engine().connect() as connection:
+        row = connection.execute(_POLLED, {"job_id": job_id, "tenant_id": tenant.id}).first()
     if row is None:
         raise job_not_found(job_id)
     # Serialised once, here, instead of validated again against the response model (which still documents it).
