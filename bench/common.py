@@ -142,6 +142,11 @@ def save(out: Path, name: str, results, table: str, hardware_named: bool = False
     print(table, flush=True)
 
 
+def save_by_machine(out: Path, name: str, results: list[dict], markdown) -> None:
+    """`save` for results that may come from several machines (--keep): tabled apart, under each one's hardware."""
+    save(out, name, results, by_machine(results, markdown), hardware_named=True)
+
+
 def kept(args, name: str, model_of) -> list:
     """With --keep, the committed results of the models this run does not re-run, each with the provenance it was
     measured with (its own, or its file's for results written before they carried one); `model_of(result)` names

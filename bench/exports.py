@@ -7,7 +7,7 @@ Writes bench/results/onnx.{json,md}.
 
 from __future__ import annotations
 
-from common import ROOT, by_machine, kept, parser, reduction_cell, save
+from common import ROOT, kept, parser, reduction_cell, save_by_machine
 from full_size import run
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     for model in args.models.split(","):
         print(f"{model}...", flush=True)
         reports.append(run(model, ("--export", "onnx", "--out", str(ROOT / "var" / "runs" / f"onnx-{model}"))))
-        save(args.out, "onnx", reports, by_machine(reports, markdown), hardware_named=True)
+        save_by_machine(args.out, "onnx", reports, markdown)
 
 
 if __name__ == "__main__":

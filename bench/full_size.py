@@ -11,7 +11,7 @@ import os
 import subprocess
 import time
 
-from common import ROOT, SMOKE, by_machine, cost_cell, kept, parser, reduction_cell, save
+from common import ROOT, SMOKE, cost_cell, kept, parser, reduction_cell, save_by_machine
 
 ARGS = ["--budget", "0.01", "--hutchinson-samples", "4", "--calibration-samples", "32", "--eval-samples", "128",
         "--test-samples", "128", "--latency-repeats", "7", "--json"]
@@ -63,7 +63,7 @@ def main() -> None:
     for model in args.models.split(","):
         print(f"{model}...", flush=True)
         reports.append(run(model))
-        save(args.out, "full_size", reports, by_machine(reports, markdown), hardware_named=True)
+        save_by_machine(args.out, "full_size", reports, markdown)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import ROOT, SMOKE, by_machine, engine_process, kept, parser, save
+from common import ROOT, SMOKE, engine_process, kept, parser, save_by_machine
 
 engine_process()
 
@@ -163,7 +163,7 @@ def main() -> None:
     rows = kept(args, "llamacpp", lambda row: row["model"])
     for model in args.models.split(","):
         rows += run(model)
-    save(args.out, "llamacpp", rows, by_machine(rows, markdown), hardware_named=True)
+    save_by_machine(args.out, "llamacpp", rows, markdown)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from common import INT8, ROOT, by_machine, cost_cell, data_for, engine_process, kept, parser, reduction_cell, save
+from common import INT8, ROOT, cost_cell, data_for, engine_process, kept, parser, reduction_cell, save_by_machine
 
 engine_process()
 
@@ -99,7 +99,7 @@ def main() -> None:
     for model in args.models.split(","):
         print(f"{model}:", flush=True)
         results.append(run_model(model, args.quick, ROOT / "var" / "cache", args.imagenet))
-    save(args.out, args.name, results, by_machine(results, markdown), hardware_named=True)
+    save_by_machine(args.out, args.name, results, markdown)
 
 
 if __name__ == "__main__":

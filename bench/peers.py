@@ -32,8 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (INT8, SMOKE, PlanScores, ROOT, by_machine, data_for, engine_process, kept, parser,
-                    provenance, save)
+from common import (INT8, SMOKE, PlanScores, ROOT, data_for, engine_process, kept, parser,
+                    provenance, save_by_machine)
 
 engine_process()
 
@@ -366,7 +366,7 @@ def main() -> None:
     results = kept(args, "peers", lambda result: result["model"])
     for model in args.models.split(","):
         results.append(run_model(model, args.imagenet, args.rounds, args.budgets, args.nncf_cap))
-        save(args.out, "peers", results, by_machine(results, markdown), hardware_named=True)
+        save_by_machine(args.out, "peers", results, markdown)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import INT8, ROOT, by_machine, data_for, engine_process, kept, parser, save
+from common import INT8, ROOT, data_for, engine_process, kept, parser, save_by_machine
 
 engine_process()
 
@@ -134,7 +134,7 @@ def main() -> None:
     for name in args.models.split(","):
         print(f"{name}...", flush=True)
         results.append(run_model(name, args.imagenet, args.batches, args.eval_samples))
-        save(args.out, "simulation", results, by_machine(results, markdown), hardware_named=True)
+        save_by_machine(args.out, "simulation", results, markdown)
 
 
 if __name__ == "__main__":
