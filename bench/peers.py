@@ -43,7 +43,7 @@ import nncf_peer  # noqa: E402
 from worker.engine import export  # noqa: E402
 from worker.engine import sensitivity as sens  # noqa: E402
 from worker.engine.cost import Spent  # noqa: E402
-from worker.engine.kernels import capture_inputs  # noqa: E402
+from worker.engine.kernels import WholeCast, capture_inputs  # noqa: E402
 from worker.engine.latency import LatencyOptions, Paired  # noqa: E402
 from worker.engine.pipeline import CompressOptions, compress, prepare, select  # noqa: E402
 from worker.engine.search import Budget, Measurement, Step, search  # noqa: E402
@@ -215,9 +215,12 @@ def run_model(model: str, imagenet, rounds: int, budgets: tuple[float, ...] | No
         spent = Spent()
         for phase in MIXQ_PHASES:
             spent.add(Spent(**report.cost["phases"][phase]))
-        record(DEFAULT, report.plan.low_precision_layers, spent, report.search["evaluations"],
+        # A job may return the whole model cast to 16-bit floats (status float_cast): that model is scored and
+        # timed below, not the baseline that its plan's empty low-precision list would name.
+        cast = {"cast": report.plan.baseline_precision} if report.status == "float_cast" else {}
+        record(DEFAULT, report.plan.low_precision_layers if not cast else [], spent, report.search["evaluations"],
                status=report.status, job_wall_seconds=round(wall, 1), accepted_by=report.final.accepted_by,
-               drop_reported=report.final.drop, stderr_reported=report.final.stderr)
+               drop_reported=report.final.drop, stderr_reported=report.final.stderr, **cast)
         mixq_row = runs[-1]
 
         # The pipeline's decisions with other orderings, on the cached evaluations.
@@ -289,15 +292,16 @@ def run_model(model: str, imagenet, rounds: int, budgets: tuple[float, ...] | No
     torch_runs = [r for r in runs if "low" in r]  # plans run on torch's kernels (the others carry their own figures)
     distinct = sorted({frozenset(r["low"]) for r in torch_runs}, key=len)
     models = {frozenset(): bench.backend.baseline, **{p: bench.build(bench.plan(sorted(p)))
-                                                      for p in distinct if p}}
+                                                      for p in distinct if p},
+              **{_key(r): WholeCast(bench.backend.baseline, r["cast"]) for r in torch_runs if "cast" in r}}
     test = {plan: evaluator.scores(built, "test") for plan, built in models.items()}
     times = round_robin(models, bench.example, rounds)
     base_test = test[frozenset()]
     for r in torch_runs:
-        plan, budget = frozenset(r["low"]), Budget(r["budget"], confidence=0.5)
+        plan, budget = _key(r), Budget(r["budget"], confidence=0.5)
         # mixq's own job decides on its own evaluations: its plan need not be one a peer scored here, so it is
         # scored now (charged to no method: the job's ledger already holds what mixq spent).
-        scores = plans(plan)
+        scores = evaluator.scores(models[plan]) if "cast" in r else plans(plan)
         r["metric"] = sum(scores) / len(scores)
         r["drop"], r["stderr"] = budget.paired(baseline_scores, scores)
         r["test_metric"] = sum(test[plan]) / len(test[plan])
@@ -317,6 +321,11 @@ def run_model(model: str, imagenet, rounds: int, budgets: tuple[float, ...] | No
             "baseline_metric": baseline_metric, "baseline_test_metric": sum(base_test) / len(base_test),
             "sizes": evaluator.data.sizes, "profile": profile.to_dict(), "runs": runs,
             "provenance": provenance()}
+
+
+def _key(run: dict):
+    """What a torch run returned: its set of int8 layers, or the whole model cast to a 16-bit float."""
+    return ("cast", run["cast"]) if "cast" in run else frozenset(run["low"])
 
 
 def _interval(reduction: dict) -> str:
@@ -342,7 +351,8 @@ def _row(result: dict, r: dict) -> str:
         torch_side = _interval(r["latency_reduction"])
         ort = _interval(r["onnx"]["reduction"]) if "onnx" in r else "–"
     passes = f"{cost.get('forward', 0):,}" + (f" + {cost['simulated']:,} sim" if cost.get("simulated") else "")
-    return (f"| {result['model']} | {r['budget']:.2%} | {name} | {r['k']}/{result['candidates']} | {metric} | {within} "
+    layers = f"none: all {r['cast']} (cast)" if "cast" in r else f"{r['k']}/{result['candidates']}"
+    return (f"| {result['model']} | {r['budget']:.2%} | {name} | {layers} | {metric} | {within} "
             f"| {torch_side} | {ort} | {cost.get('evaluations', '–')} | {passes} | {cost['seconds']:.0f} |")
 
 
