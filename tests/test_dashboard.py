@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from stack import mixq_serve
 from worker.engine.pipeline import PHASES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,9 +36,6 @@ def server(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed: .ci/run must install it")
         pytest.skip("chromium not installed (apt-get install chromium)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     data = tmp_path_factory.mktemp("dashboard")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("MIXQ_") or k in ("MIXQ_CACHE_DIR", "MIXQ_PROFILE_SECONDS_PER_LAYER")}
@@ -45,28 +43,8 @@ def server(tmp_path_factory):
     # is faster on every layer of this CPU) would spend 0.5 s per layer and format on it by default.
     env.update(MIXQ_DATA_DIR=str(data), MIXQ_HEARTBEAT_SECONDS="0.5",
                MIXQ_PROFILE_SECONDS_PER_LAYER=env.get("MIXQ_PROFILE_SECONDS_PER_LAYER", "0.02"))
-    log = open(data / "serve.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env, cwd=ROOT,
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        pytest.fail("mixq serve did not start: " + (data / "serve.log").read_text()[-2000:])
-    yield url
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=40)
-    except subprocess.TimeoutExpired:
-        pass
-    try:  # the embedded worker shares the group; a warm shutdown would finish its job first: no strays
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    with mixq_serve(env, data / "serve.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from app.core.models import QUEUED, Job, RegistryEntry, RegistryRun, Tenant, utc
 from app.core.settings import get_settings
 from app.main import create_app, json_depth
 from conftest import SMALL_JOB, Receiver, auth, save_tiny_bert
-from stack import Stack, free_port
+from stack import Stack, free_port, mixq_serve
 from worker.engine.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -403,38 +403,20 @@ def test_mixq_serve_delivers_a_finished_jobs_webhook_from_its_webhook_worker(tmp
     receiver = HTTPServer(("127.0.0.1", 0), Receiver)
     Receiver.received = []
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIXQ_") or k == "MIXQ_CACHE_DIR"}
     env.update(MIXQ_DATA_DIR=str(tmp_path), MIXQ_WEBHOOK_SECRET="s3cret",
                MIXQ_WEBHOOK_ALLOWLIST=f"127.0.0.1:{receiver.server_port}", MIXQ_PROFILE_SECONDS_PER_LAYER="0.05")
-    serve = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env, cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        job = httpx.post(f"{url}/v1/jobs", json={**JOB, "webhook_url": f"http://127.0.0.1:{receiver.server_port}/h",
-                                                 "exports": []}).json()
-        deadline = time.time() + 300
-        while time.time() < deadline and not Receiver.received:
-            time.sleep(0.5)
-        assert Receiver.received, httpx.get(f"{url}/v1/jobs/{job['id']}").json()
-        headers, body = Receiver.received[-1]
-        assert headers["X-Mixq-Event"] == "job.succeeded" and json.loads(body)["job_id"] == job["id"]
+        with mixq_serve(env, tmp_path / "serve.log") as url:
+            job = httpx.post(f"{url}/v1/jobs", json={
+                **JOB, "webhook_url": f"http://127.0.0.1:{receiver.server_port}/h", "exports": []}).json()
+            deadline = time.time() + 300
+            while time.time() < deadline and not Receiver.received:
+                time.sleep(0.5)
+            assert Receiver.received, httpx.get(f"{url}/v1/jobs/{job['id']}").json()
+            headers, body = Receiver.received[-1]
+            assert headers["X-Mixq-Event"] == "job.succeeded" and json.loads(body)["job_id"] == job["id"]
     finally:
-        os.killpg(serve.pid, 15)
-        try:
-            serve.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # its workers share the group; a warm shutdown would wait for their tasks: no strays
-            os.killpg(serve.pid, 9)
-        except ProcessLookupError:
-            pass
         receiver.shutdown()
 
 
