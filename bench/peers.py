@@ -291,17 +291,19 @@ def run_model(model: str, imagenet, rounds: int, budgets: tuple[float, ...] | No
     # One look at the test split per distinct plan, and latencies in round-robin rounds.
     torch_runs = [r for r in runs if "low" in r]  # plans run on torch's kernels (the others carry their own figures)
     distinct = sorted({frozenset(r["low"]) for r in torch_runs}, key=len)
+    casts = {_key(r): WholeCast(bench.backend.baseline, r["cast"]) for r in torch_runs if "cast" in r}
     models = {frozenset(): bench.backend.baseline, **{p: bench.build(bench.plan(sorted(p)))
-                                                      for p in distinct if p},
-              **{_key(r): WholeCast(bench.backend.baseline, r["cast"]) for r in torch_runs if "cast" in r}}
+                                                      for p in distinct if p}, **casts}
     test = {plan: evaluator.scores(built, "test") for plan, built in models.items()}
+    # A cast returned at several budgets is the same model: scored on the evaluation split once.
+    cast_scores = {key: evaluator.scores(built) for key, built in casts.items()}
     times = round_robin(models, bench.example, rounds)
     base_test = test[frozenset()]
     for r in torch_runs:
         plan, budget = _key(r), Budget(r["budget"], confidence=0.5)
         # mixq's own job decides on its own evaluations: its plan need not be one a peer scored here, so it is
         # scored now (charged to no method: the job's ledger already holds what mixq spent).
-        scores = evaluator.scores(models[plan]) if "cast" in r else plans(plan)
+        scores = cast_scores[plan] if "cast" in r else plans(plan)
         r["metric"] = sum(scores) / len(scores)
         r["drop"], r["stderr"] = budget.paired(baseline_scores, scores)
         r["test_metric"] = sum(test[plan]) / len(test[plan])
