@@ -224,3 +224,28 @@ def test_a_plan_must_also_beat_the_whole_model_cast_to_the_baseline_float(cache_
     reloaded = load_artifact(bench.adapter, tmp_path / "artifact", bench.example)
     assert isinstance(reloaded, WholeCast) and reloaded.dtype == torch.bfloat16
     assert report.final.test_metric < report.baseline.test_metric  # the cast's own figures, not the baseline's
+
+
+def test_a_conv_net_returns_the_cast_of_the_graph_it_was_timed_as(cache_dir, tmp_path, faster, monkeypatch):
+    """A conv net's baseline and plans run as its folded graph (BatchNorm folded, channels-last): when no plan
+    beats that graph cast to bf16, the cast is returned, and its artifact re-applies the same graph, scoring
+    what the report says on the test split."""
+    import statistics
+
+    import torch
+
+    from worker.engine.artifact import load_artifact
+    from worker.engine.kernels import FX_STATIC, WHOLE_CAST, WholeCast
+    from worker.engine.plan import FOLDED_GRAPH
+
+    monkeypatch.setattr(pipeline, "_timed_pair", _cast_timing(1.05))
+    report = compress("builtin:digits-resnet", options(cache_dir, out_dir=tmp_path, baseline="bf16",
+                                                       budget=Budget(0.05, confidence=0.5)))
+    assert report.backend["name"] == FX_STATIC
+    assert report.status == "float_cast" and report.final.k == 0
+    assert report.plan.backend == WHOLE_CAST and report.plan.cast_of == FOLDED_GRAPH
+    assert any("BatchNorm folded" in w and "is returned" in w for w in report.warnings)
+    bench = pipeline.prepare("builtin:digits-resnet", options(cache_dir))
+    reloaded = load_artifact(bench.adapter, tmp_path / "artifact", bench.example)
+    assert isinstance(reloaded, WholeCast) and isinstance(reloaded.cast, torch.fx.GraphModule)
+    assert statistics.fmean(bench.evaluator.scores(reloaded, "test")) == pytest.approx(report.final.test_metric)

@@ -25,13 +25,13 @@ from .data import DataOptions
 from .errors import InputError
 from .evaluation import Evaluator
 from .hardware import Hardware, detect
-from .kernels import (INTEGER_FORMATS, LLAMA_CPP, ONNX_RUNTIME, WHOLE_CAST, Backend, LatencyProfile, WholeCast,
-                      choose_backend, float_model)
+from .kernels import (FX_STATIC, INTEGER_FORMATS, LLAMA_CPP, ONNX_RUNTIME, WHOLE_CAST, Backend, LatencyProfile,
+                      WholeCast, choose_backend, float_model)
 from .kernels.menu import Menu, load_or_measure
 from .artifact import model_size_bytes, save_artifact
 from .cost import Ledger
 from .latency import Latency, LatencyOptions, Paired, Workload, measure, paired
-from .plan import GGML_TYPES, Plan
+from .plan import FOLDED_GRAPH, GGML_TYPES, Plan
 from .report import STATUS_MESSAGES, Baseline, Final, Report
 from .search import (DEFAULT_CONFIDENCE, REFINEMENT_STEPS, SELECTIONS, Budget, Measurement, Step, cost_aware_order,
                      frontier_order, max_evaluations, search)
@@ -492,7 +492,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
                                 f"against the cast {versus_cast.median:.1%}, 95% interval {versus_cast.low:.1%} to "
                                 f"{versus_cast.high:.1%}); the cast is not returned because "
                                 + ("it breaks the budget" if not reference.fits else
-                                   "this model's baseline is a rewritten graph (conv nets: BatchNorm folded)"))
+                                   f"this model's baseline is a rewritten graph ({bench.backend.name})"))
         chosen = next((s for s in steps if s.accepted and backend.assignment(
             s.low(order) if s.stage != "probe" else probe_low) == backend.assignment(final_low)), None) \
             if final_low else None
@@ -621,14 +621,16 @@ class Reference:
     drop: float
     stderr: float
     fits: bool  # within budget by the same rule as any plan
-    returnable: bool  # may be the answer: within budget, and cast from the model as given (not a rewritten graph)
+    returnable: bool  # may be the answer: within budget, and a cast that its plan re-applies (`cast_of`)
+    cast_of: str = "model"  # or FOLDED_GRAPH: a conv net's graph as its baseline and plans run it
 
     @property
     def precision(self) -> str:
         return self.model.precision
 
     def describe(self) -> str:
-        return f"the whole model cast to {self.precision}"
+        return f"the whole model cast to {self.precision}" + (
+            " (the graph the baseline runs: BatchNorm folded, channels-last)" if self.cast_of == FOLDED_GRAPH else "")
 
     def accepted_by(self, budget: Budget) -> str:
         return (f"{self.describe()}: drop {self.drop:.4f} + z·SE {budget.z:.2f}·{self.stderr:.4f} = "
@@ -637,7 +639,7 @@ class Reference:
     def plan(self, float_plan: Plan) -> Plan:
         """The plan that re-applies the cast: every layer in the cast's precision, which is the plan's baseline."""
         return Plan(**{**asdict(float_plan), "layers": {n: self.precision for n in float_plan.layers},
-                       "baseline_precision": self.precision, "backend": WHOLE_CAST})
+                       "baseline_precision": self.precision, "backend": WHOLE_CAST, "cast_of": self.cast_of})
 
 
 def _reference(bench: Workbench, budget: Budget, baseline_scores: list[float], warnings: list[str]
@@ -652,8 +654,11 @@ def _reference(bench: Workbench, budget: Budget, baseline_scores: list[float], w
     if not fits:
         warnings.append(f"the whole model cast to {model.precision} drops {drop:.4f} ± {stderr:.4f}, over the budget "
                         f"of {budget.max_drop}: it is timed beside the plan but cannot be the answer")
+    # A conv net's baseline is its folded graph: the cast of that graph is what was timed, and its plan re-applies it.
+    cast_of = FOLDED_GRAPH if bench.backend.name == FX_STATIC else "model"
     return Reference(model, statistics.fmean(scores), drop, stderr, fits,
-                     returnable=fits and bench.backend.baseline is bench.adapter)
+                     returnable=fits and (bench.backend.baseline is bench.adapter or cast_of == FOLDED_GRAPH),
+                     cast_of=cast_of)
 
 
 def decision_rounds(options: CompressOptions) -> int:

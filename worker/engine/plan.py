@@ -17,6 +17,8 @@ GGML_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4
 # int8wo, int4wo: weight-only (kernels/linear_formats.py)
 LOW_PRECISIONS = ("int8", "fp8", "int8wo", "int4wo", *GGML_TYPES)
 WEIGHT_ONLY_ACTIVATIONS = ("fp32", "bf16")
+FOLDED_GRAPH = "folded-graph"
+CAST_OF = ("model", FOLDED_GRAPH)
 
 
 @dataclass
@@ -34,6 +36,9 @@ class Plan:
     choices: list[str] = field(default_factory=lambda: ["int8"])
     # The dtype the weight-only kernels ran their activations and scales in (the worker's format menu chose it).
     weight_only_activations: str = "fp32"
+    # What a whole-model cast (backend "whole-cast") casts: the model as given, or, for a conv net, the graph its
+    # plans and baseline run as (FOLDED_GRAPH: traced, BatchNorm folded, channels-last).
+    cast_of: str = "model"
 
     def __post_init__(self) -> None:
         allowed = FLOAT_PRECISIONS + LOW_PRECISIONS
@@ -42,6 +47,8 @@ class Plan:
             raise ValueError(f"unknown precision(s) {bad}; allowed: {', '.join(allowed)}")
         if self.weight_only_activations not in WEIGHT_ONLY_ACTIVATIONS:
             raise ValueError(f"weight_only_activations must be one of {', '.join(WEIGHT_ONLY_ACTIVATIONS)}")
+        if self.cast_of not in CAST_OF:
+            raise ValueError(f"cast_of must be one of {', '.join(CAST_OF)}")
 
     @classmethod
     def from_ordering(cls, ordering: list[str], k: int, low: str, **kwargs) -> "Plan":

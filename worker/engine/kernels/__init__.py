@@ -31,7 +31,7 @@ from torch import nn
 
 from .. import cost
 from ..adapters import ModelAdapter, quantizable_layers
-from ..plan import Plan
+from ..plan import FOLDED_GRAPH, Plan
 from .base import Backend, Candidates, Inputs, Simulation, capture_inputs, hooks, int8_per_channel, weighted
 from .profile import LatencyProfile
 from .registry import BACKENDS
@@ -41,7 +41,7 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 from .dynamic import DYNAMIC  # noqa: E402
-from .fx_static import FX_STATIC  # noqa: E402
+from .fx_static import FX_STATIC, folded_graph  # noqa: E402
 from .linear_formats import FORMATS as LINEAR_FORMAT_NAMES, INTEGER_FORMATS, LINEAR_FORMATS  # noqa: E402
 from .gguf_types import RUNTIME as LLAMA_CPP  # noqa: E402
 from .onnx_runtime import RUNTIME as ONNX_RUNTIME  # noqa: E402
@@ -136,5 +136,5 @@ class WholeCast(nn.Module):
 def apply_plan(adapter: ModelAdapter, plan: Plan, calibration: list[Inputs]) -> nn.Module:
     """A new model with the plan's low-precision layers on real kernels; `adapter` is left untouched."""
     if plan.backend == WHOLE_CAST:
-        return WholeCast(adapter, plan.baseline_precision)
+        return WholeCast(folded_graph(adapter) if plan.cast_of == FOLDED_GRAPH else adapter, plan.baseline_precision)
     return backend_for(adapter, plan, calibration[0]).build(plan, calibration)
