@@ -37,20 +37,36 @@ def run(model: str, extra: tuple[str, ...] = ()) -> dict:
     return report
 
 
+def _returned(report: dict) -> str:
+    """What the job returned: a plan, the baseline, or the whole model cast to a 16-bit float."""
+    if report["status"] == "float_cast":
+        return f"{report['plan']['baseline_precision']} cast"
+    return "plan" if report["status"] == "compressed" else f"baseline: {report['status']}"
+
+
+def _against_cast(report: dict) -> str:
+    """The returned plan's reduction against the whole model cast to bf16, where the worker's menu has it."""
+    if report["status"] == "float_cast":
+        return "is the cast"
+    return reduction_cell(report["latency"].get("against", {}).get("bf16"))
+
+
 def markdown(reports: list[dict]) -> str:
-    lines = ["| model | backend | metric | k / layers | evaluations | metric eval (test) | fp32 → final ms "
-             "| reduction [95% interval] | size MB | phases s (load, baseline, probe, profile, sensitivity, search, "
-             "final) | samples: forward / simulated / backward | wall s | peak RSS GB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model (returned) | backend | metric | k / layers | evaluations | metric eval (test) | fp32 → final ms "
+             "| reduction [95% interval] | vs whole bf16 cast | size MB | phases s (load, baseline, probe, profile, "
+             "sensitivity, search, final) | samples: forward / simulated / backward | wall s | peak RSS GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         phases = ", ".join(f"{r['phases'][p]:.0f}" for p in ("load", "baseline", "probe", "profile", "sensitivity",
                                                               "search", "final"))
+        layers = len({layer["name"].split("@")[0] for layer in r["layers"]})  # candidates may be layer@format
         lines.append(
-            f"| {r['source'].removeprefix('builtin:')} | {r['backend']['name']} | {r['metric']['name']} "
-            f"| {r['final']['k']} / {len(r['layers'])} | {r['search']['evaluations']} "
+            f"| {r['source'].removeprefix('builtin:')} ({_returned(r)}) | {r['backend']['name']} "
+            f"| {r['metric']['name']} | {r['final']['k']} / {layers} | {r['search']['evaluations']} "
             f"| {r['final']['metric']:.4f} ({r['final']['test_metric']:.4f}) "
             f"| {r['baseline']['latency_ms']['median']:.1f} → {r['final']['latency_ms']['median']:.1f} "
             f"| {reduction_cell(r['latency']['reduction'], r['latency_reduction'])} "
+            f"| {_against_cast(r)} "
             f"| {r['baseline']['size_bytes'] / 1e6:.0f} → {r['final']['size_bytes'] / 1e6:.0f} "
             f"| {phases} | {cost_cell(r['cost']['total'])} | {r['bench']['wall_seconds']:.0f} "
             f"| {r['bench']['peak_rss_gb']} |")
