@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from stack import mixq_serve
+from stack import free_port, mixq_serve
 from worker.engine.pipeline import PHASES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,9 +176,7 @@ def test_api_key_entered_once_unlocks_the_dashboard(page, tmp_path):
                                     capture_output=True, text=True).stdout.strip()
     run("db", "upgrade")
     key = run("keys", "create", "--tenant", "browser")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     api = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1",
                             "--port", str(port)], env=env, cwd=ROOT, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -25,8 +25,8 @@ from .data import DataOptions
 from .errors import InputError
 from .evaluation import Evaluator
 from .hardware import Hardware, detect
-from .kernels import (FX_STATIC, INTEGER_FORMATS, LLAMA_CPP, ONNX_RUNTIME, WHOLE_CAST, Backend, LatencyProfile,
-                      WholeCast, choose_backend, float_model)
+from .kernels import (INTEGER_FORMATS, LLAMA_CPP, ONNX_RUNTIME, WHOLE_CAST, Backend, LatencyProfile, WholeCast,
+                      choose_backend, float_model)
 from .kernels.menu import Menu, load_or_measure
 from .artifact import model_size_bytes, save_artifact
 from .cost import Ledger
@@ -476,7 +476,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
             # The plan (or the baseline it fell back to) against the whole model cast to the worker's fastest
             # float: a user could cast in one line, so a plan that does not beat the cast is not the answer.
             versus_cast = _timed_pair(reference.model, final_model, workload, options).reduction()
-            if reference.returnable and not versus_cast.faster:
+            if reference.fits and not versus_cast.faster:
                 warnings.append(f"{reference.describe()} is at least as fast as the "
                                 + ("fastest plan within budget" if final_low else "baseline")
                                 + f" (the plan's reduction against it {versus_cast.median:.1%}, 95% interval "
@@ -490,9 +490,7 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
             elif not versus_cast.faster:  # a user must know the cast is as fast, even where it cannot be returned
                 warnings.append(f"{reference.describe()} is at least as fast as the returned model (its reduction "
                                 f"against the cast {versus_cast.median:.1%}, 95% interval {versus_cast.low:.1%} to "
-                                f"{versus_cast.high:.1%}); the cast is not returned because "
-                                + ("it breaks the budget" if not reference.fits else
-                                   f"this model's baseline is a rewritten graph ({bench.backend.name})"))
+                                f"{versus_cast.high:.1%}); the cast is not returned because it breaks the budget")
         chosen = next((s for s in steps if s.accepted and backend.assignment(
             s.low(order) if s.stage != "probe" else probe_low) == backend.assignment(final_low)), None) \
             if final_low else None
@@ -621,8 +619,7 @@ class Reference:
     drop: float
     stderr: float
     fits: bool  # within budget by the same rule as any plan
-    returnable: bool  # may be the answer: within budget, and a cast that its plan re-applies (`cast_of`)
-    cast_of: str = "model"  # or FOLDED_GRAPH: a conv net's graph as its baseline and plans run it
+    cast_of: str  # what its plan re-applies: the model as given, or FOLDED_GRAPH (a conv net's baseline graph)
 
     @property
     def precision(self) -> str:
@@ -654,11 +651,7 @@ def _reference(bench: Workbench, budget: Budget, baseline_scores: list[float], w
     if not fits:
         warnings.append(f"the whole model cast to {model.precision} drops {drop:.4f} ± {stderr:.4f}, over the budget "
                         f"of {budget.max_drop}: it is timed beside the plan but cannot be the answer")
-    # A conv net's baseline is its folded graph: the cast of that graph is what was timed, and its plan re-applies it.
-    cast_of = FOLDED_GRAPH if bench.backend.name == FX_STATIC else "model"
-    return Reference(model, statistics.fmean(scores), drop, stderr, fits,
-                     returnable=fits and (bench.backend.baseline is bench.adapter or cast_of == FOLDED_GRAPH),
-                     cast_of=cast_of)
+    return Reference(model, statistics.fmean(scores), drop, stderr, fits, bench.backend.cast_of)
 
 
 def decision_rounds(options: CompressOptions) -> int:

@@ -198,6 +198,9 @@ class Backend:
     priority: ClassVar[int] = 0
     # The mode of onnxruntime's quantizer that makes the same kind of int8 model (export.QUANTIZATION), if any.
     onnx_quantization: ClassVar[str | None] = None
+    # What a whole-model cast of `baseline` casts (`Plan.cast_of`), so the cast's plan re-applies what was timed:
+    # the model as given, unless the baseline is a rewritten graph.
+    cast_of: ClassVar[str] = "model"
 
     name: str
     note: str

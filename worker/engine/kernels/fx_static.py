@@ -17,7 +17,7 @@ from torch import nn
 from .. import cost
 from ..adapters import ModelAdapter
 from ..latency import paired
-from ..plan import Plan
+from ..plan import FOLDED_GRAPH, Plan
 from .base import Backend, Candidates, Inputs, Simulation, hooks, int8_per_channel, swapped, weighted
 from .dynamic import DynamicInt8
 from .profile import LatencyProfile, leave_one_out
@@ -178,6 +178,7 @@ class FxStaticInt8(Backend):
     """FX graph mode static int8. `graph` is the traced adapter with BatchNorm folded: the baseline."""
 
     priority = 20  # CPU models with convolutions
+    cast_of = FOLDED_GRAPH
     onnx_quantization = "static"
 
     @classmethod
