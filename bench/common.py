@@ -73,6 +73,11 @@ def parser(doc: str, models: str) -> argparse.ArgumentParser:
     return parser
 
 
+def budgets(text: str) -> tuple[float, ...]:
+    """A --budgets argument: comma-separated budgets as fractions ("0.005,0.01")."""
+    return tuple(float(budget) for budget in text.split(","))
+
+
 def data_for(model: str, imagenet: Path, **sizes):
     """The benchmark data of a builtin: an ImageNet folder (top-1 accuracy) for the EfficientNets, the builtin's
     own otherwise. Returns (DataOptions, model_root)."""

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import ROOT, SMOKE, engine_process, kept, parser, save_by_machine
+from common import ROOT, SMOKE, budgets, engine_process, kept, parser, save_by_machine
 
 engine_process()
 
@@ -89,7 +89,7 @@ class Files:
         return {"plan": "torch fp32 (mixq's torch baseline, eager)", "speeds": self.speeds(self.bench.adapter)}
 
 
-def run(model: str) -> list[dict]:
+def run(model: str, budgets: tuple[float, ...]) -> list[dict]:
     source = f"builtin:{model}"
     folder = Path(tempfile.mkdtemp(prefix="mixq-bench-gguf-"))
     files = Files(source, folder)
@@ -102,7 +102,7 @@ def run(model: str) -> list[dict]:
         rows.append(files.row(f"llama.cpp {name}{shipped}", path))
         print(f"  {rows[-1]['plan']}: {rows[-1]['perplexity']['test']:.2f}", flush=True)
     reuse = None
-    for budget in BUDGETS:
+    for budget in budgets:
         started = time.perf_counter()
         out = folder / f"mixq-{budget}"
         report = compress(source, options(budget, out, reuse)).to_dict()
@@ -159,10 +159,13 @@ def llamacpp_version() -> str:
 
 
 def main() -> None:
-    args = parser(__doc__, "smollm2-135m").parse_args()
+    arguments = parser(__doc__, "smollm2-135m")
+    arguments.add_argument("--budgets", type=budgets, default=BUDGETS,
+                           help="comma-separated perplexity budgets to search at (default: %(default)s)")
+    args = arguments.parse_args()
     rows = kept(args, "llamacpp", lambda row: row["model"])
     for model in args.models.split(","):
-        rows += run(model)
+        rows += run(model, args.budgets)
     save_by_machine(args.out, "llamacpp", rows, markdown)
 
 

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (INT8, SMOKE, PlanScores, ROOT, data_for, engine_process, kept, parser,
+from common import (INT8, budgets, SMOKE, PlanScores, ROOT, data_for, engine_process, kept, parser,
                     provenance, save_by_machine)
 
 engine_process()
@@ -370,7 +370,7 @@ def markdown(results: list[dict]) -> str:
 def main() -> None:
     arguments = parser(__doc__, "minilm,minilm-sentiment,efficientnet-lite0,efficientnet-lite1,efficientnet-lite2")
     arguments.add_argument("--rounds", type=int, default=15, help="round-robin timing rounds of the final plans")
-    arguments.add_argument("--budgets", type=lambda text: tuple(float(b) for b in text.split(",")), default=None,
+    arguments.add_argument("--budgets", type=budgets, default=None,
                            help="comma-separated budgets instead of each model's own (BUDGETS)")
     arguments.add_argument("--nncf-cap", type=float, default=1800,
                            help="seconds each real NNCF run may take before it is stopped and reported as capped")
