@@ -93,11 +93,13 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         cell = lambda f: f"{row[f]['evaluation']:.2f} ({row[f]['test']:.2f})"  # noqa: E731
+        material = {split: row["llama_cpp"][split] >= (1 + MATERIAL) * row["float_perplexity"][split]
+                    for split in SPLITS}
 
-        def shares(figure: str, row=row) -> str:
-            shown = {split: "–" if row[figure][split] is None or row["llama_cpp"][split] < (1 + MATERIAL) *
-                     row["float_perplexity"][split] else f"{row[figure][split]:.0%}" for split in SPLITS}
-            return f"{shown['evaluation']} ({shown['test']})"
+        def shares(figure: str) -> str:
+            evaluation, test = ("–" if not material[split] or row[figure][split] is None
+                                else f"{row[figure][split]:.0%}" for split in SPLITS)
+            return f"{evaluation} ({test})"
         lines.append(f"| {row['type']} | {row['layers']} | {cell('llama_cpp')} | {cell('simulated')} | "
                      f"{shares('explained')} | {cell('weights_only')} | {shares('explained_weights_only')} |")
     return "\n".join(lines) + "\n"

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (INT8, budgets, SMOKE, PlanScores, ROOT, data_for, engine_process, kept, parser,
+from common import (INT8, SMOKE, PlanScores, ROOT, budgets, data_for, engine_process, kept, parser,
                     provenance, save_by_machine)
 
 engine_process()
