@@ -60,7 +60,7 @@ def test_a_quantized_file_prefills_a_batch_of_several_tokens(float_file, tmp_pat
     path = tmp_path / "q8_0.gguf"
     llamacpp.quantize(float_file, path, {}, THREADS)  # every tensor Q8_0
     amx = "amx_int8" in detect("cpu").flags
-    model = llamacpp.GgufModel(path, THREADS, context=17, amx=amx)
+    model = llamacpp.GgufModel(path, THREADS, context=17)
     ids = torch.cat([b["input_ids"] for b in smollm2[1].evaluation])
     logits = model(ids)
     assert logits.shape == (*ids.shape, 49152) and torch.isfinite(logits).all()
@@ -78,24 +78,56 @@ def test_the_f32_file_scores_windows_as_the_torch_model_does(float_file, smollm2
     assert torch.allclose(in_llama, in_torch, atol=2e-3)
 
 
+def _tensor_names(adapter, path) -> dict[str, str]:
+    """Each Linear layer's tensor in the GGUF file at `path` (a tied head's is the token embedding table)."""
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    hf_to_gguf = {hf: name for name, hf in get_gguf_hf_weights_map(adapter.model, TensorProcessor()).items()}
+    in_file = llamacpp.tensor_types(path)
+    names = {n: hf_to_gguf.get(n.removeprefix("model.") + ".weight")
+             for n, m in adapter.named_modules() if isinstance(m, torch.nn.Linear)}
+    return {n: name if name in in_file else "token_embd.weight" for n, name in names.items()}
+
+
+def test_each_weight_is_read_back_alone_as_transformers_loads_it_within_a_bounded_cache(float_file, smollm2,
+                                                                                      tmp_path):
+    """The simulation reads one tensor at a time (a memory map of its bytes, gguf-py, transformers' tensor
+    processing) and gets what transformers' GGUF loader gives from the whole file, llama's query/key row order and
+    the tied head included, in every type; it keeps no more than its cache's bound."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from worker.engine.kernels.gguf_types import FileWeights
+
+    adapter, _ = smollm2
+    tensors = _tensor_names(adapter, float_file)
+    kinds = ("Q4_0", "Q8_0", "F16", "Q5_1")
+    types = {layer: "Q6_K" if "down_proj" in layer else kinds[i % len(kinds)] for i, layer in enumerate(tensors)}
+    path = tmp_path / "mixed.gguf"
+    llamacpp.quantize(float_file, path, {tensors[layer]: t for layer, t in types.items()}, THREADS)
+    loaded = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=adapter.model)["tensors"]
+    bound = 8 << 20
+    weights = FileWeights(dict.fromkeys(set(types.values()), path), tensors, adapter,
+                          [f"{layer}@{t}" for layer, t in types.items()], cache_bytes=bound)
+    for item in weights:
+        layer = item.split("@")[0]
+        expected = loaded.get(layer.removeprefix("model.") + ".weight", loaded["model.embed_tokens.weight"])
+        assert torch.equal(weights[item], torch.as_tensor(expected).float()), item
+        assert sum(w.nbytes for w in weights.cache.values()) <= max(bound, weights[item].nbytes)
+    assert len(weights.cache) < len(weights)
+
+
 def test_the_simulation_predicts_what_a_type_costs_in_llama_cpp(float_file, smollm2, tmp_path):
     """Every layer in Q4_0 (llama.cpp's weights and its 8-bit activations) simulated in torch against the same file
     run in llama.cpp: the simulation accounts for nearly all of the log-likelihood the type loses."""
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    from worker.engine.kernels.gguf_types import GgmlSimulation
+    from worker.engine.kernels.gguf_types import FileWeights, GgmlSimulation
 
     adapter, data = smollm2
-    names = {f"blk.{i}.{part}.weight" for i in range(30) for part in
-             ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")} | {"token_embd.weight"}
+    tensors = _tensor_names(adapter, float_file)
     path = tmp_path / "q4_0.gguf"
-    llamacpp.quantize(float_file, path, dict.fromkeys(names, "Q4_0"), THREADS)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=adapter.model)["tensors"]
+    llamacpp.quantize(float_file, path, dict.fromkeys(tensors.values(), "Q4_0"), THREADS)
     layers = {n: m for n, m in adapter.named_modules() if isinstance(m, torch.nn.Linear)}
     items = {f"{n}@Q4_0": m for n, m in layers.items()}
-    weights = {f"{n}@Q4_0": torch.as_tensor(tensors.get(n.removeprefix("model.") + ".weight",
-                                                        tensors["model.embed_tokens.weight"])).float()
-               for n in layers}
+    weights = FileWeights({"Q4_0": path}, tensors, adapter, list(items))
     simulation = GgmlSimulation(adapter, items, weights, adapter.model.get_input_embeddings(), "model.lm_head")
     ids = torch.cat([b["input_ids"] for b in data.test])
     with torch.inference_mode():

@@ -103,9 +103,12 @@ def _library_folder() -> Path:
 
 
 @functools.cache
-def load_backends(amx: bool) -> Kernels:
-    """Load the best CPU variant of ggml this CPU runs (`amx`: whether it has AMX, whose variant is refused), once
-    per process and before any model. A build without variants (one CPU backend linked in) is used as it is."""
+def load_backends() -> Kernels:
+    """Load the best CPU variant of ggml this CPU runs (the AMX variant refused where the CPU has AMX), once per
+    process and before any model. A build without variants (one CPU backend linked in) is used as it is."""
+    from .hardware import detect
+
+    amx = "amx_int8" in detect().flags
     _library()  # loads libllama and libggml
     folder = _library_folder()
     variants = sorted(folder.glob("libggml-cpu-*.so"))
@@ -197,11 +200,26 @@ def recipe(source: Path, target: Path, name: str, threads: int) -> None:
 
 # Bytes of each fixed-size GGUF value type (gguf.GGUFValueType: UINT8 ... FLOAT64); STRING and ARRAY vary.
 _VALUE_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY = 8, 9
+_UINT32, _STRING, _ARRAY = 4, 8, 9
+_DEFAULT_ALIGNMENT = 32  # GGUF's, where `general.alignment` does not say
 
 
-def tensor_types(path: Path) -> dict[str, str]:
-    """Each tensor's GGML type, as the file's header says. Read from the header alone: gguf.GGUFReader parses every
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's data lies in a GGUF file and how to read it."""
+    ggml_type: str
+    shape: tuple[int, ...]  # numpy's order (rows first), as gguf-py reads it
+    offset: int  # from the start of the file
+
+
+@dataclass(frozen=True)
+class Header:
+    architecture: str
+    tensors: dict[str, TensorInfo]
+
+
+def header(path: Path) -> Header:
+    """A GGUF file's architecture and tensor index, read from the header alone: gguf.GGUFReader parses every
     metadata value into numpy first (a tokenizer's 49,152 tokens and merges: 6 s per file, once per plan)."""
     import gguf
 
@@ -223,28 +241,52 @@ def tensor_types(path: Path) -> dict[str, str]:
             else:
                 handle.seek(_VALUE_BYTES[value_type], 1)
 
-        magic, _version, tensors, values = read("IIQQ")
+        magic, _version, tensor_count, values = read("IIQQ")
         if magic != gguf.GGUF_MAGIC:
             raise LlamaCppError(f"{Path(path).name} is not a GGUF file")
+        architecture, alignment = "", _DEFAULT_ALIGNMENT
         for _ in range(values):
-            handle.seek(read("Q"), 1)  # the key
-            skip(read("I"))
-        types = {}
-        for _ in range(tensors):
+            key, value_type = handle.read(read("Q")).decode(), read("I")
+            if key == "general.architecture" and value_type == _STRING:
+                architecture = handle.read(read("Q")).decode()
+            elif key == "general.alignment" and value_type == _UINT32:
+                alignment = read("I")
+            else:
+                skip(value_type)
+        entries = []
+        for _ in range(tensor_count):
             name = handle.read(read("Q")).decode()
             dimensions = read("I")
-            handle.seek(8 * dimensions, 1)
-            ggml_type, _offset = read("IQ")
-            types[name] = gguf.GGMLQuantizationType(ggml_type).name
-    return types
+            shape = struct.unpack(f"<{dimensions}Q", handle.read(8 * dimensions))
+            ggml_type, offset = read("IQ")
+            entries.append((name, gguf.GGMLQuantizationType(ggml_type).name, tuple(reversed(shape)), offset))
+        data = -(-handle.tell() // alignment) * alignment  # tensor data starts at the next aligned byte
+    return Header(architecture, {name: TensorInfo(ggml_type, shape, data + offset)
+                                 for name, ggml_type, shape, offset in entries})
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    """Each tensor's GGML type, as the file's header says."""
+    return {name: info.ggml_type for name, info in header(path).tensors.items()}
+
+
+def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
+    """One tensor's values in fp32, dequantized by gguf-py from a memory map of its bytes alone (GGML's own
+    arithmetic: the values llama.cpp's dot products see)."""
+    import gguf
+
+    ggml_type = gguf.GGMLQuantizationType[info.ggml_type]
+    data = np.memmap(path, np.uint8, "r", offset=info.offset,
+                     shape=gguf.quant_shape_to_byte_shape(info.shape, ggml_type))
+    return gguf.dequantize(data, ggml_type)
 
 
 class GgufModel:
     """A GGUF file loaded in llama.cpp, called as the torch causal LMs are: token windows in, logits out."""
 
-    def __init__(self, path: Path, threads: int, context: int, amx: bool = False):
+    def __init__(self, path: Path, threads: int, context: int):
         self.path, self.threads, self.context = Path(path), threads, context
-        self.kernels = load_backends(amx)
+        self.kernels = load_backends()
         self.size_bytes = self.path.stat().st_size
         self._scorer = self._runner = None
 

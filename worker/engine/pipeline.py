@@ -236,8 +236,7 @@ def prepare(source: str, options: CompressOptions) -> Workbench:
     try:
         backend = choose_backend(adapter, options.device, calibration[0], options.runtime, formats,
                                  menu.weight_only_activations if options.device == "cpu" else "fp32",
-                                 gguf=loaded.gguf, latency=options.generation_latency or generation.DECODE,
-                                 amx="amx_int8" in hardware.flags)
+                                 gguf=loaded.gguf, latency=options.generation_latency or generation.DECODE)
     except ValueError as exc:
         raise InputError(str(exc)) from None
     if not backend.candidates:
@@ -441,9 +440,10 @@ def compress(source: str, options: CompressOptions, progress: Callable[[Progress
             analysis = reused
             track.report(1.0, "reused the stored sensitivity analysis")
         else:
-            simulation = bench.backend.simulation(bench.calibration)
-            analysis = sens.analyse(simulation, evaluator, candidates, options.sensitivity, bench.adapter,
-                                    progress=lambda f, m: track.report(f, m))
+            # No name holds the simulation: its low-precision weights (a model's worth per format) are freed
+            # before the search loads its plans.
+            analysis = sens.analyse(bench.backend.simulation(bench.calibration), evaluator, candidates,
+                                    options.sensitivity, bench.adapter, progress=lambda f, m: track.report(f, m))
         warnings += analysis.warnings
 
     with track.phase("search"):

@@ -175,7 +175,6 @@ class Candidates:
     weight_only_activations: str = "fp32"  # the weight-only kernels' activation dtype (the worker's menu chose it)
     gguf: str | None = None  # the GGUF file the model was read from (what a llama.cpp plan is written from)
     latency: str = "decode"  # a language model's timed workload (generation.py)
-    amx: bool = False  # whether the worker's CPU has AMX (llama.cpp refuses its AMX kernels: llamacpp.py)
 
     def linear(self) -> list[str]:
         return [n for n, m in self.layers.items() if isinstance(m, nn.Linear) and n not in self.skipped]

@@ -13,9 +13,10 @@ the delivered file are llama.cpp's. The output head of a model with tied embeddi
 | profile    | each item's saving: its type's measured saving shared out by weight count (a decode step reads     |
 |            | every weight once); the sum anchored to a whole-file timing of the fastest plan                    |
 | simulation | torch, with each item's weight exactly as llama.cpp quantized it (read back from that type's file  |
-|            | by transformers' GGUF reader, which loaded the model) and its input rounded as llama.cpp rounds    |
-|            | activations for that type's dot products (Q8_0/Q8_1 blocks of 32 with fp16 scales, Q8_K blocks of  |
-|            | 256, fp16 for F16); attention, norms and the rest stay fp32 in both                                |
+|            | when asked for, with gguf-py and transformers' tensor processing, as the model itself was loaded)  |
+|            | and its input rounded as llama.cpp rounds activations for that type's dot products (Q8_0/Q8_1     |
+|            | blocks of 32 with fp16 scales, Q8_K blocks of 256, fp16 for F16); attention, norms and the rest    |
+|            | stay fp32 in both                                                                                  |
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from __future__ import annotations
 import shutil
 import tempfile
 import weakref
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,6 +47,7 @@ NAME = "llama.cpp-gguf"
 ACTIVATION_BLOCKS = {"Q8_0": (32, True), "Q4_0": (32, True), "Q5_0": (32, True), "Q4_1": (32, True),
                      "Q5_1": (32, True), "Q4_K": (256, False), "Q5_K": (256, False), "Q6_K": (256, False)}
 MENU_ROUNDS = 7
+CACHE_BYTES = 1 << 30  # of weights read back for the simulation: the largest tensor of a model this size, and more
 
 
 def fake_activation(x: torch.Tensor, ggml_type: str) -> torch.Tensor:
@@ -62,11 +66,55 @@ def fake_activation(x: torch.Tensor, ggml_type: str) -> torch.Tensor:
     return (codes * stored).reshape(x.shape).to(x.dtype)
 
 
+class FileWeights(Mapping[str, torch.Tensor]):
+    """Each candidate's weight as llama.cpp wrote it in its type's uniform file, read when asked for: a memory map of
+    that tensor's bytes, dequantized by gguf-py, then processed as transformers' GGUF reader processes it when it
+    loads the model (llama's query/key row order, for one). The most recently read are kept up to `cache_bytes`, so
+    a simulation holds a few layers' weights rather than a model's worth per type (Gemma 3's tied head alone is
+    671 MB in fp32 per type)."""
+
+    def __init__(self, files: dict[str, Path], tensors: dict[str, str], model: nn.Module, items: list[str],
+                 cache_bytes: int = CACHE_BYTES):
+        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                              get_gguf_hf_weights_map)
+
+        self.files, self.tensors, self.model, self.items = files, tensors, model, list(items)
+        self.headers = {ggml_type: llamacpp.header(path) for ggml_type, path in files.items()}
+        architecture = next(iter(self.headers.values())).architecture if self.headers else ""
+        config = model.model.config.to_dict()
+        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
+        self.processing = {"tensor_key_mapping": get_gguf_hf_weights_map(model.model, self.processor),
+                           "parsed_parameters": {"config": config, "tensors": {}}}
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.cache_bytes = cache_bytes
+
+    def __getitem__(self, item: str) -> torch.Tensor:
+        if item in self.cache:
+            self.cache.move_to_end(item)
+            return self.cache[item]
+        layer, ggml_type = split_item(item)
+        name = self.tensors[layer]
+        values = llamacpp.read_tensor(self.files[ggml_type], self.headers[ggml_type].tensors[name])
+        values = self.processor.process(weights=values, name=name, **self.processing).weights
+        weight = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(
+            self.model.get_submodule(layer).weight.shape)
+        self.cache[item] = weight
+        while sum(w.nbytes for w in self.cache.values()) > self.cache_bytes and len(self.cache) > 1:
+            self.cache.popitem(last=False)
+        return weight
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 class GgmlSimulation(Simulation):
     """Each item's layer with llama.cpp's weights for its type and inputs rounded as llama.cpp rounds them; a tied
     output head's item also changes the token embedding lookup, which reads the same table."""
 
-    def __init__(self, model: nn.Module, modules: dict[str, nn.Linear], low_weights: dict[str, torch.Tensor],
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Linear], low_weights: Mapping[str, torch.Tensor],
                  embedding: nn.Embedding | None, head: str | None):
         self.model, self.modules, self.low_weights = model, modules, low_weights
         self.embedding, self.head = embedding, head
@@ -77,21 +125,23 @@ class GgmlSimulation(Simulation):
     def group(self, item: str) -> str:
         return split_item(item)[1]
 
-    def _output(self, item: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(fake_activation(x, split_item(item)[1]), self.low_weights[item], module.bias)
+    @staticmethod
+    def _output(item: str, module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(fake_activation(x, split_item(item)[1]), weight, module.bias)
 
     def quantized(self, names: Iterable[str]):
-        chosen = list({self.layer(item): item for item in names}.values())
+        chosen = {item: self.low_weights[item] for item in {self.layer(item): item for item in names}.values()}
         replaced = [self.modules[item].register_forward_hook(
-            lambda module, args, _out, item=item: self._output(item, module, args[0])) for item in chosen]
-        for item in chosen:
+            lambda module, args, _out, item=item, weight=weight: self._output(item, module, args[0], weight))
+            for item, weight in chosen.items()]
+        for item, weight in chosen.items():
             if self.embedding is not None and self.layer(item) == self.head:
                 replaced.append(self.embedding.register_forward_hook(
-                    lambda _m, args, _out, item=item: F.embedding(args[0], self.low_weights[item])))
+                    lambda _m, args, _out, weight=weight: F.embedding(args[0], weight)))
         return hooks(replaced)
 
     def _error(self, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return self._output(name, module, x) - out
+        return self._output(name, module, x, self.low_weights[name]) - out
 
 
 def menu_of(timings: dict[str, tuple[Paired, frozenset[str], int]]) -> dict[str, dict]:
@@ -122,7 +172,6 @@ class GgufTypes(Backend):
     priority = 45  # asked first: only a job for llama.cpp takes it
     source: Path | None = None  # the GGUF file the model was read from
     latency: str = "decode"
-    amx: bool = False
     threads: int = 1
     menu: dict = field(default_factory=dict)  # per GGML type: its measured saving and whether it is offered
 
@@ -136,7 +185,7 @@ class GgufTypes(Backend):
         note = ("a GGML type per tensor among " + ", ".join(asked) + ", each plan a GGUF file written by llama.cpp's "
                 "quantizer and measured in llama.cpp")
         return cls(NAME, note, offered.adapter, items, offered.adapter, dict(offered.skipped), formats=tuple(asked),
-                   source=Path(offered.gguf), latency=offered.latency, amx=offered.amx,
+                   source=Path(offered.gguf), latency=offered.latency,
                    threads=torch.get_num_threads())
 
     @property
@@ -184,7 +233,7 @@ class GgufTypes(Backend):
     def model(self, path: Path) -> llamacpp.GgufModel:
         """A file loaded in llama.cpp. Not cached: a plan's contexts (and llama.cpp's repacked copy of its weights)
         are freed with the last reference to it, so a search holds only the plans it may still return."""
-        return llamacpp.GgufModel(path, self.threads, self.context, self.amx)
+        return llamacpp.GgufModel(path, self.threads, self.context)
 
     def file(self, types: dict[str, str]) -> Path:
         """The file with each layer in its type (float layers F32), written once per plan."""
@@ -259,33 +308,13 @@ class GgufTypes(Backend):
     # ---- simulation -------------------------------------------------------------------------------------
 
     def simulation(self, calibration: list[Inputs]) -> Simulation:
-        """Weights read back from each type's uniform file by transformers' GGUF reader (its name map and tensor
-        processing, e.g. llama's query/key row order, are the ones the model was loaded with)."""
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        low_weights = {}
-        for ggml_type in self.formats:
-            tensors = load_gguf_checkpoint(str(self.file(self.uniform(ggml_type))), return_tensors=True,
-                                           model_to_load=self.adapter.model)["tensors"]
-            for item in self.candidates:
-                layer, item_type = split_item(item)
-                if item_type == ggml_type:
-                    hf_name = self._hf_name(layer, tensors)
-                    low_weights[item] = torch.as_tensor(tensors[hf_name]).float().reshape(
-                        self._weight(layer).shape)
+        """Each candidate's weight read back from its type's uniform file when the analysis asks for it."""
+        weights = FileWeights({t: self.file(self.uniform(t)) for t in self.formats}, self.tensors, self.adapter,
+                              self.candidates)
         embedding = self.adapter.model.get_input_embeddings()
         head = next((layer for layer, tensor in self.tensors.items() if tensor == "token_embd.weight"), None)
         modules = {item: self.adapter.get_submodule(split_item(item)[0]) for item in self.candidates}
-        return GgmlSimulation(self.adapter, modules, low_weights, embedding if head else None, head)
-
-    def _weight(self, layer: str) -> torch.Tensor:
-        return self.adapter.get_submodule(layer).weight
-
-    def _hf_name(self, layer: str, tensors: dict) -> str:
-        name = layer.removeprefix("model.") + ".weight"
-        if name not in tensors and self.tensors[layer] == "token_embd.weight":
-            name = next(hf for hf in tensors if hf.endswith("embed_tokens.weight"))
-        return name
+        return GgmlSimulation(self.adapter, modules, weights, embedding if head else None, head)
 
     # ---- delivery -----------------------------------------------------------------------------------------
 
