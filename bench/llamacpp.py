@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 from common import ROOT, SMOKE, budgets, engine_process, kept, parser, save_by_machine
 
@@ -89,18 +90,21 @@ class Files:
         return {"plan": "torch fp32 (mixq's torch baseline, eager)", "speeds": self.speeds(self.bench.adapter)}
 
 
-def run(model: str, budgets: tuple[float, ...]) -> list[dict]:
+def run(model: str, budgets: tuple[float, ...]) -> Iterator[dict]:
+    """Each row of `model` as soon as it is measured (a long run saves what it has)."""
     source = f"builtin:{model}"
     folder = Path(tempfile.mkdtemp(prefix="mixq-bench-gguf-"))
     files = Files(source, folder)
-    rows = [files.row("F32 file (the model as given)", files.backend.float_path),
-            files.row("F16 file", files.f16.path), files.torch_fp32()]
+    yield {"model": model, **files.row("F32 file (the model as given)", files.backend.float_path)}
+    yield {"model": model, **files.row("F16 file", files.f16.path)}
+    yield {"model": model, **files.torch_fp32()}
     for name in RECIPES:
         path = folder / f"{name}.gguf"
         llamacpp.recipe(files.backend.float_path, path, name, files.threads)
         shipped = " (the shipped file's recipe: near-lossless by construction)" if SHIPPED.get(model) == name else ""
-        rows.append(files.row(f"llama.cpp {name}{shipped}", path))
-        print(f"  {rows[-1]['plan']}: {rows[-1]['perplexity']['test']:.2f}", flush=True)
+        row = files.row(f"llama.cpp {name}{shipped}", path)
+        print(f"  {row['plan']}: {row['perplexity']['test']:.2f}", flush=True)
+        yield {"model": model, **row}
     reuse = None
     for budget in budgets:
         started = time.perf_counter()
@@ -109,15 +113,13 @@ def run(model: str, budgets: tuple[float, ...]) -> list[dict]:
         wall = time.perf_counter() - started
         reuse = reuse or Sensitivity.from_report(report)
         returned = "" if report["status"] == "compressed" else f" (returned: {report['status']})"
-        rows.append(files.row(f"mixq at {budget:.1%}{returned}", out / "artifact" / "model.gguf", budget=budget,
-                              evaluations=report["search"]["evaluations"], wall_seconds=round(wall, 1),
-                              menu=report["backend"]["menu"]["ggml"], warnings=report["warnings"],
-                              reused_analysis=report["search"]["method"].get("reused", False),
-                              report_exports=report["exports"]))
-        print(f"  {rows[-1]['plan']}: {rows[-1]['tensor_types']}, {wall:.0f}s", flush=True)
-    for row in rows:
-        row["model"] = model
-    return rows
+        row = files.row(f"mixq at {budget:.1%}{returned}", out / "artifact" / "model.gguf", budget=budget,
+                        evaluations=report["search"]["evaluations"], wall_seconds=round(wall, 1),
+                        menu=report["backend"]["menu"]["ggml"], warnings=report["warnings"],
+                        reused_analysis=report["search"]["method"].get("reused", False),
+                        report_exports=report["exports"])
+        print(f"  {row['plan']}: {row['tensor_types']}, {wall:.0f}s", flush=True)
+        yield {"model": model, **row}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -165,8 +167,9 @@ def main() -> None:
     args = arguments.parse_args()
     rows = kept(args, "llamacpp", lambda row: row["model"])
     for model in args.models.split(","):
-        rows += run(model, args.budgets)
-    save_by_machine(args.out, "llamacpp", rows, markdown)
+        for row in run(model, args.budgets):
+            rows.append(row)
+            save_by_machine(args.out, "llamacpp", rows, markdown)
 
 
 if __name__ == "__main__":
