@@ -79,14 +79,10 @@ def test_the_f32_file_scores_windows_as_the_torch_model_does(float_file, smollm2
 
 
 def _tensor_names(adapter, path) -> dict[str, str]:
-    """Each Linear layer's tensor in the GGUF file at `path` (a tied head's is the token embedding table)."""
-    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+    """Each Linear layer's tensor in the GGUF file at `path`, as the backend names them."""
+    from worker.engine.kernels.gguf_types import tensor_names
 
-    hf_to_gguf = {hf: name for name, hf in get_gguf_hf_weights_map(adapter.model, TensorProcessor()).items()}
-    in_file = llamacpp.tensor_types(path)
-    names = {n: hf_to_gguf.get(n.removeprefix("model.") + ".weight")
-             for n, m in adapter.named_modules() if isinstance(m, torch.nn.Linear)}
-    return {n: name if name in in_file else "token_embd.weight" for n, name in names.items()}
+    return tensor_names(adapter, [n for n, m in adapter.named_modules() if isinstance(m, torch.nn.Linear)], path)
 
 
 def test_each_weight_is_read_back_alone_as_transformers_loads_it_within_a_bounded_cache(float_file, smollm2,
@@ -96,6 +92,7 @@ def test_each_weight_is_read_back_alone_as_transformers_loads_it_within_a_bounde
     the tied head included, in every type; it keeps no more than its cache's bound."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    from worker.engine.kernels.base import split_item
     from worker.engine.kernels.gguf_types import FileWeights
 
     adapter, _ = smollm2
@@ -109,7 +106,7 @@ def test_each_weight_is_read_back_alone_as_transformers_loads_it_within_a_bounde
     weights = FileWeights(dict.fromkeys(set(types.values()), path), tensors, adapter,
                           [f"{layer}@{t}" for layer, t in types.items()], cache_bytes=bound)
     for item in weights:
-        layer = item.split("@")[0]
+        layer = split_item(item)[0]
         expected = loaded.get(layer.removeprefix("model.") + ".weight", loaded["model.embed_tokens.weight"])
         assert torch.equal(weights[item], torch.as_tensor(expected).float()), item
         assert sum(w.nbytes for w in weights.cache.values()) <= max(bound, weights[item].nbytes)

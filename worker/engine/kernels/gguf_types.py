@@ -66,6 +66,24 @@ def fake_activation(x: torch.Tensor, ggml_type: str) -> torch.Tensor:
     return (codes * stored).reshape(x.shape).to(x.dtype)
 
 
+def tensor_names(adapter: nn.Module, layers: Iterable[str], path: Path) -> dict[str, str]:
+    """Each layer's tensor in the GGUF file at `path`: transformers' own GGUF name map (the one that loaded the
+    model); a tied output head is the token embedding table."""
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    in_file = llamacpp.tensor_types(path)
+    hf_to_gguf = {hf: name for name, hf in get_gguf_hf_weights_map(adapter.model, TensorProcessor()).items()}
+    names = {}
+    for layer in layers:
+        tensor = hf_to_gguf.get(layer.removeprefix("model.") + ".weight")
+        if tensor not in in_file and tensor == "output.weight" and "token_embd.weight" in in_file:
+            tensor = "token_embd.weight"
+        if tensor not in in_file:
+            raise llamacpp.LlamaCppError(f"{layer} has no tensor in {Path(path).name}")
+        names[layer] = tensor
+    return names
+
+
 class FileWeights(Mapping[str, torch.Tensor]):
     """Each candidate's weight as llama.cpp wrote it in its type's uniform file, read when asked for: a memory map of
     that tensor's bytes, dequantized by gguf-py, then processed as transformers' GGUF reader processes it when it
@@ -210,25 +228,9 @@ class GgufTypes(Backend):
         self.context = calibration[0][0].shape[1] + 1
         self.float_path = self.folder / "float.gguf"
         llamacpp.to_float(self.source, self.float_path, self.threads)
-        self.tensors = self._tensor_names(llamacpp.tensor_types(self.float_path))
+        self.tensors = tensor_names(self.adapter, self.layers, self.float_path)
         self.baseline = self.model(self.float_path)
         self._measure_menu()
-
-    def _tensor_names(self, in_file: dict[str, str]) -> dict[str, str]:
-        """Each layer's tensor in the file: transformers' own GGUF name map (the one that loaded the model); a tied
-        output head is the token embedding table."""
-        from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
-
-        hf_to_gguf = {hf: name for name, hf in get_gguf_hf_weights_map(self.adapter.model, TensorProcessor()).items()}
-        names = {}
-        for layer in self.layers:
-            tensor = hf_to_gguf.get(layer.removeprefix("model.") + ".weight")
-            if tensor not in in_file and tensor == "output.weight" and "token_embd.weight" in in_file:
-                tensor = "token_embd.weight"
-            if tensor not in in_file:
-                raise llamacpp.LlamaCppError(f"{layer} has no tensor in {self.source.name}")
-            names[layer] = tensor
-        return names
 
     def model(self, path: Path) -> llamacpp.GgufModel:
         """A file loaded in llama.cpp. Not cached: a plan's contexts (and llama.cpp's repacked copy of its weights)
