@@ -231,3 +231,34 @@ def test_a_search_in_llama_cpp_returns_a_gguf_that_reloads_with_the_perplexity_i
     run = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                          env=environment)
     assert run.returncode == 0 and run.stdout.strip(), run.stderr[-2000:]
+
+
+def test_a_tied_heads_type_reaches_the_scaled_embedding_lookup_and_is_scored_there():
+    """Gemma scales its embedding lookup by sqrt(hidden size): a plan with the tied head in a GGML type changes the
+    lookup through the module's own forward (scale kept), and the head's item has a second probe, the lookup's
+    output, whose error is that change."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from worker.engine.adapters import TEXT_GENERATION, adapt
+    from worker.engine.kernels.gguf_types import GgmlSimulation
+
+    torch.manual_seed(0)
+    adapter = adapt(Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)), TEXT_GENERATION)
+    embedding, head = adapter.model.get_input_embeddings(), "model.lm_head"
+    item = f"{head}@Q8_0"
+    low = {item: embedding.weight.detach().round(decimals=1)}
+    simulation = GgmlSimulation(adapter, {item: adapter.get_submodule(head)}, low, embedding, head)
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.inference_mode():
+        float_lookup = embedding(ids)
+        expected = torch.nn.functional.embedding(ids, low[item]) * embedding.embed_scale
+        with simulation.quantized([item]):
+            assert torch.allclose(embedding(ids), expected)
+        assert torch.equal(embedding(ids), float_lookup)  # restored
+    assert not torch.allclose(expected, float_lookup)
+    errors = simulation.local_errors([(ids,)])[item]
+    assert set(errors) == {head, "model.model.embed_tokens"}
+    error, count = errors["model.model.embed_tokens"]
+    assert count == float_lookup.numel() and error == pytest.approx(float((expected - float_lookup).pow(2).sum()))

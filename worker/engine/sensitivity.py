@@ -4,7 +4,8 @@ See docs/method.md for the definitions and why. In short, for each candidate lay
 - hessian term    Omega_i = 1/2 * Tr(d²L/dy_i²) / n_i * ||y_i~ - y_i||²
                   the output-space (activation-aware) form of HAWQ-V2: the trace of the loss Hessian
                   with respect to the layer's output, times the squared error the layer's kernel makes
-                  there (weights *and* inputs quantized, as the kernel does), per element.
+                  there (weights *and* inputs quantized, as the kernel does), per element; summed over
+                  every output the layer's weight makes (a tied output head's is also the embedding lookup's).
 - dependency term D_i, measured with every other layer's quantization in play:
     conditional   D_i = L(S) - L(S minus i)          S = all candidates quantized (leave-one-out)
     pairwise      D_i = [L({i}) - L({})] + 1/2 sum_{j neighbour of i} [L({i,j}) - L({i}) - L({j}) + L({})]
@@ -176,16 +177,16 @@ def _charged(traces: dict[str, TraceEstimate], samples: int, backward_per_sample
 
 def output_traces(simulation: Simulation, evaluator: Evaluator, names: list[str], options: SensitivityOptions,
                   adapter: nn.Module) -> tuple[dict[str, TraceEstimate], str, list[str]]:
-    """Tr(d²L/dy_i²) for every candidate layer's output y_i (keyed by layer), with how it was computed and any
-    warnings.
+    """Tr(d²L/dy²) for every output y a candidate changes (keyed as the simulation's `probes` name them: a layer's
+    output by the layer), with how it was computed and any warnings.
 
     Fidelity losses: the Gauss-Newton trace, exact at the fp32 weights (one ordinary backward per sample).
     Labelled losses: Hutchinson's Hessian-vector products (double backward, eager attention while it runs);
     if the model has no double backward, the Gauss-Newton (Fisher) trace of the cross-entropy, with a warning.
     """
     batches = evaluator.batches("calibration", options.hessian_batches)
-    # One probe per layer, however many formats it is a candidate in: the trace is the layer output's.
-    modules = {simulation.layer(n): simulation.modules[n] for n in names}
+    # One probe per output, however many candidates (a layer's formats) change it.
+    modules = {probe: module for n in names for probe, module in simulation.probes(n).items()}
     caps = (options.hutchinson_max_samples, options.hutchinson_min_samples, options.hutchinson_tol)
     with _no_weight_gradients(simulation.model), torch.enable_grad():
         probes = OutputProbes(modules, simulation.model, batches)
@@ -322,9 +323,12 @@ def analyse(simulation: Simulation, evaluator: Evaluator, names: list[str], opti
     errors = simulation.local_errors(evaluator.batches("calibration", options.hessian_batches))
     method.update(hessian=how, hessian_samples=max(t.samples for t in traces.values()))
     for layer in layers:
-        estimate, (error, count) = traces[simulation.layer(layer.name)], errors[layer.name]
+        outputs = errors[layer.name]
+        own = simulation.layer(layer.name)
+        estimate, (error, _) = traces[own], outputs[own]
         layer.hessian_trace, layer.trace_stderr, layer.output_error = estimate.mean, estimate.stderr, error
-        layer.hessian_term = 0.5 * estimate.mean / count * error
+        # A tied head's term adds its embedding lookup's: the same weights err at the network's input too.
+        layer.hessian_term = sum(0.5 * traces[probe].mean / count * error for probe, (error, count) in outputs.items())
     progress(0.5, "inter-layer dependencies")
 
     hessian_share = _normalised([layer.hessian_term for layer in layers])

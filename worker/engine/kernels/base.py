@@ -110,26 +110,34 @@ class Simulation:
     def quantized(self, names: Iterable[str]):
         raise NotImplementedError
 
-    def local_errors(self, batches: list[Inputs]) -> dict[str, tuple[float, int]]:
-        """For each candidate: the squared error of its output when it alone runs low precision with
-        float inputs, summed over `batches`, and the number of output elements."""
-        totals = {name: [0.0, 0] for name in self.modules}
+    def probes(self, name: str) -> dict[str, nn.Module]:
+        """The outputs a candidate changes, by name: its layer's, and any other module whose weight is the same
+        tensor (a tied output head's embedding lookup). Its Hessian term is the sum of one term per output."""
+        return {self.layer(name): self.modules[name]}
 
-        def record(name):
+    def local_errors(self, batches: list[Inputs]) -> dict[str, dict[str, tuple[float, int]]]:
+        """For each candidate and each of its `probes`: the squared error of that output when the candidate alone
+        runs low precision with float inputs, summed over `batches`, and the number of output elements."""
+        totals = {name: {probe: [0.0, 0] for probe in self.probes(name)} for name in self.modules}
+
+        def record(name, probe):
             def hook(module, args, out):
                 error = self._error(name, module, args[0], out)
-                totals[name][0] += float(error.double().pow(2).sum())
-                totals[name][1] += out.numel()
+                totals[name][probe][0] += float(error.double().pow(2).sum())
+                totals[name][probe][1] += out.numel()
             return hook
 
-        with torch.inference_mode(), hooks([m.register_forward_hook(record(n)) for n, m in self.modules.items()]):
+        with torch.inference_mode(), hooks([module.register_forward_hook(record(name, probe))
+                                            for name in self.modules
+                                            for probe, module in self.probes(name).items()]):
             for inputs in batches:
                 self.model(*inputs)
         cost.count("simulated", sum(len(inputs[0]) for inputs in batches))
-        return {name: (error, count) for name, (error, count) in totals.items()}
+        return {name: {probe: (error, count) for probe, (error, count) in probes.items()}
+                for name, probes in totals.items()}
 
     def _error(self, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The error in `module`'s output `out` (from input `x`) when it runs low precision."""
+        """The error in `module`'s output `out` (from input `x`) when candidate `name` runs low precision."""
         raise NotImplementedError
 
 

@@ -16,11 +16,13 @@ the delivered file are llama.cpp's. The output head of a model with tied embeddi
 |            | when asked for, with gguf-py and transformers' tensor processing, as the model itself was loaded)  |
 |            | and its input rounded as llama.cpp rounds activations for that type's dot products (Q8_0/Q8_1     |
 |            | blocks of 32 with fp16 scales, Q8_K blocks of 256, fp16 for F16); attention, norms and the rest    |
-|            | stay fp32 in both                                                                                  |
+|            | stay fp32 in both; a tied head's type also swaps the embedding table the lookup reads, and the     |
+|            | head's Hessian term adds the lookup output's (`probes`)                                            |
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import weakref
@@ -37,7 +39,7 @@ from torch import nn
 from .. import llamacpp
 from ..latency import Paired, paired
 from ..plan import Plan
-from .base import Backend, Candidates, Inputs, Simulation, hooks, join_item, split_item
+from .base import Backend, Candidates, Inputs, Simulation, hooks, join_item, split_item, swapped_weights
 from .profile import LatencyProfile, _anchored, fastest_items
 from .registry import register
 
@@ -130,12 +132,14 @@ class FileWeights(Mapping[str, torch.Tensor]):
 
 class GgmlSimulation(Simulation):
     """Each item's layer with llama.cpp's weights for its type and inputs rounded as llama.cpp rounds them; a tied
-    output head's item also changes the token embedding lookup, which reads the same table."""
+    output head's item also changes the token embedding lookup, which reads the same table, and is scored at both
+    outputs (`probes`)."""
 
     def __init__(self, model: nn.Module, modules: dict[str, nn.Linear], low_weights: Mapping[str, torch.Tensor],
                  embedding: nn.Embedding | None, head: str | None):
         self.model, self.modules, self.low_weights = model, modules, low_weights
         self.embedding, self.head = embedding, head
+        self.embedding_name = next((name for name, module in model.named_modules() if module is embedding), None)
 
     def layer(self, item: str) -> str:
         return split_item(item)[0]
@@ -143,22 +147,34 @@ class GgmlSimulation(Simulation):
     def group(self, item: str) -> str:
         return split_item(item)[1]
 
+    def _ties(self, item: str) -> bool:
+        return self.embedding is not None and self.layer(item) == self.head
+
+    def probes(self, item: str) -> dict[str, nn.Module]:
+        probes = super().probes(item)
+        if self._ties(item):
+            probes[self.embedding_name] = self.embedding
+        return probes
+
     @staticmethod
     def _output(item: str, module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(fake_activation(x, split_item(item)[1]), weight, module.bias)
 
+    @contextlib.contextmanager
     def quantized(self, names: Iterable[str]):
         chosen = {item: self.low_weights[item] for item in {self.layer(item): item for item in names}.values()}
         replaced = [self.modules[item].register_forward_hook(
             lambda module, args, _out, item=item, weight=weight: self._output(item, module, args[0], weight))
             for item, weight in chosen.items()]
-        for item, weight in chosen.items():
-            if self.embedding is not None and self.layer(item) == self.head:
-                replaced.append(self.embedding.register_forward_hook(
-                    lambda _m, args, _out, weight=weight: F.embedding(args[0], weight)))
-        return hooks(replaced)
+        # The lookup runs its own forward on the swapped table, so a scaled embedding (Gemma's) keeps its scale.
+        tied = {self.embedding: weight for item, weight in chosen.items() if self._ties(item)}
+        with hooks(replaced), swapped_weights(tied):
+            yield
 
     def _error(self, name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if module is self.embedding:
+            with swapped_weights({module: self.low_weights[name]}):
+                return module.forward(x) - out  # forward, not the call: the call would run this hook again
         return self._output(name, module, x, self.low_weights[name]) - out
 
 
