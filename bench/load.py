@@ -96,6 +96,12 @@ def _mean(runs: list[dict]) -> dict:
     return {name: sum(run[name] for run in runs) / len(runs) for name in runs[0]}
 
 
+def _checkout(root: Path) -> str:
+    """The commit of the checkout measured (`--root` may name another than the one this script runs from)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                          text=True).stdout.strip() or "unknown"
+
+
 def measure(label: str, root: Path, env: dict, workers: int, seconds: int) -> dict:
     api, url, key, start_seconds = _start(root, env, workers)
     try:
@@ -116,7 +122,8 @@ def measure(label: str, root: Path, env: dict, workers: int, seconds: int) -> di
             polls.append(_wrk(f"{url}/v1/jobs/{job}", 16, seconds, headers={"Authorization": f"Bearer {key}"}))
             healths.append(_wrk(f"{url}/healthz", 16, seconds))
         poll, health = _mean(polls), _mean(healths)
-        return {"backend": label, "workers": workers, "start_seconds": round(start_seconds, 2),
+        return {"backend": label, "checkout": _checkout(root), "workers": workers,
+                "start_seconds": round(start_seconds, 2),
                 "idle_rss_mb": round(idle_rss), "submit": submit, "poll": poll, "healthz": health,
                 "poll_over_healthz": [p["throughput_rps"] / h["throughput_rps"] for p, h in zip(polls, healths)]}
     finally:
@@ -125,8 +132,10 @@ def measure(label: str, root: Path, env: dict, workers: int, seconds: int) -> di
 
 
 def markdown(runs: list[dict], seconds: int) -> str:
-    lines = [f"wrk, 2 threads; submit from 8 connections for {seconds} s, then poll (GET /v1/jobs/{{id}}) and "
-             f"/healthz from 16, alternating, {ROUNDS} x {seconds} s each; no job worker; 2 cores shared with wrk",
+    checkouts = ", ".join(dict.fromkeys(run.get("checkout", "unknown") for run in runs))
+    lines = [f"Checkout measured: {checkouts}. wrk, 2 threads; submit from 8 connections for {seconds} s, then poll "
+             f"(GET /v1/jobs/{{id}}) and /healthz from 16, alternating, {ROUNDS} x {seconds} s each; no job worker; "
+             "2 cores shared with wrk",
              "", "| backend | API processes | start s | idle RSS MB | submit req/s | submit p50 / p99 ms "
              "| poll req/s | poll p50 / p99 ms | /healthz req/s | poll / healthz (per round) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
