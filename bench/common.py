@@ -88,13 +88,14 @@ def data_for(model: str, imagenet: Path, **sizes):
     return DataOptions(**sizes), None
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+def git(*args: str, root: Path = ROOT) -> str:
+    """A git command's output in the checkout at `root` (this one by default)."""
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
 
 
 # The code a run measures is the tree it started on: taken when the script starts, not when it saves (a
 # commit made during an hour-long run is not the code that ran).
-STARTED_ON = {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--", "worker", "app"))}
+STARTED_ON = {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "worker", "app"))}
 
 
 def provenance() -> dict:

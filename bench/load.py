@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from common import RESULTS, ROOT, SMOKE, save
+from common import RESULTS, ROOT, SMOKE, git, save
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
@@ -96,12 +96,6 @@ def _mean(runs: list[dict]) -> dict:
     return {name: sum(run[name] for run in runs) / len(runs) for name in runs[0]}
 
 
-def _checkout(root: Path) -> str:
-    """The commit of the checkout measured (`--root` may name another than the one this script runs from)."""
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                          text=True).stdout.strip() or "unknown"
-
-
 def measure(label: str, root: Path, env: dict, workers: int, seconds: int) -> dict:
     api, url, key, start_seconds = _start(root, env, workers)
     try:
@@ -122,7 +116,9 @@ def measure(label: str, root: Path, env: dict, workers: int, seconds: int) -> di
             polls.append(_wrk(f"{url}/v1/jobs/{job}", 16, seconds, headers={"Authorization": f"Bearer {key}"}))
             healths.append(_wrk(f"{url}/healthz", 16, seconds))
         poll, health = _mean(polls), _mean(healths)
-        return {"backend": label, "checkout": _checkout(root), "workers": workers,
+        # `--root` may name another checkout than the one this script runs from: record which was measured.
+        return {"backend": label, "checkout": git("rev-parse", "--short", "HEAD", root=root) or "unknown",
+                "workers": workers,
                 "start_seconds": round(start_seconds, 2),
                 "idle_rss_mb": round(idle_rss), "submit": submit, "poll": poll, "healthz": health,
                 "poll_over_healthz": [p["throughput_rps"] / h["throughput_rps"] for p, h in zip(polls, healths)]}
