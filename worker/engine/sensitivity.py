@@ -328,7 +328,8 @@ def analyse(simulation: Simulation, evaluator: Evaluator, names: list[str], opti
         estimate, (error, _) = traces[own], outputs[own]
         layer.hessian_trace, layer.trace_stderr, layer.output_error = estimate.mean, estimate.stderr, error
         # A tied head's term adds its embedding lookup's: the same weights err at the network's input too.
-        layer.hessian_term = sum(0.5 * traces[probe].mean / count * error for probe, (error, count) in outputs.items())
+        layer.hessian_term = sum(0.5 * traces[probe].mean / elements * squared
+                                 for probe, (squared, elements) in outputs.items())
     progress(0.5, "inter-layer dependencies")
 
     hessian_share = _normalised([layer.hessian_term for layer in layers])
